@@ -1,0 +1,79 @@
+"""Caffe Python layer: random rotation, flips and colour (stain) augmentation.
+
+Drop it into a train prototxt right after the data layer::
+
+    layer {
+      name: "augment" type: "Python"
+      bottom: "data" bottom: "label" top: "data" top: "label"
+      python_param {
+        module: "caffe_layers.augmentation"  layer: "AugmentationLayer"
+        param_str: '{"rotate": True, "color": True, "color_a_max":1.5, "color_a_min": .3}'
+      }
+    }
+
+``param_str`` may be JSON, YAML or a Python-literal dict; its keys are listed by
+``caffe_layers.params.AUGMENT_SCHEMA.describe()``. The colour change is ``a*x + b`` per sample
+and channel on the blob *as it arrives*: for 0-255 input, ``b`` is in grey levels; if the data
+was scaled (e.g. by 1/255) scale ``b`` (and ``clip_max``) the same way; if it was already
+mean-subtracted, ``a`` also scales the mean, so put this layer before any centring.
+
+The layer augments in the TRAIN phase and is the identity in TEST unless ``test_augment`` is
+true. It has no backward: it sits on data.
+"""
+import caffe
+
+from .params import AUGMENT_SCHEMA, load_params
+from .transforms import BatchAugmenter
+
+
+class AugmentationLayer(caffe.Layer):
+    """Bottoms: image (N×C×H×W) [, label (N×1×H×W or N×H×W)]; the same number of tops."""
+
+    def setup(self, bottom, top):
+        where = "AugmentationLayer param_str"
+        self.params = load_params(self.param_str, AUGMENT_SCHEMA, where)
+        if len(bottom) not in (1, 2):
+            raise ValueError(f"AugmentationLayer takes 1 or 2 bottoms (image[, label]), got {len(bottom)}")
+        if len(top) != len(bottom):
+            raise ValueError(f"AugmentationLayer needs as many tops as bottoms: {len(bottom)} bottoms, "
+                             f"{len(top)} tops")
+        self._check_shapes(bottom)
+        self.active = self.phase == caffe.TRAIN or self.params["test_augment"]
+        self.augmenter = BatchAugmenter(**self.params)
+
+    def _check_shapes(self, bottom):
+        image_shape = tuple(bottom[0].data.shape)
+        if len(image_shape) != 4:
+            raise ValueError(f"AugmentationLayer: image bottom must be N×C×H×W, got shape {image_shape}")
+        if self.params["hed"] and image_shape[1] != 3:
+            raise ValueError(f"AugmentationLayer: 'hed' stain jitter needs 3-channel RGB input, "
+                             f"got {image_shape[1]} channels")
+        if len(bottom) == 2:
+            label_shape = tuple(bottom[1].data.shape)
+            ok = (len(label_shape) == 4 and label_shape[1] == 1) or len(label_shape) == 3
+            if not ok:
+                raise ValueError(f"AugmentationLayer: label bottom must be N×1×H×W or N×H×W, "
+                                 f"got shape {label_shape}")
+            if label_shape[0] != image_shape[0] or label_shape[-2:] != image_shape[-2:]:
+                raise ValueError(f"AugmentationLayer: image {image_shape} and label {label_shape} "
+                                 "differ in batch size or spatial size")
+
+    def reshape(self, bottom, top):
+        self._check_shapes(bottom)
+        for i in range(len(bottom)):
+            top[i].reshape(*bottom[i].data.shape)
+
+    def forward(self, bottom, top):
+        n_blobs = len(bottom)
+        if not self.active:
+            for i in range(n_blobs):
+                top[i].data[...] = bottom[i].data
+            return
+        labels = bottom[1].data if n_blobs == 2 else None
+        images_out, labels_out = self.augmenter(bottom[0].data, labels)
+        top[0].data[...] = images_out
+        if n_blobs == 2:
+            top[1].data[...] = labels_out
+
+    def backward(self, top, propagate_down, bottom):
+        pass  # a data-side layer: nothing below it learns
