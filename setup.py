@@ -17,6 +17,8 @@ setup(
         "numpy>=1.24,<3",
         "scipy>=1.10",
         "pyyaml>=6",
+        "pillow>=10",  # image reading in the data layer
+        "tifffile>=2023.1",
     ],
     extras_require={
         "scripts": [

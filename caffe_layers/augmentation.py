@@ -39,7 +39,7 @@ class AugmentationLayer(caffe.Layer):
                              f"{len(top)} tops")
         self._check_shapes(bottom)
         self.active = self.phase == caffe.TRAIN or self.params["test_augment"]
-        self.augmenter = BatchAugmenter(**self.params)
+        self.augmenter = BatchAugmenter(where=where, **self.params)
 
     def _check_shapes(self, bottom):
         image_shape = tuple(bottom[0].data.shape)
@@ -69,11 +69,10 @@ class AugmentationLayer(caffe.Layer):
             for i in range(n_blobs):
                 top[i].data[...] = bottom[i].data
             return
-        labels = bottom[1].data if n_blobs == 2 else None
-        images_out, labels_out = self.augmenter(bottom[0].data, labels)
-        top[0].data[...] = images_out
-        if n_blobs == 2:
-            top[1].data[...] = labels_out
+        # Written straight into the tops (which may be the bottoms): no extra batch copies.
+        two = n_blobs == 2
+        self.augmenter.augment_into(bottom[0].data, bottom[1].data if two else None,
+                                    top[0].data, top[1].data if two else None)
 
     def backward(self, top, propagate_down, bottom):
         pass  # a data-side layer: nothing below it learns

@@ -1,0 +1,357 @@
+"""Tests of caffe_layers.transforms (pure numpy augmentation core)."""
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy import ndimage
+
+from caffe_layers.params import AUGMENT_SCHEMA, ParamError
+from caffe_layers.transforms import AugmentDraws, BatchAugmenter, draw_params, naive_augment
+
+FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+GEOMETRY = dict(rotate=True, flip=True)
+EVERYTHING = dict(rotate=True, flip=True, rotate_any=True, color=True, hed=True,
+                  hed_alpha=0.2, hed_beta=0.1, color_p=0.7, hed_p=0.7)
+
+
+def make_batch(seed, n=4, channels=3, height=12, width=12, label_ndim=4, label_dtype=np.int32):
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(0, 255, (n, channels, height, width)).astype(np.float32)
+    label_shape = (n, 1, height, width) if label_ndim == 4 else (n, height, width)
+    labels = rng.integers(0, 6, label_shape).astype(label_dtype)
+    return images, labels
+
+
+shapes = st.tuples(st.integers(1, 4), st.integers(1, 14), st.integers(1, 14))  # N, H, W
+seeds = st.integers(0, 2**32 - 1)
+
+
+# --- geometry ------------------------------------------------------------------------------
+
+
+@FAST
+@given(shape=shapes, seed=seeds, label_ndim=st.sampled_from([3, 4]))
+def test_geometry_identical_for_image_and_label(shape, seed, label_ndim):
+    n, height, width = shape
+    images, labels = make_batch(seed, n, 3, height, width, label_ndim)
+    label_plane = labels if label_ndim == 3 else labels[:, 0]
+    images[:, 0] = label_plane  # channel 0 carries the label values
+    out_images, out_labels = BatchAugmenter(seed=seed, **GEOMETRY)(images, labels)
+    out_plane = out_labels if label_ndim == 3 else out_labels[:, 0]
+    np.testing.assert_array_equal(out_images[:, 0], out_plane.astype(np.float32))
+    assert out_images.shape == images.shape and out_labels.shape == labels.shape
+    assert out_labels.dtype == labels.dtype
+    for i in range(n):  # each sample is a permutation of its own pixels
+        assert sorted(out_plane[i].ravel()) == sorted(label_plane[i].ravel())
+
+
+@FAST
+@given(shape=shapes, seed=seeds)
+def test_rotate_any_preserves_label_values_and_shape(shape, seed):
+    n, height, width = shape
+    images, labels = make_batch(seed, n, 3, height, width)
+    out_images, out_labels = BatchAugmenter(seed=seed, rotate_any=True, rotate=True, flip=True)(images, labels)
+    assert out_images.shape == images.shape and out_labels.shape == labels.shape
+    for i in range(n):
+        assert set(np.unique(out_labels[i])) <= set(np.unique(labels[i]))
+    # Bilinear with reflect padding never leaves the input's range.
+    assert out_images.min() >= images.min() - 1e-3 and out_images.max() <= images.max() + 1e-3
+
+
+def test_rotate_any_uses_nearest_for_labels_of_any_dtype():
+    images, labels = make_batch(0, 3, 3, 10, 10)
+    for dtype in (np.bool_, np.float16, np.uint8, np.float32):
+        typed = (labels > 2).astype(dtype) if dtype == np.bool_ else labels.astype(dtype)
+        _, out = BatchAugmenter(seed=1, rotate_any=True)(images, typed)
+        assert out.dtype == typed.dtype
+        assert set(np.unique(out)) <= set(np.unique(typed))
+
+
+def test_quarter_turn_angle_matches_rot90():
+    images, labels = make_batch(3, 2, 3, 9, 9)
+    augment = BatchAugmenter(rotate_any=True, angle_min=90, angle_max=90)
+    out_images, out_labels = augment(images, labels)
+    np.testing.assert_allclose(out_images, np.rot90(images, 1, axes=(2, 3)), atol=1e-3)
+    np.testing.assert_array_equal(out_labels, np.rot90(labels, 1, axes=(2, 3)))
+
+
+def test_rotate_any_matches_scipy_rotate():
+    images, _ = make_batch(4, 1, 2, 11, 16)
+    augment = BatchAugmenter(rotate_any=True, angle_min=33.0, angle_max=33.0)
+    out_images, _ = augment(images)
+    expected = [ndimage.rotate(channel, 33.0, reshape=False, order=1, mode="reflect") for channel in images[0]]
+    np.testing.assert_allclose(out_images[0], np.stack(expected), atol=1e-3)
+
+
+@pytest.mark.parametrize("height, width", [(8, 13), (13, 8)])
+def test_non_square_patches_keep_their_shape(height, width):
+    images, labels = make_batch(5, 16, 3, height, width)
+    augment = BatchAugmenter(seed=5, **GEOMETRY)
+    out_images, out_labels = augment(images, labels)
+    assert out_images.shape == images.shape and out_labels.shape == labels.shape
+    assert set(augment.last_params.k) <= {0, 2}
+
+
+def test_square_patches_use_all_quarter_turns():
+    augment = BatchAugmenter(seed=0, rotate=True)
+    augment(np.zeros((64, 1, 4, 4), np.float32))
+    assert set(augment.last_params.k) == {0, 1, 2, 3}
+
+
+# --- colour --------------------------------------------------------------------------------
+
+
+@FAST
+@given(seed=seeds, a_range=st.tuples(st.floats(0.2, 2.0), st.floats(0.2, 2.0)),
+       b_range=st.tuples(st.floats(-20, 20), st.floats(-20, 20)))
+def test_colour_factors_inside_ranges_and_recoverable(seed, a_range, b_range):
+    a_min, a_max = sorted(a_range)
+    b_min, b_max = sorted(b_range)
+    augment = BatchAugmenter(seed=seed, color=True, clip=False, color_a_min=a_min, color_a_max=a_max,
+                             color_b_min=b_min, color_b_max=b_max)
+    images = np.full((5, 3, 4, 4), 100.0, np.float32)
+    out, _ = augment(images)
+    drawn = augment.last_params
+    assert drawn.a.shape == (5, 3) and drawn.b.shape == (5, 3)
+    assert np.all((drawn.a >= a_min) & (drawn.a <= a_max))
+    assert np.all((drawn.b >= b_min) & (drawn.b <= b_max))
+    # A constant image makes each channel constant: out = 100*a + b.
+    assert np.ptp(out, axis=(2, 3)).max() == 0
+    np.testing.assert_allclose(out[:, :, 0, 0], 100.0 * drawn.a + drawn.b, rtol=1e-5, atol=1e-4)
+    # Two constant levels recover a and b separately.
+    twin = BatchAugmenter(seed=seed, color=True, clip=False, color_a_min=a_min, color_a_max=a_max,
+                          color_b_min=b_min, color_b_max=b_max)
+    out_50, _ = twin(np.full((5, 3, 4, 4), 50.0, np.float32))
+    recovered_a = (out[:, :, 0, 0] - out_50[:, :, 0, 0]) / 50.0
+    np.testing.assert_allclose(recovered_a, drawn.a, rtol=1e-4, atol=1e-4)
+
+
+def test_colour_probability_zero_changes_nothing():
+    images, _ = make_batch(6)
+    augment = BatchAugmenter(seed=1, color=True, color_p=0.0, color_a_min=0.1, color_a_max=0.2)
+    out, _ = augment(images)
+    np.testing.assert_array_equal(out, images)
+    assert not augment.last_params.color_applied.any()
+    assert np.all(augment.last_params.a == 1) and np.all(augment.last_params.b == 0)
+
+
+@FAST
+@given(seed=seeds, clip_range=st.tuples(st.floats(-50, 300), st.floats(-50, 300)))
+def test_clip_respected(seed, clip_range):
+    clip_min, clip_max = sorted(clip_range)
+    images, _ = make_batch(seed)
+    augment = BatchAugmenter(seed=seed, color=True, color_a_min=0.5, color_a_max=2.0, color_b_min=-40,
+                             color_b_max=40, clip_min=clip_min, clip_max=clip_max)
+    out, _ = augment(images)
+    assert out.min() >= np.float32(clip_min) and out.max() <= np.float32(clip_max)
+
+
+def test_clip_only_runs_with_colour():
+    images = np.full((2, 3, 4, 4), -7.0, np.float32)  # e.g. already mean-subtracted
+    out, _ = BatchAugmenter(seed=0, rotate=True, clip=True)(images)
+    np.testing.assert_array_equal(out, images)
+
+
+# --- stain (HED) jitter --------------------------------------------------------------------
+
+
+def test_hed_identity_when_alpha_and_beta_are_zero():
+    images, _ = make_batch(7, 3, 3, 10, 10)
+    images[0] = 255.0
+    images[1, :, :5] = 0.0
+    for order in ("RGB", "BGR"):
+        out, _ = BatchAugmenter(hed=True, hed_alpha=0.0, hed_beta=0.0, channel_order=order)(images)
+        np.testing.assert_allclose(out, images, atol=0.02)
+        np.testing.assert_array_equal(out[0], 255.0)  # white stays white
+
+
+@pytest.mark.parametrize("value", [0.0, 255.0])
+def test_hed_blank_images_no_nan_and_nearly_unchanged(value):
+    images = np.full((4, 3, 6, 6), value, np.float32)
+    out, _ = BatchAugmenter(seed=2, hed=True)(images)  # default alpha 0.05, beta 0.01
+    assert np.isfinite(out).all()
+    assert out.min() >= 0.0 and out.max() <= 255.0
+    assert np.abs(out - value).max() < 3.0
+
+
+def test_hed_out_of_range_input_no_nan():
+    images = np.full((2, 3, 4, 4), -500.0, np.float32)
+    images[1] = 1e6
+    out, _ = BatchAugmenter(seed=2, hed=True, hed_alpha=0.5, hed_beta=0.5)(images)
+    assert np.isfinite(out).all() and out.min() >= 0 and out.max() <= 255
+
+
+def test_hed_changes_stained_pixels_within_bounds():
+    images, _ = make_batch(8, 4, 3, 8, 8)
+    augment = BatchAugmenter(seed=8, hed=True, hed_alpha=0.3, hed_beta=0.1, max_value=255)
+    out, _ = augment(images)
+    assert np.abs(out - images).max() > 1.0
+    assert out.min() >= 0 and out.max() <= 255
+    drawn = augment.last_params
+    assert np.all(np.abs(drawn.alpha - 1) <= 0.3) and np.all(np.abs(drawn.beta) <= 0.1)
+
+
+def test_hed_needs_three_channels():
+    with pytest.raises(ValueError, match=r"hed stain jitter needs 3-channel RGB/BGR images, got C=4"):
+        BatchAugmenter(hed=True)(np.zeros((2, 4, 5, 5), np.float32))
+
+
+# --- reference implementation, reproducibility, identity -----------------------------------
+
+
+@FAST
+@given(shape=shapes, seed=seeds, config=st.sampled_from(
+    [GEOMETRY, EVERYTHING, dict(color=True, color_p=0.5), dict(hed=True, channel_order="BGR", hed_beta=0.2),
+     dict(rotate_any=True, angle_min=-20, angle_max=45)]))
+def test_matches_naive_reference_given_same_draws(shape, seed, config):
+    n, height, width = shape
+    images, labels = make_batch(seed, n, 3, height, width)
+    fast_images, fast_labels = BatchAugmenter(seed=seed, **config)(images, labels)
+    naive_images, naive_labels = naive_augment(images, labels, config, np.random.default_rng(seed))
+    np.testing.assert_allclose(fast_images, naive_images, atol=2e-3, rtol=1e-5)
+    np.testing.assert_array_equal(fast_labels, naive_labels)
+
+
+def test_explicit_draws_are_applied_by_both_implementations():
+    images, labels = make_batch(9, 6, 3, 10, 10)
+    draws = draw_params(6, (3, 10, 10), np.random.default_rng(9), EVERYTHING)
+    augment = BatchAugmenter(**EVERYTHING)
+    fast_images, fast_labels = augment(images, labels, draws=draws)
+    assert augment.last_params is draws
+    naive_images, naive_labels = naive_augment(images, labels, EVERYTHING, draws=draws)
+    np.testing.assert_allclose(fast_images, naive_images, atol=2e-3)
+    np.testing.assert_array_equal(fast_labels, naive_labels)
+
+
+def test_same_seed_same_output_different_seed_different():
+    images, labels = make_batch(10, 8)
+    first = BatchAugmenter(seed=123, **EVERYTHING)(images, labels)
+    second = BatchAugmenter(seed=123, **EVERYTHING)(images, labels)
+    other = BatchAugmenter(seed=124, **EVERYTHING)(images, labels)
+    np.testing.assert_array_equal(first[0], second[0])
+    np.testing.assert_array_equal(first[1], second[1])
+    assert not np.array_equal(first[0], other[0])
+
+
+def test_successive_batches_differ_and_unseeded_augmenters_differ():
+    images, _ = make_batch(11, 8)
+    augment = BatchAugmenter(seed=0, color=True)
+    assert not np.array_equal(augment(images)[0], augment(images)[0])
+    assert not np.array_equal(BatchAugmenter(color=True)(images)[0], BatchAugmenter(color=True)(images)[0])
+
+
+def test_enabling_one_transform_keeps_the_draws_of_another():
+    shape = (3, 8, 8)
+    colour_only = draw_params(5, shape, np.random.default_rng(1), dict(color=True))
+    with_flip = draw_params(5, shape, np.random.default_rng(1), dict(color=True, flip=True))
+    np.testing.assert_array_equal(colour_only.a, with_flip.a)
+
+
+def test_identity_when_everything_off():
+    images, labels = make_batch(12)
+    augment = BatchAugmenter.from_params("")
+    assert augment.is_identity
+    out_images, out_labels = augment(images, labels)
+    np.testing.assert_array_equal(out_images, images)
+    np.testing.assert_array_equal(out_labels, labels)
+    assert not BatchAugmenter(flip=True).is_identity
+
+
+@FAST
+@given(seed=seeds, label_ndim=st.sampled_from([3, 4]))
+def test_inputs_not_modified(seed, label_ndim):
+    images, labels = make_batch(seed, label_ndim=label_ndim)
+    images_before, labels_before = images.copy(), labels.copy()
+    BatchAugmenter(seed=seed, **EVERYTHING)(images, labels)
+    np.testing.assert_array_equal(images, images_before)
+    np.testing.assert_array_equal(labels, labels_before)
+
+
+def test_float64_and_uint8_inputs_give_float32():
+    images, labels = make_batch(13)
+    for dtype in (np.float64, np.uint8):
+        out, _ = BatchAugmenter(seed=0, **GEOMETRY)(images.astype(dtype), labels)
+        assert out.dtype == np.float32
+
+
+# --- writing into preallocated outputs (Caffe top blobs) -----------------------------------
+
+
+def test_augment_into_preallocated_outputs_matches_call():
+    images, labels = make_batch(14, 6)
+    expected_images, expected_labels = BatchAugmenter(seed=14, **EVERYTHING)(images, labels)
+    images_out = np.empty_like(images)
+    labels_out = np.empty(labels.shape, np.float32)  # Caffe label blobs are float32
+    draws = BatchAugmenter(seed=14, **EVERYTHING).augment_into(images, labels, images_out, labels_out)
+    assert isinstance(draws, AugmentDraws) and len(draws) == 6
+    np.testing.assert_array_equal(images_out, expected_images)
+    np.testing.assert_array_equal(labels_out, expected_labels.astype(np.float32))
+
+
+@pytest.mark.parametrize("config", [GEOMETRY, EVERYTHING, dict(rotate_any=True), dict(hed=True, flip=True)])
+def test_in_place_augmentation_matches_out_of_place(config):
+    images, labels = make_batch(15, 6)
+    expected_images, expected_labels = BatchAugmenter(seed=15, **config)(images, labels)
+    BatchAugmenter(seed=15, **config).augment_into(images, labels, images, labels)
+    np.testing.assert_allclose(images, expected_images, atol=1e-4)
+    np.testing.assert_array_equal(labels, expected_labels)
+
+
+def test_augment_into_without_labels():
+    images, _ = make_batch(16)
+    out = np.empty_like(images)
+    BatchAugmenter(seed=0, **GEOMETRY).augment_into(images, None, out, None)
+    assert np.isfinite(out).all()
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "images_shape, labels_shape, pattern",
+    [
+        ((3, 12, 12), None, r"images must be a 4-D N×C×H×W array, got shape \(3, 12, 12\)"),
+        ((2, 3, 12, 12), (2, 2, 12, 12), r"labels must be N×1×H×W or N×H×W, got shape \(2, 2, 12, 12\)"),
+        ((2, 3, 12, 12), (12, 12), r"labels must be N×1×H×W or N×H×W"),
+        ((2, 3, 12, 12), (3, 1, 12, 12), r"different batch sizes: images \(2, 3, 12, 12\), labels \(3, 1, 12, 12\)"),
+        ((2, 3, 12, 12), (2, 12, 11), r"different H×W: images \(2, 3, 12, 12\), labels \(2, 12, 11\)"),
+    ],
+)
+def test_bad_shapes(images_shape, labels_shape, pattern):
+    images = np.zeros(images_shape, np.float32)
+    labels = None if labels_shape is None else np.zeros(labels_shape, np.int32)
+    with pytest.raises(ValueError, match=pattern):
+        BatchAugmenter(**GEOMETRY)(images, labels)
+
+
+def test_bad_outputs():
+    images, labels = make_batch(17)
+    augment = BatchAugmenter(**GEOMETRY)
+    with pytest.raises(ValueError, match=r"images_out must have shape \(4, 3, 12, 12\), got \(4, 3, 12, 11\)"):
+        augment.augment_into(images, labels, np.empty((4, 3, 12, 11), np.float32), np.empty_like(labels))
+    with pytest.raises(ValueError, match="images_out must have a floating dtype"):
+        augment.augment_into(images, labels, np.empty(images.shape, np.uint8), np.empty_like(labels))
+    with pytest.raises(ValueError, match="labels and labels_out must be given together"):
+        augment.augment_into(images, labels, np.empty_like(images), None)
+    with pytest.raises(ValueError, match="images must have a real numeric dtype"):
+        augment(images.astype(np.complex64))
+
+
+def test_bad_parameters_raise_param_error_naming_where():
+    with pytest.raises(ParamError, match=r"unknown key 'colour' in BatchAugmenter; did you mean 'color'\?"):
+        BatchAugmenter(colour=True)
+    with pytest.raises(ParamError, match=r"color_a_min=2\.0 > color_a_max=1\.1"):
+        BatchAugmenter(color_a_min=2.0)
+    with pytest.raises(ParamError, match=r"AugmentationLayer param_str.*rotate=1"):
+        BatchAugmenter.from_params('{"rotate": 1}', where="AugmentationLayer param_str")
+
+
+def test_from_params_accepts_dicts_and_strings():
+    from_text = BatchAugmenter.from_params('{"rotate": True, "color": True, "color_a_max":1.5, "color_a_min": .3}')
+    from_dict = BatchAugmenter.from_params({"rotate": True, "color": True, "color_a_max": 1.5, "color_a_min": 0.3})
+    assert dict(from_text.params) == dict(from_dict.params) == AUGMENT_SCHEMA.validate(
+        {"rotate": True, "color": True, "color_a_max": 1.5, "color_a_min": 0.3})
+    with pytest.raises(TypeError):
+        from_text.params["rotate"] = False  # read-only
