@@ -1,0 +1,436 @@
+"""Image/mask pairs on disk -> random training patches (pure numpy, no Caffe).
+
+The pieces, in the order the data layer uses them::
+
+    pairs = read_pair_list("train.txt")            # [(image_path, mask_path), ...]
+    images, masks = load_pairs(pairs)              # uint8 H×W×3 RGB, uint8 H×W {0, 1}
+    sampler = PatchSampler(images, masks, patch_size=128, batch_size=8, seed=0,
+                           names=[image for image, _ in pairs])
+    data, label = sampler.next_batch()             # N×3×P×P, N×1×P×P float32
+
+Conventions: images are RGB (never BGR) in 0-255; a mask pixel is nucleus when > 0.
+"""
+import os
+
+import numpy as np
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "read_pair_list",
+    "load_image",
+    "load_mask",
+    "load_pairs",
+    "PatchSampler",
+]
+
+IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".npy")
+_TIFF_EXTENSIONS = (".tif", ".tiff")
+
+
+# --------------------------------------------------------------------------- list files
+
+def read_pair_list(list_file, root=None):
+    """Read a list file of ``image_path mask_path`` pairs.
+
+    One pair per line, separated by whitespace (so paths cannot contain spaces). Blank lines
+    and comments are skipped: a comment starts at a token beginning with ``#``, either at the
+    start of a line or after the paths.
+
+    Parameters
+    ----------
+    list_file : str or path-like
+        The list file.
+    root : str or path-like, optional
+        Directory that relative paths are resolved against. Default: the list file's
+        directory, so a list file keeps working when its data folder is moved with it.
+
+    Returns
+    -------
+    pairs : list of (str, str)
+        ``(image_path, mask_path)`` for each entry, in file order; relative paths joined to
+        ``root``.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the list file, ``root`` or any listed file does not exist (the message names the
+        file and the list line).
+    ValueError
+        If a line does not hold exactly two paths, or the list holds no pairs.
+    """
+    list_file = os.fspath(list_file)
+    if not os.path.isfile(list_file):
+        raise FileNotFoundError(f"list file {list_file!r} does not exist (or is not a file)")
+    if root is None:
+        root = os.path.dirname(os.path.abspath(list_file))
+    root = os.path.expanduser(os.fspath(root))
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"root directory {root!r} for list file {list_file!r} "
+                                f"does not exist")
+
+    pairs = []
+    with open(list_file, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            tokens = line.split()
+            # Cut at the first token starting with '#': full-line and trailing comments.
+            for i, token in enumerate(tokens):
+                if token.startswith("#"):
+                    tokens = tokens[:i]
+                    break
+            if not tokens:
+                continue
+            where = f"{list_file}:{number}"
+            if len(tokens) != 2:
+                raise ValueError(f"{where}: expected 2 whitespace-separated paths "
+                                 f"(image mask), got {len(tokens)}: {line.strip()!r}")
+            pair = []
+            for kind, token in zip(("image", "mask"), tokens):
+                path = os.path.join(root, os.path.expanduser(token))
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(f"{where}: {kind} file {path!r} does not exist")
+                pair.append(path)
+            pairs.append(tuple(pair))
+    if not pairs:
+        raise ValueError(f"list file {list_file!r} holds no image/mask pairs "
+                         f"(only blank lines or comments)")
+    return pairs
+
+
+# --------------------------------------------------------------------------- file reading
+
+def _read_array(path):
+    """Raw pixel array of an image file, decoded by extension. Returns (array, pil_mode)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"file {path!r} does not exist")
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in IMAGE_EXTENSIONS:
+        raise ValueError(f"{path!r}: unsupported file type {ext!r}; "
+                         f"expected one of {', '.join(IMAGE_EXTENSIONS)}")
+    try:
+        if ext == ".npy":
+            # allow_pickle=False: a list file must not be a way to run code.
+            return np.load(path, allow_pickle=False), None
+        if ext in _TIFF_EXTENSIONS:
+            try:
+                return _read_tiff(path), None
+            except (ImportError, OSError, ValueError) as tiff_error:
+                # tifffile absent, or a codec it lacks without imagecodecs: Pillow may cope.
+                try:
+                    return _read_pil(path)
+                except (OSError, ValueError):
+                    raise tiff_error from None
+        return _read_pil(path)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path!r}: cannot be read as an image: {error}") from error
+
+
+def _read_tiff(path):
+    import tifffile
+    array = tifffile.imread(path)
+    # Planar TIFFs (samples first) come back as C×H×W.
+    if array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[-1] not in (3, 4):
+        array = np.moveaxis(array, 0, -1)
+    return array
+
+
+def _read_pil(path):
+    try:
+        from PIL import Image
+    except ImportError as error:
+        raise ImportError(f"reading {path!r} needs Pillow (pip install pillow)") from error
+    with Image.open(path) as image:
+        image.load()  # decode now: the file is closed on return
+    return image, image.mode
+
+
+_GREY_PIL_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
+
+
+def _to_uint8(array, path, what):
+    """Integer arrays within 0-255 become uint8; anything else is an error naming the file."""
+    if array.dtype == np.uint8:
+        return array
+    if np.issubdtype(array.dtype, np.integer) or array.dtype == bool:
+        low, high = (int(array.min()), int(array.max())) if array.size else (0, 0)
+        if 0 <= low and high <= 255:
+            return array.astype(np.uint8)
+        raise ValueError(f"{what} {path!r} has dtype {array.dtype} with values {low}..{high}; "
+                         f"expected 8-bit values 0..255 (convert it to 8 bits first)")
+    # Floats are ambiguous (0-1 or 0-255?): refuse rather than guess.
+    raise ValueError(f"{what} {path!r} has dtype {array.dtype}; expected uint8 0..255")
+
+
+def load_image(path):
+    """Load an RGB image as uint8.
+
+    Parameters
+    ----------
+    path : str or path-like
+        PNG, TIFF, JPEG, or ``.npy`` holding an H×W×3 (or H×W×4) array of 8-bit values.
+
+    Returns
+    -------
+    image : (H, W, 3) uint8 ndarray
+        RGB; an alpha channel is dropped, a palette image expanded.
+
+    Raises
+    ------
+    ValueError
+        If the image is greyscale, has another number of channels, or is not 8-bit.
+    """
+    path = os.fspath(path)
+    raw, mode = _read_array(path)
+    if mode is not None:  # a PIL image
+        if mode in _GREY_PIL_MODES:
+            raise ValueError(f"image {path!r} is greyscale (mode {mode!r}, "
+                             f"{raw.height}×{raw.width}); expected an RGB image")
+        if mode != "RGB":
+            raw = raw.convert("RGB")  # RGBA, palette, CMYK, YCbCr, ...
+        array = np.asarray(raw)
+    else:
+        array = np.asarray(raw)
+    if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (1, 2)):
+        raise ValueError(f"image {path!r} is greyscale (shape {array.shape}); "
+                         f"expected an RGB image H×W×3")
+    if array.ndim != 3 or array.shape[-1] not in (3, 4):
+        raise ValueError(f"image {path!r} has shape {array.shape}; expected an RGB image H×W×3 "
+                         f"(or H×W×4 with alpha)")
+    array = _to_uint8(array[..., :3], path, "image")
+    return np.ascontiguousarray(array)
+
+
+def load_mask(path):
+    """Load a nucleus mask as uint8 {0, 1}.
+
+    Parameters
+    ----------
+    path : str or path-like
+        PNG, TIFF, JPEG, or ``.npy`` holding a single-channel H×W array of any numeric dtype
+        (binary, or an instance label map). An RGB(A) file is accepted only when its colour
+        channels are identical (a grey mask saved as RGB).
+
+    Returns
+    -------
+    mask : (H, W) uint8 ndarray
+        1 where the file is > 0 (nucleus), else 0.
+
+    Raises
+    ------
+    ValueError
+        If the mask has several differing channels or is not 2-D.
+    """
+    path = os.fspath(path)
+    raw, mode = _read_array(path)
+    array = np.asarray(raw)  # palette PNGs give their indices, which is what labels are
+    if array.ndim == 3:
+        channels = array.shape[-1]
+        if channels == 2:  # grey + alpha
+            array = array[..., 0]
+        elif channels == 1:
+            array = array[..., 0]
+        elif channels in (3, 4) and np.array_equal(array[..., 0], array[..., 1]) \
+                and np.array_equal(array[..., 0], array[..., 2]):
+            array = array[..., 0]
+        else:
+            raise ValueError(f"mask {path!r} has shape {array.shape}; expected a single-channel "
+                             f"H×W mask (nucleus > 0)")
+    if array.ndim != 2:
+        raise ValueError(f"mask {path!r} has shape {array.shape}; expected a single-channel "
+                         f"H×W mask (nucleus > 0)")
+    if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+        raise ValueError(f"mask {path!r} has non-numeric dtype {array.dtype}")
+    return (array > 0).astype(np.uint8)
+
+
+def load_pairs(pairs):
+    """Load every ``(image_path, mask_path)`` pair and check that sizes match.
+
+    Parameters
+    ----------
+    pairs : iterable of (path, path)
+        As returned by :func:`read_pair_list`.
+
+    Returns
+    -------
+    images : list of (H_i, W_i, 3) uint8 ndarray
+    masks : list of (H_i, W_i) uint8 ndarray
+        Values {0, 1}.
+
+    Raises
+    ------
+    ValueError
+        If an image and its mask differ in size (the message names both files and sizes),
+        or there are no pairs.
+    """
+    images, masks = [], []
+    for image_path, mask_path in pairs:
+        image = load_image(image_path)
+        mask = load_mask(mask_path)
+        if image.shape[:2] != mask.shape:
+            raise ValueError(f"size mismatch: image {os.fspath(image_path)!r} is "
+                             f"{image.shape[0]}×{image.shape[1]} (H×W) but its mask "
+                             f"{os.fspath(mask_path)!r} is {mask.shape[0]}×{mask.shape[1]}")
+        images.append(image)
+        masks.append(mask)
+    if not images:
+        raise ValueError("no image/mask pairs to load")
+    return images, masks
+
+
+# --------------------------------------------------------------------------- sampling
+
+def _positive_int(value, name):
+    # bool is an int subclass; True as a patch size is a mistake, not 1.
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+class PatchSampler:
+    """Random square patches from in-memory image/mask pairs.
+
+    Sampling: the sampler walks through *epochs*. An epoch lists every image once per whole
+    P×P tile it holds (at least once), so large images give proportionally more patches and
+    an epoch covers about as many pixels as the data set; with ``shuffle`` the epoch's order
+    is a fresh random permutation, otherwise list order. Batches are consecutive slices of
+    that stream and run across epoch boundaries. Each patch's top-left corner is uniform over
+    all positions where it fits, whatever ``shuffle`` says. Every draw comes from one
+    ``numpy.random.Generator`` seeded with ``seed``, so the same seed and data give the same
+    batches.
+
+    Parameters
+    ----------
+    images : sequence of (H_i, W_i, 3) uint8 ndarray
+        RGB images.
+    masks : sequence of (H_i, W_i) ndarray
+        Masks, nucleus where > 0.
+    patch_size : int
+        Side P of the square patches; must fit in every image.
+    batch_size : int
+        Patches per batch N.
+    shuffle : bool, optional
+        Random epoch order (True) or list order (False).
+    seed : int or None, optional
+        Seed of the generator; None for fresh OS entropy.
+    names : sequence of str, optional
+        One name per image (e.g. its path) for error messages.
+
+    Attributes
+    ----------
+    epoch : int
+        Number of epochs started so far (1 during the first).
+    epoch_length : int
+        Patches per epoch.
+    last_indices : (N,) int ndarray
+        Image index of each patch in the last batch.
+    last_corners : (N, 2) int ndarray
+        ``(row, col)`` of each patch's top-left corner in the last batch.
+
+    Raises
+    ------
+    TypeError, ValueError
+        At construction, for bad sizes, mismatched inputs, or a patch that does not fit in an
+        image (the message names the image and both sizes).
+    """
+
+    def __init__(self, images, masks, patch_size, batch_size, shuffle=True, seed=None,
+                 names=None):
+        self.patch_size = _positive_int(patch_size, "patch_size")
+        self.batch_size = _positive_int(batch_size, "batch_size")
+        if not isinstance(shuffle, (bool, np.bool_)):
+            raise TypeError(f"shuffle must be a bool, got {type(shuffle).__name__} {shuffle!r}")
+        self.shuffle = bool(shuffle)
+        images, masks = list(images), list(masks)
+        if not images:
+            raise ValueError("PatchSampler needs at least one image")
+        if len(masks) != len(images):
+            raise ValueError(f"got {len(images)} images but {len(masks)} masks")
+        names = [f"image #{i}" for i in range(len(images))] if names is None else list(names)
+        if len(names) != len(images):
+            raise ValueError(f"got {len(images)} images but {len(names)} names")
+        self.names = names
+
+        P = self.patch_size
+        self._images, self._masks = [], []
+        self._image_windows, self._mask_windows = [], []
+        shapes = []
+        for name, image, mask in zip(names, images, masks):
+            image, mask = np.asarray(image), np.asarray(mask)
+            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                raise ValueError(f"{name}: expected an H×W×3 uint8 RGB image, got shape "
+                                 f"{image.shape} dtype {image.dtype}")
+            if mask.shape != image.shape[:2]:
+                raise ValueError(f"{name}: mask shape {mask.shape} does not match image size "
+                                 f"{image.shape[:2]}")
+            height, width = image.shape[:2]
+            if height < P or width < P:
+                raise ValueError(f"patch_size {P} does not fit in {name}, which is "
+                                 f"{height}×{width} (H×W); every image must be at least {P}×{P}")
+            if mask.dtype != np.uint8 or mask.max() > 1:
+                mask = (mask > 0).astype(np.uint8)
+            # Sliding-window views (no copy): window[y, x] is the patch with corner (y, x),
+            # already channel-first for images, so a batch is one fancy index per image.
+            self._image_windows.append(np.lib.stride_tricks.sliding_window_view(
+                image, (P, P), axis=(0, 1)))            # (H-P+1, W-P+1, 3, P, P)
+            self._mask_windows.append(np.lib.stride_tricks.sliding_window_view(
+                mask, (P, P)))                         # (H-P+1, W-P+1, P, P)
+            self._images.append(image)
+            self._masks.append(mask)
+            shapes.append((height, width))
+
+        shapes = np.array(shapes, dtype=np.int64)
+        self._positions = shapes - P + 1               # valid corners per axis
+        tiles = np.maximum(1, (shapes[:, 0] // P) * (shapes[:, 1] // P))
+        self._epoch_base = np.repeat(np.arange(len(images)), tiles)
+        self.epoch_length = int(self._epoch_base.size)
+        self._rng = np.random.default_rng(seed)
+        self._order = self._epoch_base[:0]
+        self._cursor = 0
+        self.epoch = 0
+        self.last_indices = np.zeros(0, dtype=np.int64)
+        self.last_corners = np.zeros((0, 2), dtype=np.int64)
+
+    def __len__(self):
+        """Number of images."""
+        return len(self._images)
+
+    def _next_indices(self, count):
+        parts = []
+        while count > 0:
+            if self._cursor == self._order.size:
+                self._order = (self._rng.permutation(self._epoch_base) if self.shuffle
+                               else self._epoch_base)
+                self._cursor = 0
+                self.epoch += 1
+            take = min(count, self._order.size - self._cursor)
+            parts.append(self._order[self._cursor:self._cursor + take])
+            self._cursor += take
+            count -= take
+        return np.concatenate(parts)
+
+    def next_batch(self):
+        """Draw the next batch.
+
+        Returns
+        -------
+        data : (N, 3, P, P) float32 ndarray
+            RGB patches, values 0-255.
+        label : (N, 1, P, P) float32 ndarray
+            Mask patches, values {0, 1}.
+        """
+        N, P = self.batch_size, self.patch_size
+        indices = self._next_indices(N)
+        rows = self._rng.integers(0, self._positions[indices, 0])
+        cols = self._rng.integers(0, self._positions[indices, 1])
+        data = np.empty((N, 3, P, P), dtype=np.float32)
+        label = np.empty((N, 1, P, P), dtype=np.float32)
+        for i in np.unique(indices):
+            sel = np.flatnonzero(indices == i)
+            data[sel] = self._image_windows[i][rows[sel], cols[sel]]
+            label[sel, 0] = self._mask_windows[i][rows[sel], cols[sel]]
+        self.last_indices = indices
+        self.last_corners = np.stack([rows, cols], axis=1)
+        return data, label

@@ -1,0 +1,367 @@
+"""caffe_layers.patches: list files, image/mask loading and patch sampling (no Caffe)."""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from caffe_layers.patches import (PatchSampler, load_image, load_mask, load_pairs,
+                                  read_pair_list)
+
+
+def random_image(rng, height, width):
+    return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def random_mask(rng, height, width):
+    return (rng.random((height, width)) > 0.5).astype(np.uint8)
+
+
+def drawn_indices(sampler, batches):
+    """Image index of every patch in the next ``batches`` batches."""
+    indices = []
+    for _ in range(batches):
+        sampler.next_batch()
+        indices.append(sampler.last_indices)
+    return np.concatenate(indices)
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    """Two pairs on disk: a 40×50 PNG pair and a 30×20 .npy pair; returns (list file, arrays)."""
+    rng = np.random.default_rng(0)
+    a_image, a_mask = random_image(rng, 40, 50), random_mask(rng, 40, 50)
+    b_image, b_mask = random_image(rng, 30, 20), random_mask(rng, 30, 20)
+    (tmp_path / "img").mkdir()
+    (tmp_path / "mask").mkdir()
+    Image.fromarray(a_image).save(tmp_path / "img" / "a.png")
+    Image.fromarray(a_mask * 255).save(tmp_path / "mask" / "a.png")
+    np.save(tmp_path / "img" / "b.npy", b_image)
+    np.save(tmp_path / "mask" / "b.npy", b_mask.astype(bool))
+    list_file = tmp_path / "train.txt"
+    list_file.write_text("# image  mask\n\nimg/a.png mask/a.png\n"
+                         "   img/b.npy\tmask/b.npy   # the small one\n")
+    return list_file, [a_image, b_image], [a_mask, b_mask]
+
+
+# --------------------------------------------------------------------------- read_pair_list
+
+def test_read_pair_list_skips_comments_and_blank_lines(dataset, tmp_path):
+    list_file, _, _ = dataset
+    pairs = read_pair_list(list_file)
+    assert pairs == [(str(tmp_path / "img" / "a.png"), str(tmp_path / "mask" / "a.png")),
+                     (str(tmp_path / "img" / "b.npy"), str(tmp_path / "mask" / "b.npy"))]
+
+
+def test_read_pair_list_root_and_absolute_paths(dataset, tmp_path):
+    _, _, _ = dataset
+    elsewhere = tmp_path / "lists"
+    elsewhere.mkdir()
+    list_file = elsewhere / "list.txt"
+    list_file.write_text(f"img/a.png {tmp_path / 'mask' / 'a.png'}\n")
+    pairs = read_pair_list(list_file, root=tmp_path)
+    assert pairs == [(str(tmp_path / "img" / "a.png"), str(tmp_path / "mask" / "a.png"))]
+    # Default root is the list file's own directory, where img/a.png does not exist.
+    with pytest.raises(FileNotFoundError, match=r"list\.txt:1: image file .*lists/img/a\.png"):
+        read_pair_list(list_file)
+
+
+@pytest.mark.parametrize("line, count", [("img/a.png", 1), ("img/a.png mask/a.png extra", 3)])
+def test_read_pair_list_malformed_line_names_line_number(dataset, tmp_path, line, count):
+    list_file = tmp_path / "bad.txt"
+    list_file.write_text(f"# header\nimg/a.png mask/a.png\n{line}\n")
+    with pytest.raises(ValueError, match=rf"bad\.txt:3: expected 2 .*got {count}"):
+        read_pair_list(list_file)
+
+
+def test_read_pair_list_missing_file_is_named(dataset, tmp_path):
+    list_file = tmp_path / "missing.txt"
+    list_file.write_text("img/a.png mask/a.png\nimg/a.png mask/nope.png\n")
+    with pytest.raises(FileNotFoundError, match=r"missing\.txt:2: mask file .*mask/nope\.png"):
+        read_pair_list(list_file)
+
+
+def test_read_pair_list_missing_list_or_root(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"list file .*nothere\.txt"):
+        read_pair_list(tmp_path / "nothere.txt")
+    list_file = tmp_path / "l.txt"
+    list_file.write_text("a b\n")
+    with pytest.raises(FileNotFoundError, match=r"root directory .*no_dir"):
+        read_pair_list(list_file, root=tmp_path / "no_dir")
+
+
+def test_read_pair_list_empty(tmp_path):
+    list_file = tmp_path / "empty.txt"
+    list_file.write_text("# nothing\n\n")
+    with pytest.raises(ValueError, match="no image/mask pairs"):
+        read_pair_list(list_file)
+
+
+# --------------------------------------------------------------------------- load_image / load_mask
+
+@pytest.mark.parametrize("ext", [".png", ".tif", ".npy"])
+def test_load_image_lossless_formats(tmp_path, ext):
+    image = random_image(np.random.default_rng(1), 7, 9)
+    path = tmp_path / f"x{ext}"
+    if ext == ".npy":
+        np.save(path, image)
+    else:
+        Image.fromarray(image).save(path)
+    loaded = load_image(path)
+    assert loaded.dtype == np.uint8 and loaded.shape == (7, 9, 3)
+    np.testing.assert_array_equal(loaded, image)
+
+
+def test_load_image_planar_tiff(tmp_path):
+    import tifffile
+    image = random_image(np.random.default_rng(4), 6, 7)
+    tifffile.imwrite(tmp_path / "planar.tif", np.moveaxis(image, -1, 0), photometric="rgb",
+                     planarconfig="separate")
+    np.testing.assert_array_equal(load_image(tmp_path / "planar.tif"), image)
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF")
+def test_load_image_tiff_falls_back_to_pillow(tmp_path, monkeypatch):
+    import caffe_layers.patches as patches
+
+    def no_codec(path):
+        raise ValueError("<COMPRESSION.LZW: 5> requires the 'imagecodecs' package")
+
+    image = random_image(np.random.default_rng(5), 5, 4)
+    Image.fromarray(image).save(tmp_path / "x.tiff")
+    monkeypatch.setattr(patches, "_read_tiff", no_codec)
+    np.testing.assert_array_equal(load_image(tmp_path / "x.tiff"), image)
+    (tmp_path / "bad.tiff").write_bytes(b"II*\x00garbage")
+    with pytest.raises(ValueError, match=r"bad\.tiff.*cannot be read.*imagecodecs"):
+        load_image(tmp_path / "bad.tiff")
+
+
+def test_load_image_jpeg(tmp_path):
+    image = np.full((8, 8, 3), (200, 100, 50), np.uint8)
+    Image.fromarray(image).save(tmp_path / "x.jpg", quality=95)
+    loaded = load_image(tmp_path / "x.jpg")
+    assert loaded.shape == (8, 8, 3) and loaded.dtype == np.uint8
+    assert np.abs(loaded.astype(int) - image).max() <= 3  # lossy, but RGB order kept
+
+
+def test_load_image_drops_alpha(tmp_path):
+    rgba = np.random.default_rng(2).integers(0, 256, (6, 5, 4), dtype=np.uint8)
+    rgba[..., 3] = 255  # opaque, so PIL keeps colours exact
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "x.png")
+    np.save(tmp_path / "x.npy", rgba)
+    np.testing.assert_array_equal(load_image(tmp_path / "x.png"), rgba[..., :3])
+    np.testing.assert_array_equal(load_image(tmp_path / "x.npy"), rgba[..., :3])
+
+
+def test_load_image_palette(tmp_path):
+    rgb = np.zeros((4, 4, 3), np.uint8)
+    rgb[:2] = (255, 0, 0)
+    Image.fromarray(rgb).convert("P").save(tmp_path / "p.png")
+    loaded = load_image(tmp_path / "p.png")
+    np.testing.assert_array_equal(loaded, rgb)
+
+
+def test_load_image_grey_is_an_error(tmp_path):
+    grey = np.zeros((5, 6), np.uint8)
+    Image.fromarray(grey).save(tmp_path / "g.png")
+    np.save(tmp_path / "g.npy", grey)
+    with pytest.raises(ValueError, match=r"g\.png.* greyscale"):
+        load_image(tmp_path / "g.png")
+    with pytest.raises(ValueError, match=r"g\.npy.* greyscale"):
+        load_image(tmp_path / "g.npy")
+
+
+def test_load_image_bad_dtype_and_type(tmp_path):
+    np.save(tmp_path / "big.npy", np.full((4, 4, 3), 4095, np.uint16))
+    with pytest.raises(ValueError, match=r"big\.npy.*uint16.*0\.\.255"):
+        load_image(tmp_path / "big.npy")
+    np.save(tmp_path / "f.npy", np.zeros((4, 4, 3), np.float32))
+    with pytest.raises(ValueError, match=r"f\.npy.*float32"):
+        load_image(tmp_path / "f.npy")
+    np.save(tmp_path / "small.npy", np.full((4, 4, 3), 7, np.int64))  # ints in range are fine
+    assert load_image(tmp_path / "small.npy").dtype == np.uint8
+    (tmp_path / "x.bmp").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"x\.bmp.*unsupported file type"):
+        load_image(tmp_path / "x.bmp")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"broken\.png.*cannot be read"):
+        load_image(tmp_path / "broken.png")
+    with pytest.raises(FileNotFoundError, match=r"gone\.png"):
+        load_image(tmp_path / "gone.png")
+
+
+def test_load_mask_binarises_any_positive(tmp_path):
+    labels = np.array([[0, 1, 2], [0, 300, 0]], np.uint16)  # an instance label map
+    np.save(tmp_path / "m.npy", labels)
+    Image.fromarray((labels > 0).astype(np.uint8) * 255).save(tmp_path / "m.png")
+    import tifffile
+    tifffile.imwrite(tmp_path / "m.tif", labels)
+    expected = np.array([[0, 1, 1], [0, 1, 0]], np.uint8)
+    for name in ("m.npy", "m.png", "m.tif"):
+        mask = load_mask(tmp_path / name)
+        assert mask.dtype == np.uint8, name
+        np.testing.assert_array_equal(mask, expected, err_msg=name)
+
+
+def test_load_mask_rgb(tmp_path):
+    grey_as_rgb = np.repeat((np.eye(4, dtype=np.uint8) * 255)[..., None], 3, axis=2)
+    Image.fromarray(grey_as_rgb).save(tmp_path / "ok.png")
+    np.testing.assert_array_equal(load_mask(tmp_path / "ok.png"), np.eye(4, dtype=np.uint8))
+    colour = grey_as_rgb.copy()
+    colour[0, 0] = (255, 0, 0)
+    Image.fromarray(colour).save(tmp_path / "colour.png")
+    with pytest.raises(ValueError, match=r"colour\.png.*single-channel"):
+        load_mask(tmp_path / "colour.png")
+
+
+# --------------------------------------------------------------------------- load_pairs
+
+def test_load_pairs(dataset):
+    list_file, images, masks = dataset
+    loaded_images, loaded_masks = load_pairs(read_pair_list(list_file))
+    for got, want in zip(loaded_images + loaded_masks, images + masks):
+        np.testing.assert_array_equal(got, want)
+        assert got.dtype == np.uint8
+
+
+def test_load_pairs_size_mismatch_names_both(tmp_path):
+    np.save(tmp_path / "i.npy", np.zeros((10, 12, 3), np.uint8))
+    np.save(tmp_path / "m.npy", np.zeros((10, 11), np.uint8))
+    with pytest.raises(ValueError, match=r"i\.npy.* 10×12 .*m\.npy.* 10×11"):
+        load_pairs([(str(tmp_path / "i.npy"), str(tmp_path / "m.npy"))])
+
+
+# --------------------------------------------------------------------------- PatchSampler
+
+def test_sampler_batch_shapes_and_values(dataset):
+    _, images, masks = dataset
+    sampler = PatchSampler(images, masks, patch_size=16, batch_size=5, seed=0)
+    data, label = sampler.next_batch()
+    assert data.shape == (5, 3, 16, 16) and data.dtype == np.float32
+    assert label.shape == (5, 1, 16, 16) and label.dtype == np.float32
+    assert data.min() >= 0 and data.max() <= 255
+    assert set(np.unique(label)) <= {0.0, 1.0}
+
+
+def test_sampler_patches_are_crops_of_the_sources(dataset):
+    _, images, masks = dataset
+    P = 12
+    sampler = PatchSampler(images, masks, patch_size=P, batch_size=7, seed=5)
+    for _ in range(4):
+        data, label = sampler.next_batch()
+        for k, (i, (y, x)) in enumerate(zip(sampler.last_indices, sampler.last_corners)):
+            h, w = images[i].shape[:2]
+            assert 0 <= y <= h - P and 0 <= x <= w - P
+            # Channel 0 is red: the patch is RGB, channel-first.
+            np.testing.assert_array_equal(data[k], images[i][y:y + P, x:x + P].transpose(2, 0, 1))
+            np.testing.assert_array_equal(label[k, 0], masks[i][y:y + P, x:x + P])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_sampler_crops_property(draw):
+    """Any image sizes, patch and batch sizes: every patch is the crop at its corner."""
+    P = draw.draw(st.integers(1, 9), label="patch_size")
+    shapes = draw.draw(st.lists(st.tuples(st.integers(P, 14), st.integers(P, 14)),
+                                min_size=1, max_size=4), label="shapes")
+    N = draw.draw(st.integers(1, 6), label="batch_size")
+    seed = draw.draw(st.integers(0, 2**32 - 1), label="seed")
+    rng = np.random.default_rng(seed)
+    images = [random_image(rng, h, w) for h, w in shapes]
+    masks = [rng.integers(0, 5, (h, w)) for h, w in shapes]  # label maps: binarised
+    sampler = PatchSampler(images, masks, P, N, shuffle=draw.draw(st.booleans()), seed=seed)
+    data, label = sampler.next_batch()
+    for k, (i, (y, x)) in enumerate(zip(sampler.last_indices, sampler.last_corners)):
+        np.testing.assert_array_equal(data[k], images[i][y:y + P, x:x + P].transpose(2, 0, 1))
+        np.testing.assert_array_equal(label[k, 0], masks[i][y:y + P, x:x + P] > 0)
+
+
+def test_sampler_seed_reproducibility(dataset):
+    _, images, masks = dataset
+
+    def batches(seed):
+        sampler = PatchSampler(images, masks, patch_size=8, batch_size=4, seed=seed)
+        return [sampler.next_batch() for _ in range(5)]
+
+    for (d1, l1), (d2, l2) in zip(batches(3), batches(3)):
+        np.testing.assert_array_equal(d1, d2)
+        np.testing.assert_array_equal(l1, l2)
+    assert any(not np.array_equal(a[0], b[0]) for a, b in zip(batches(3), batches(4)))
+
+
+def test_sampler_epochs_are_area_weighted(dataset):
+    _, images, masks = dataset
+    # 40×50 holds 4×5 = 20 tiles of 10×10 and 30×20 holds 3×2 = 6: one epoch is 26 patches.
+    sampler = PatchSampler(images, masks, patch_size=10, batch_size=13, shuffle=True, seed=1)
+    assert sampler.epoch_length == 26
+    first = drawn_indices(sampler, 2)
+    assert sampler.epoch == 1
+    assert np.bincount(first).tolist() == [20, 6]
+    assert not np.array_equal(first, np.sort(first))  # shuffled
+    sampler.next_batch()
+    assert sampler.epoch == 2
+
+
+def test_sampler_without_shuffle_follows_list_order(dataset):
+    _, images, masks = dataset
+    sampler = PatchSampler(images, masks, patch_size=10, batch_size=8, shuffle=False, seed=1)
+    order = drawn_indices(sampler, 4)
+    expected = np.tile(np.repeat([0, 1], [20, 6]), 2)[:32]  # runs across the epoch boundary
+    np.testing.assert_array_equal(order, expected)
+
+
+def test_sampler_corners_cover_every_position():
+    image = np.zeros((6, 5, 3), np.uint8)
+    sampler = PatchSampler([image], [np.zeros((6, 5))], patch_size=4, batch_size=64, seed=0)
+    sampler.next_batch()
+    corners = {tuple(c) for c in sampler.last_corners}
+    assert corners == {(y, x) for y in range(3) for x in range(2)}
+
+
+def test_sampler_patch_equal_to_image():
+    rng = np.random.default_rng(3)
+    image, mask = random_image(rng, 8, 8), random_mask(rng, 8, 8)
+    data, label = PatchSampler([image], [mask], 8, 2, seed=0).next_batch()
+    np.testing.assert_array_equal(data[1], image.transpose(2, 0, 1))
+    np.testing.assert_array_equal(label[0, 0], mask)
+
+
+def test_sampler_patch_too_large_names_image_and_sizes(dataset):
+    _, images, masks = dataset
+    with pytest.raises(ValueError, match=r"patch_size 32 does not fit in small\.npy, which is 30×20"):
+        PatchSampler(images, masks, 32, 2, names=["big.png", "small.npy"])
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"patch_size": 0}, ValueError, "patch_size must be >= 1"),
+    ({"patch_size": 4.0}, TypeError, "patch_size must be an int"),
+    ({"batch_size": True}, TypeError, "batch_size must be an int"),
+    ({"batch_size": -1}, ValueError, "batch_size must be >= 1"),
+    ({"shuffle": 1}, TypeError, "shuffle must be a bool"),
+])
+def test_sampler_validates_parameters(kwargs, error, message):
+    arguments = dict(images=[np.zeros((8, 8, 3), np.uint8)], masks=[np.zeros((8, 8))],
+                     patch_size=4, batch_size=2)
+    arguments.update(kwargs)
+    with pytest.raises(error, match=message):
+        PatchSampler(**arguments)
+
+
+def test_sampler_validates_arrays():
+    with pytest.raises(ValueError, match="at least one image"):
+        PatchSampler([], [], 4, 1)
+    with pytest.raises(ValueError, match="2 images but 1 masks"):
+        PatchSampler([np.zeros((8, 8, 3), np.uint8)] * 2, [np.zeros((8, 8))], 4, 1)
+    with pytest.raises(ValueError, match=r"image #0: expected an H×W×3 uint8"):
+        PatchSampler([np.zeros((8, 8), np.uint8)], [np.zeros((8, 8))], 4, 1)
+    with pytest.raises(ValueError, match=r"image #0: mask shape \(8, 7\)"):
+        PatchSampler([np.zeros((8, 8, 3), np.uint8)], [np.zeros((8, 7))], 4, 1)
+
+
+def test_sampler_does_not_share_memory_with_its_output(dataset):
+    _, images, masks = dataset
+    before = [image.copy() for image in images]
+    data, _ = PatchSampler(images, masks, 8, 3, seed=0).next_batch()
+    data[...] = -1  # writing into a batch must not reach the source images
+    for image, original in zip(images, before):
+        np.testing.assert_array_equal(image, original)
