@@ -46,6 +46,13 @@ setup(
     },
     entry_points={
         "console_scripts": [
+            "caffe-stain-experiment = caffe_layers.experiment:main",
+            "caffe-stain-train = caffe_layers.training:main",
+            "caffe-stain-segment = caffe_layers.segment:segment_main",
+            "caffe-stain-compare = caffe_layers.compare:compare_main",
+            "caffe-stain-meanfile = caffe_layers.meanfile:main",
+            "caffe-stain-normalize = caffe_layers.stain_cli:normalize_main",
+            "caffe-stain-estimate = caffe_layers.stain_cli:estimate_main",
         ],
     },
     classifiers=[

@@ -1,0 +1,261 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from scipy import ndimage
+
+from caffe_layers.segment import (CaffeSegmenter, overlay, read_mask, read_rgb, segment_image,
+                                  segment_main, segment_tiled, tile_grid)
+
+
+# ---------------------------------------------------------------- pure numpy
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 300), st.integers(1, 300), st.integers(4, 64), st.data())
+def test_tile_grid_covers_every_pixel(height, width, tile, data):
+    overlap = data.draw(st.integers(0, tile - 1))
+    origins = tile_grid(height, width, tile, overlap)
+    covered = np.zeros((height, width), bool)
+    th, tw = min(tile, height), min(tile, width)
+    for y, x in origins:
+        assert 0 <= y <= height - th and 0 <= x <= width - tw
+        covered[y:y + th, x:x + tw] = True
+    assert covered.all()
+    # Neighbouring tiles overlap by at least `overlap` (when there are several).
+    for axis, size, t in ((0, height, th), (1, width, tw)):
+        starts = np.unique(origins[:, axis])
+        assert np.all(starts[1:] - starts[:-1] <= t - overlap)
+
+
+def test_tile_grid_multiple_and_errors():
+    origins = tile_grid(100, 72, 32, 8, multiple=4)
+    assert np.all(origins % 4 == 0)  # sizes multiples of 4 -> every tile on the 4-grid
+    assert origins[:, 0].max() == 100 - 32 and origins[:, 1].max() == 72 - 32
+    with pytest.raises(ValueError, match="overlap"):
+        tile_grid(100, 100, 32, 32)
+
+
+def box_predict(mode="constant", calls=None):
+    """Translation-equivariant toy net: sigmoid of a 3x3 box filter of the red channel."""
+    kernel = np.ones((1, 1, 3, 3)) / 9.0
+
+    def predict(batch):
+        assert batch.dtype == np.float32 and batch.ndim == 4 and batch.shape[1] == 3
+        if calls is not None:
+            calls.append(batch.shape)
+        mean = ndimage.correlate(batch[:, :1].astype(np.float64), kernel, mode=mode)
+        nucleus = 1.0 / (1.0 + np.exp(-(mean - 128.0) / 16.0))
+        return np.concatenate([1.0 - nucleus, nucleus], axis=1).astype(np.float32)
+
+    return predict
+
+
+def full_pass(predict, rgb):
+    return predict(rgb.transpose(2, 0, 1)[None].astype(np.float32))[0, 1]
+
+
+@pytest.mark.parametrize("shape", [(101, 77), (130, 259), (64, 64), (5, 3), (1, 1)])
+def test_tiled_equals_single_pass(shape):
+    rgb = np.random.default_rng(0).integers(0, 256, shape + (3,), dtype=np.uint8)
+    calls = []
+    prob = segment_tiled(box_predict(calls=calls), rgb, tile=32, overlap=8, multiple=4)
+    assert prob.shape == shape and prob.dtype == np.float32
+    assert np.all(np.isfinite(prob)) and prob.min() >= 0 and prob.max() <= 1
+    reference = full_pass(box_predict(), rgb)
+    # Zero padding (like Caffe's): identical except within the 1-pixel receptive radius of
+    # the bottom/right edges, where the tiles see reflect padding instead.
+    np.testing.assert_array_equal(prob[:-1, :-1], reference[:-1, :-1])
+    np.testing.assert_allclose(prob, reference, atol=1.0)
+    # Mirror padding in the net = the tiler's reflect padding: identical everywhere.
+    np.testing.assert_array_equal(segment_tiled(box_predict("mirror"), rgb, 32, 8, 4),
+                                  full_pass(box_predict("mirror"), rgb))
+    # Only tile-sized single-image batches ever reach predict, multiples of 4.
+    tile_shape = tuple(min(32, -(-s // 4) * 4) for s in shape)
+    assert set(calls) == {(1, 3) + tile_shape}
+    assert len(calls) <= len(tile_grid(*(-(-s // 4) * 4 for s in shape), 32, 8, 4))
+
+
+class ReadRecorder:
+    """Array-like image that records the size of every read (a stand-in for a disk map)."""
+
+    def __init__(self, array):
+        self.array, self.shape, self.dtype, self.reads = array, array.shape, array.dtype, []
+
+    def __getitem__(self, key):
+        block = self.array[key]
+        self.reads.append(block.shape)
+        return block
+
+
+def test_streaming_reads_one_tile_at_a_time(tmp_path):
+    rgb = np.random.default_rng(1).integers(0, 256, (150, 203, 3), dtype=np.uint8)
+    image = ReadRecorder(rgb)
+    out = np.lib.format.open_memmap(tmp_path / "prob.npy", mode="w+", dtype=np.float32,
+                                    shape=rgb.shape[:2])
+    result = segment_tiled(box_predict(), image, tile=48, overlap=16, multiple=4, out=out)
+    assert result is out
+    assert len(image.reads) > 1
+    assert all(h <= 48 and w <= 48 for h, w, _ in image.reads)
+    np.testing.assert_array_equal(out, segment_tiled(box_predict(), rgb, 48, 16, 4))
+
+
+def test_memmap_input(tmp_path):
+    rgb = np.random.default_rng(2).integers(0, 256, (90, 61, 3), dtype=np.uint8)
+    np.save(tmp_path / "rgb.npy", rgb)
+    mapped = np.load(tmp_path / "rgb.npy", mmap_mode="r")
+    np.testing.assert_array_equal(segment_tiled(box_predict(), mapped, 32, 8),
+                                  segment_tiled(box_predict(), rgb, 32, 8))
+
+
+def test_blank_image_and_alpha():
+    blank = np.zeros((40, 50, 4), np.uint8)
+    prob = segment_tiled(box_predict(), blank, tile=16, overlap=4, progress=True)
+    assert prob.shape == (40, 50) and np.all(np.isfinite(prob))
+
+
+def test_segment_tiled_errors():
+    rgb = np.zeros((20, 20, 3), np.uint8)
+    with pytest.raises(ValueError, match="RGB"):
+        segment_tiled(box_predict(), np.zeros((20, 20)), 16, 4)
+    with pytest.raises(ValueError, match="overlap"):
+        segment_tiled(box_predict(), rgb, 16, 16)
+    with pytest.raises(ValueError, match="predict returned shape"):
+        segment_tiled(lambda b: b[:, :1], rgb, 16, 4)
+    with pytest.raises(ValueError, match="out has shape"):
+        segment_tiled(box_predict(), rgb, 16, 4, out=np.zeros((3, 3), np.float32))
+
+
+def test_overlay():
+    rgb = np.full((9, 9, 3), 100, np.uint8)
+    mask = np.zeros((9, 9), bool)
+    mask[2:7, 2:7] = True
+    outlined = overlay(rgb, mask, color=(0, 255, 0))
+    green = np.all(outlined == (0, 255, 0), axis=2)
+    assert green[2, 2:7].all() and not green[4, 4] and not green[0].any()
+    assert np.all(rgb == 100)  # input untouched
+    tinted = overlay(rgb, mask, color=(255, 0, 0), mode="tint", alpha=0.5)
+    assert tuple(tinted[4, 4]) == (178, 50, 50) and tuple(tinted[0, 0]) == (100, 100, 100)
+    assert np.array_equal(overlay(rgb, np.zeros((9, 9))), rgb)
+    with pytest.raises(ValueError, match="mask shape"):
+        overlay(rgb, np.zeros((3, 3)))
+
+
+def test_read_rgb_and_mask(tmp_path):
+    import tifffile
+
+    rgb = np.random.default_rng(3).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "a.tif", rgb)
+    mapped = read_rgb(tmp_path / "a.tif")
+    assert isinstance(mapped, np.memmap)  # large TIFFs stay on disk
+    np.testing.assert_array_equal(mapped, rgb)
+    tifffile.imwrite(tmp_path / "z.tif", rgb, compression="zlib")
+    np.testing.assert_array_equal(read_rgb(tmp_path / "z.tif"), rgb)
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "grey.png")
+    assert read_rgb(tmp_path / "grey.png").shape == (30, 40, 3)
+    (tmp_path / "bad.png").write_text("not an image")
+    with pytest.raises(ValueError, match="bad.png"):
+        read_rgb(tmp_path / "bad.png")
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        read_rgb(tmp_path / "missing.png")
+    Image.fromarray((rgb[..., 0] > 128).astype(np.uint8)).save(tmp_path / "m.png")
+    assert read_mask(tmp_path / "m.png").dtype == bool
+    with pytest.raises(ValueError, match="m.png.*does not match"):
+        read_mask(tmp_path / "m.png", shape=(5, 5))
+
+
+# ---------------------------------------------------------------- real Caffe
+
+def make_tiny_net(caffe, directory, seed=0):
+    """Input data -> 3x3 convolution (pad 1, fixed random weights) -> Softmax 'prob'."""
+    from caffe import layers as L
+
+    spec = caffe.NetSpec()
+    spec.data = L.Input(shape=dict(dim=[1, 3, 16, 16]))
+    spec.conv = L.Convolution(spec.data, num_output=2, kernel_size=3, pad=1)
+    spec.prob = L.Softmax(spec.conv)
+    deploy = directory / "deploy.prototxt"
+    deploy.write_text(str(spec.to_proto()))
+    net = caffe.Net(str(deploy), caffe.TEST)
+    rng = np.random.default_rng(seed)
+    kernel = rng.normal(0, 0.01, net.params["conv"][0].data.shape)
+    # Zero-sum filters: a flat image gives 0.5, texture gives both classes.
+    net.params["conv"][0].data[...] = kernel - kernel.mean(axis=(1, 2, 3), keepdims=True)
+    net.params["conv"][1].data[...] = 0
+    weights = directory / "tiny.caffemodel"
+    net.save(str(weights))
+    return deploy, weights
+
+
+@pytest.fixture
+def tiny_net(caffe, tmp_path):
+    return make_tiny_net(caffe, tmp_path)
+
+
+def test_caffe_tiled_equals_single_pass(tiny_net):
+    deploy, weights = tiny_net
+    segmenter = CaffeSegmenter(deploy, weights)
+    rgb = np.random.default_rng(4).integers(0, 256, (70, 93, 3), dtype=np.uint8)
+    prob = segment_tiled(segmenter, rgb, tile=32, overlap=8, multiple=4)
+    single = full_pass(segmenter, rgb)  # the net reshapes to the whole image
+    assert prob.shape == (70, 93)
+    assert 0.05 < (prob > 0.5).mean() < 0.95  # the toy net is not trivially constant
+    np.testing.assert_allclose(prob[:-1, :-1], single[:-1, :-1], atol=1e-5)
+    # segment_image thresholds the same map.
+    prob2, mask = segment_image(deploy, weights, rgb, tile=32, overlap=8, threshold=0.5)
+    np.testing.assert_allclose(prob2, prob, atol=1e-6)
+    assert mask.dtype == bool and np.array_equal(mask, prob2 > 0.5)
+
+
+def test_caffe_segmenter_errors(caffe, tmp_path, tiny_net):
+    deploy, weights = tiny_net
+    with pytest.raises(FileNotFoundError, match="nope.caffemodel"):
+        CaffeSegmenter(deploy, tmp_path / "nope.caffemodel")
+    with pytest.raises(FileNotFoundError, match="nope.prototxt"):
+        CaffeSegmenter(tmp_path / "nope.prototxt", weights)
+    no_prob = tmp_path / "no_prob.prototxt"
+    no_prob.write_text(deploy.read_text().replace('top: "prob"', 'top: "out"'))
+    with pytest.raises(ValueError, match="no output blob 'prob'"):
+        CaffeSegmenter(no_prob, weights)
+    no_data = tmp_path / "no_data.prototxt"
+    no_data.write_text(deploy.read_text().replace('"data"', '"image"'))
+    with pytest.raises(ValueError, match="no input blob 'data'"):
+        CaffeSegmenter(no_data, weights)
+    garbage = tmp_path / "garbage.prototxt"
+    garbage.write_text("layer { this is not protobuf")
+    with pytest.raises(ValueError, match="garbage.prototxt"):
+        CaffeSegmenter(garbage, weights)
+
+
+def test_segment_cli(tiny_net, tmp_path, capsys):
+    import tifffile
+
+    deploy, weights = tiny_net
+    rgb = np.random.default_rng(5).integers(0, 256, (45, 38, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "one.png")
+    tifffile.imwrite(tmp_path / "two.tif", rgb)
+    out = tmp_path / "out"
+    args = ["--model", str(deploy), "--weights", str(weights), "--out", str(out),
+            "--tile", "16", "--overlap", "4", "--no-progress"]
+    assert segment_main(args + [str(tmp_path / "one.png"), str(tmp_path / "two.tif")]) == 0
+    for name in ("one", "two"):
+        prob = np.asarray(Image.open(out / f"{name}_prob.png"))
+        mask = np.asarray(Image.open(out / f"{name}_mask.png"))
+        over = np.asarray(Image.open(out / f"{name}_overlay.png"))
+        assert prob.shape == mask.shape == (45, 38) and prob.dtype == np.uint8
+        assert over.shape == (45, 38, 3)
+        assert set(np.unique(mask)) <= {0, 255}
+        assert np.array_equal(mask > 0, prob > 128) or np.mean((mask > 0) != (prob > 128)) < 0.01
+    expected, _ = segment_image(deploy, weights, rgb, tile=16, overlap=4)
+    np.testing.assert_allclose(np.asarray(Image.open(out / "one_prob.png")) / 255.0, expected,
+                               atol=0.5 / 255 + 1e-6)
+    assert segment_main(args + ["--prob-format", "npy", str(tmp_path / "one.png")]) == 0
+    np.testing.assert_allclose(np.load(out / "one_prob.npy"), expected, atol=1e-6)
+    # Bad input: a clear message naming the file, exit code 1.
+    capsys.readouterr()
+    assert segment_main(args + [str(tmp_path / "absent.png")]) == 1
+    assert "absent.png" in capsys.readouterr().err
+    bad = ["--model", str(deploy), "--weights", str(tmp_path / "w.caffemodel"),
+           "--out", str(out), str(tmp_path / "one.png")]
+    assert segment_main(bad) == 1
+    assert "w.caffemodel" in capsys.readouterr().err
