@@ -237,6 +237,11 @@ def _uint8_channel_counts(flat_pixels):
     return counts
 
 
+def _take_pixels(flat_pixels, index):
+    """``flat_pixels.take(index, axis=0)`` for (N, 3) uint8, faster as 3-byte records."""
+    return flat_pixels.view("V3").reshape(-1).take(index).view(np.uint8).reshape(-1, 3)
+
+
 def _masked_channel_counts(flat_pixels, flat_mask):
     """Tissue histograms (3, 256) and the background (indices, pixels) to restore.
 
@@ -247,11 +252,11 @@ def _masked_channel_counts(flat_pixels, flat_mask):
     n_tissue = np.count_nonzero(flat_mask)
     if n_tissue * 2 >= flat_mask.size:
         background_index = np.flatnonzero(~flat_mask)
-        background_pixels = flat_pixels.take(background_index, axis=0)
+        background_pixels = _take_pixels(flat_pixels, background_index)
         counts = _uint8_channel_counts(flat_pixels) - _uint8_channel_counts(background_pixels)
         return counts, background_index, background_pixels, None
     tissue_index = np.flatnonzero(flat_mask)
-    tissue_pixels = flat_pixels.take(tissue_index, axis=0)
+    tissue_pixels = _take_pixels(flat_pixels, tissue_index)
     return _uint8_channel_counts(tissue_pixels), None, None, (tissue_index, tissue_pixels)
 
 
@@ -262,7 +267,9 @@ def _apply_channel_luts(flat_pixels, luts):
     for phase, (low, high) in enumerate(_PAIR_CHANNELS):
         # 65536-entry table for this phase: entry high*256+low -> both outputs.
         pair_lut = np.add.outer(luts[high].astype("<u2") << 8, luts[low].astype("<u2"))
-        np.take(pair_lut.ravel(), pairs[:, phase], out=out_pairs[:, phase])
+        # take() into a strided `out` goes through a hidden temporary and is
+        # ~1.5x slower than taking into a fresh array and assigning the column.
+        out_pairs[:, phase] = pair_lut.ravel().take(pairs[:, phase])
     if flat_pixels.shape[0] % 2:
         out[-1] = luts[np.arange(3), flat_pixels[-1]]
     return out

@@ -135,6 +135,27 @@ def test_explicit_masks_synthetic(white_fraction):
     np.testing.assert_array_equal(matched[mask], expected[0])
 
 
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    height=st.integers(1, 15),
+    width=st.integers(1, 15),
+    tissue_fraction=st.floats(0.05, 0.95),
+)
+def test_masked_equals_matching_gathered_pixels(seed, height, width, tissue_fraction):
+    # Odd pixel counts and both gather strategies (tissue or background side).
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (height, width, 3)).astype(np.uint8)
+    reference = rng.integers(0, 256, (width + 2, height + 1, 3)).astype(np.uint8)
+    mask = rng.random(image.shape[:2]) < tissue_fraction
+    reference_mask = rng.random(reference.shape[:2]) < 0.7
+    mask.flat[0] = reference_mask.flat[0] = True  # never empty
+    matched = stain.match_histograms(image, reference, mask=mask, reference_mask=reference_mask)
+    np.testing.assert_array_equal(matched[~mask], image[~mask])
+    expected = stain.match_histograms(image[mask][None], reference[reference_mask][None])
+    np.testing.assert_array_equal(matched[mask], expected[0])
+
+
 def test_blank_image_or_reference_returned_unchanged_with_warning(hgsc):
     blank = white()
     with pytest.warns(stain.NoTissueWarning, match="image has no tissue"):
