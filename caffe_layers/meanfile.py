@@ -5,7 +5,7 @@ subtracted from -- RGB here, by project convention (Caffe's own ``compute_image_
 writes BGR because its data layers read BGR; do not mix the two). The files written here are
 read both by ``caffe.io.blobproto_to_array`` and by Caffe's ``transform_param { mean_file }``.
 
-:class:`MeanSubtractLayer` applies a mean file inside a net: a Python layer (such as the patch
+``caffe_layers.mean_subtract.MeanSubtractLayer`` applies a mean file inside a net: a Python layer (such as the patch
 data layer) has no ``transform_param``, so the centring has to be a layer of its own.
 
 Console entry ``caffe-stain-meanfile``::
@@ -20,23 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .params import REQUIRED, Param, Schema, load_params
 
 __all__ = [
-    "MEAN_SUBTRACT_SCHEMA",
-    "MeanSubtractLayer",
     "compute_mean_image",
     "main",
     "read_mean_binaryproto",
     "write_mean_binaryproto",
 ]
-
-MEAN_SUBTRACT_SCHEMA = Schema(
-    [Param("mean_file", "str", REQUIRED, doc="Caffe mean file (.binaryproto), 1×C×H×W or C×H×W")],
-    name="mean subtract",
-)
-"""Parameters of :class:`MeanSubtractLayer`."""
-
 
 def _as_rgb(image, where):
     image = np.asarray(image)
@@ -169,69 +159,6 @@ def read_mean_binaryproto(path):
     if mean.ndim != 3:
         raise ValueError(f"mean file {path} holds a blob of shape {mean.shape}; expected 1×C×H×W or C×H×W")
     return mean.astype(np.float32)
-
-
-def _caffe_layer_base():
-    # Imported lazily so that the numpy functions above work without Caffe.
-    import caffe
-
-    return caffe.Layer
-
-
-try:
-    _LayerBase = _caffe_layer_base()
-except ImportError:  # pragma: no cover - the layer is only usable inside Caffe anyway
-    _LayerBase = object
-
-
-class MeanSubtractLayer(_LayerBase):
-    """Caffe Python layer: subtract a mean file from the data blob.
-
-    Bottom: data (N×C×H×W). Top: centred data, same shape (in place is fine).
-    ``param_str``: ``{"mean_file": "path/to/mean.binaryproto"}``, path relative to the
-    directory Caffe runs in.
-
-    If the mean's H×W equals the input's, the mean image is subtracted pixel by pixel;
-    otherwise its per-channel mean is. That makes one mean file usable for both the training
-    patches and whole-image deployment: the mean of randomly placed patches is flat anyway
-    (see :func:`compute_mean_image`), so its per-channel value loses nothing.
-    """
-
-    def setup(self, bottom, top):
-        where = "MeanSubtractLayer param_str"
-        params = load_params(self.param_str, MEAN_SUBTRACT_SCHEMA, where)
-        if len(bottom) != 1 or len(top) != 1:
-            raise ValueError(f"MeanSubtractLayer takes one bottom and one top, got {len(bottom)} and {len(top)}")
-        try:
-            self.mean = read_mean_binaryproto(params["mean_file"])
-        except (OSError, ValueError) as error:
-            raise ValueError(f"{where}: {error}") from error
-        self.channel_mean = self.mean.mean(axis=(1, 2))
-        self._check_shape(bottom[0].data.shape)
-
-    def _check_shape(self, shape):
-        if len(shape) != 4:
-            raise ValueError(f"MeanSubtractLayer: bottom must be N×C×H×W, got shape {tuple(shape)}")
-        if shape[1] != self.mean.shape[0]:
-            raise ValueError(f"MeanSubtractLayer: bottom has {shape[1]} channels but the mean file has "
-                             f"{self.mean.shape[0]}")
-
-    def reshape(self, bottom, top):
-        self._check_shape(bottom[0].data.shape)
-        top[0].reshape(*bottom[0].data.shape)
-
-    def forward(self, bottom, top):
-        data = bottom[0].data
-        if data.shape[2:] == self.mean.shape[1:]:
-            top[0].data[...] = data - self.mean
-        else:
-            top[0].data[...] = data - self.channel_mean[:, None, None]
-
-    def backward(self, top, propagate_down, bottom):
-        # Subtracting a constant passes gradients through unchanged (normally nothing
-        # below this layer learns, and Caffe does not ask).
-        if propagate_down[0]:
-            bottom[0].diff[...] = top[0].diff
 
 
 def main(argv=None):

@@ -38,6 +38,7 @@ import yaml
 __all__ = [
     "ACCEPTED_FORMATS",
     "AUGMENT_SCHEMA",
+    "MEAN_SUBTRACT_SCHEMA",
     "PATCH_DATA_SCHEMA",
     "REQUIRED",
     "Param",
@@ -585,3 +586,9 @@ PATCH_DATA_SCHEMA = Schema(
     name="patch data",
 )
 """Parameters of the patch data layer; ``augment`` (None: no augmentation) uses :data:`AUGMENT_SCHEMA`."""
+
+MEAN_SUBTRACT_SCHEMA = Schema(
+    [Param("mean_file", "str", REQUIRED, doc="Caffe mean file (.binaryproto), 1×C×H×W or C×H×W")],
+    name="mean subtract",
+)
+"""Parameters of :class:`~caffe_layers.mean_subtract.MeanSubtractLayer`."""

@@ -17,7 +17,7 @@ after centring, a contrast factor would also scale the (removed) mean.
 
 Centring is one of
 
-* ``"meanfile"``: subtract a Caffe mean file with :class:`caffe_layers.meanfile.MeanSubtractLayer`
+* ``"meanfile"``: subtract a Caffe mean file with :class:`caffe_layers.mean_subtract.MeanSubtractLayer`
   (a Python data layer has no ``transform_param``);
 * ``"patchmean"``: subtract each patch's own per-channel mean with Caffe's ``MVN`` layer
   (``normalize_variance: false``), which needs no mean file and removes a global stain shift.
@@ -129,7 +129,7 @@ def _centre(net, data, centring, mean_file, input_scale):
     from caffe import layers as L
 
     if centring == "meanfile":
-        net.centred = L.Python(data, name="centre", module="caffe_layers.meanfile", layer="MeanSubtractLayer",
+        net.centred = L.Python(data, name="centre", module="caffe_layers.mean_subtract", layer="MeanSubtractLayer",
                                param_str=json.dumps({"mean_file": str(mean_file)}))
     else:
         net.centred = L.MVN(data, name="centre", normalize_variance=False, across_channels=False)

@@ -213,7 +213,7 @@ def _mean_subtract_net(tmp_path, mean_file, height, width):
     path.write_text(f"""
 layer {{ name: "data" type: "Input" top: "data" input_param {{ shape {{ dim: 2 dim: 3 dim: {height} dim: {width} }} }} }}
 layer {{ name: "centre" type: "Python" bottom: "data" top: "centred"
-  python_param {{ module: "caffe_layers.meanfile" layer: "MeanSubtractLayer"
+  python_param {{ module: "caffe_layers.mean_subtract" layer: "MeanSubtractLayer"
                   param_str: '{{"mean_file": "{mean_file}"}}' }} }}
 """)
     return str(path)
