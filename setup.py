@@ -3,13 +3,26 @@
 Caffe itself is not on PyPI in a usable form: ``scripts/install_caffe.sh`` builds it and
 installs this package into ``.venv`` with ``pip install -e .[test,scripts]``.
 """
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# The command-line tools, benchmarks and experiment (pycaffe's own Python needs
+# protobuf, scikit-image and six).
+SCRIPT_REQUIRES = [
+    "tqdm>=4.60",
+    "matplotlib>=3.7",
+    "imagecodecs>=2023.1",
+    "protobuf>=3.20",
+    "six",
+]
+README = Path(__file__).with_name("README.md")
 
 setup(
     name="caffe-stain-augment",
     version="0.1.0",
     description="Stain augmentation layer, stain tools and U-Net templates for Caffe",
-    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description=README.read_text(encoding="utf-8") if README.exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["caffe_layers", "caffe_layers.*"]),
@@ -17,36 +30,18 @@ setup(
         "numpy>=1.24,<3",
         "scipy>=1.10",
         "pyyaml>=6",
+        "scikit-image>=0.22",  # stain matrices, colour spaces, image reading
         "pillow>=10",  # image reading in the data layer
         "tifffile>=2023.1",
     ],
     extras_require={
-        "scripts": [
-            "scikit-image>=0.22",
-            "tqdm>=4.60",
-            "matplotlib>=3.7",
-            "tifffile>=2023.1",
-            "imagecodecs>=2023.1",
-            "pillow>=10",
-            "protobuf>=3.20",
-            "six",
-        ],
-        "test": [
-            "pytest>=7",
-            "hypothesis>=6.80",
-            "scikit-image>=0.22",
-            "tqdm>=4.60",
-            "matplotlib>=3.7",
-            "tifffile>=2023.1",
-            "imagecodecs>=2023.1",
-            "pillow>=10",
-            "protobuf>=3.20",
-            "six",
-        ],
+        "scripts": SCRIPT_REQUIRES,
+        "test": SCRIPT_REQUIRES + ["pytest>=7", "hypothesis>=6.80"],
     },
     entry_points={
         "console_scripts": [
             "caffe-stain-experiment = caffe_layers.experiment:main",
+            "caffe-stain-prepare = caffe_layers.prepare:prepare_main",
             "caffe-stain-train = caffe_layers.training:main",
             "caffe-stain-segment = caffe_layers.segment:segment_main",
             "caffe-stain-compare = caffe_layers.compare:compare_main",

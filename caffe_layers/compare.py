@@ -161,7 +161,8 @@ def save_comparison_figure(path, panels, title=None, max_side=1024, panel_size=4
         raise ValueError("save_comparison_figure needs at least one panel")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure = Figure(figsize=(panel_size * len(panels), panel_size + (0.6 if title else 0.3)))
+    # Room for two-line panel titles (name + score) and the optional figure title.
+    figure = Figure(figsize=(panel_size * len(panels), panel_size + (1.0 if title else 0.7)))
     axes = figure.subplots(1, len(panels), squeeze=False)[0]
     for ax, (panel_title, image) in zip(axes, panels):
         ax.set_title(panel_title, fontsize=9)

@@ -14,7 +14,7 @@ from scipy import optimize
 from .stain import channel_mean_ratios
 from .transforms import BatchAugmenter, draw_params
 
-__all__ = ["REGION_NAMES", "split_regions", "write_region_lists", "shift_stains",
+__all__ = ["REGION_NAMES", "split_regions", "write_region_lists", "shift_stains", "prepare_main",
            "fit_stain_shift", "STAIN_SHIFTS", "make_stain_shifts"]
 
 REGION_NAMES = ("train", "val", "test")
@@ -174,3 +174,38 @@ def make_stain_shifts(test_rgb, train_rgb):
         ratios = channel_mean_ratios(image, train_rgb, ignore_white=True)
         settings[name]["mean_ratios_vs_train"] = ratios.round(4).tolist()
     return images, settings
+
+
+def prepare_main(argv=None):
+    """``caffe-stain-prepare``: the packaged H&E split into the files the templates read."""
+    import argparse
+
+    from . import datasets
+
+    parser = argparse.ArgumentParser(
+        prog="caffe-stain-prepare",
+        description="Write hgsc_nest (histolytics) as train/val/test bands with nucleus masks, "
+                    "their PatchDataLayer list files and a mean file: what prototxt/ expects in data/.")
+    parser.add_argument("--out", default="data", help="output folder (default: data)")
+    parser.add_argument("--patch-size", type=int, default=96, help="side of the mean image (default 96)")
+    parser.add_argument("--gap", type=int, default=16, help="rows left out between bands (default 16)")
+    args = parser.parse_args(argv)
+    try:
+        rgb, instances = datasets.load_hgsc_nest()
+    except datasets.DataPackageMissing as error:
+        parser.exit(1, f"caffe-stain-prepare: error: {error}\n")
+    regions = split_regions(rgb.shape[0], gap=args.gap)
+    lists = write_region_lists(rgb, datasets.nucleus_mask(instances), regions, args.out)
+    from .meanfile import compute_mean_image, write_mean_binaryproto
+
+    mean_path = Path(args.out) / "mean.binaryproto"
+    write_mean_binaryproto(mean_path, compute_mean_image([rgb[regions["train"]]], patch_size=args.patch_size))
+    for name, path in lists.items():
+        rows = regions[name]
+        print(f"{name}: rows {rows.start}-{rows.stop} -> {path}")
+    print(f"mean file -> {mean_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(prepare_main())
