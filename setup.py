@@ -30,7 +30,8 @@ setup(
         "numpy>=1.24,<3",
         "scipy>=1.10",
         "pyyaml>=6",
-        "scikit-image>=0.22",  # stain matrices, colour spaces, image reading
+        "scikit-image>=0.22",  # stain matrices, colour spaces
+        "opencv-python-headless>=4.9",  # SIMD flips and quarter turns in the augmentation core
         "pillow>=10",  # image reading in the data layer
         "tifffile>=2023.1",
     ],

@@ -1,4 +1,4 @@
-"""Batch augmentation for nuclei segmentation: pure numpy/scipy, no Caffe.
+"""Batch augmentation for nuclei segmentation: numpy, scipy and OpenCV, no Caffe.
 
 :class:`BatchAugmenter` applies, per sample of an N×C×H×W batch and in this order:
 
@@ -12,10 +12,12 @@ All random numbers come from one :class:`numpy.random.Generator` seeded by ``see
 :func:`draw_params`, so the same seed gives the same batch. :func:`naive_augment` is a plain
 per-image implementation of the same transforms, kept as a test oracle and benchmark baseline.
 
-Speed comes from touching each batch element as few times as possible: the flipped/rotated
-sample is a numpy *view* that is read once while writing the output, the colour change is
-fused into that write, and the remaining in-place steps run on one sample at a time while it
-is still in cache.
+Speed comes from touching each batch element as few times as possible: the flips and
+quarter turns of a sample are composed into one of the 8 symmetries of the square
+(:func:`dihedral_element`), applied to each 2-D plane by one SIMD OpenCV call (``cv2.flip``,
+``cv2.rotate`` or ``cv2.transpose``) writing straight into the output plane, and the colour
+change then runs in place on that plane while it is still in cache. (numpy's copies from
+reversed or rotated views are scalar loops, several times slower.)
 """
 
 from __future__ import annotations
@@ -25,13 +27,15 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
+import cv2
 import numpy as np
 from scipy import ndimage
 from skimage.color import hed_from_rgb, rgb_from_hed
 
 from .params import AUGMENT_SCHEMA, parse_param_str
 
-__all__ = ["AugmentDraws", "BatchAugmenter", "draw_params", "naive_augment"]
+__all__ = ["AugmentDraws", "BatchAugmenter", "apply_dihedral", "dihedral_element", "draw_params",
+           "naive_augment"]
 
 # Label dtypes scipy.ndimage can interpolate directly; others go through a safe proxy dtype.
 _NDIMAGE_LABEL_DTYPES = frozenset(
@@ -143,45 +147,190 @@ def draw_params(n: int, image_shape: tuple[int, int, int], rng: np.random.Genera
                         alpha=alpha, beta=beta, color_applied=color_applied, a=a, b=b)
 
 
-def _geometric_view(sample: np.ndarray, k: int, flip_h: bool, flip_v: bool) -> np.ndarray:
-    """Flip then quarter-turn the last two axes of ``sample``; returns a view (no copy)."""
-    if flip_v:
-        sample = sample[..., ::-1, :]
-    if flip_h:
-        sample = sample[..., ::-1]
-    if k:
-        sample = np.rot90(sample, k, axes=(-2, -1))
-    return sample
+# The 8 symmetries of the square (the dihedral group D4) as they act on a 2-D plane x (H×W):
+IDENTITY = "identity"  # x
+FLIP_H = "flip_h"  # x[:, ::-1], cv2.flip(x, 1)
+FLIP_V = "flip_v"  # x[::-1, :], cv2.flip(x, 0)
+ROTATE_180 = "rotate_180"  # x[::-1, ::-1], cv2.flip(x, -1)
+ROTATE_CCW = "rotate_ccw"  # np.rot90(x, 1), cv2.rotate(x, cv2.ROTATE_90_COUNTERCLOCKWISE)
+ROTATE_CW = "rotate_cw"  # np.rot90(x, 3), cv2.rotate(x, cv2.ROTATE_90_CLOCKWISE)
+TRANSPOSE = "transpose"  # x.T, cv2.transpose(x)
+ANTI_TRANSPOSE = "anti_transpose"  # x[::-1, ::-1].T, cv2.transpose then cv2.flip(-1)
+DIHEDRAL_ELEMENTS = (IDENTITY, FLIP_H, FLIP_V, ROTATE_180, ROTATE_CCW, ROTATE_CW, TRANSPOSE, ANTI_TRANSPOSE)
+_FLIP_CODES = {FLIP_H: 1, FLIP_V: 0, ROTATE_180: -1}
+_ROTATE_CODES = {ROTATE_CCW: cv2.ROTATE_90_COUNTERCLOCKWISE, ROTATE_CW: cv2.ROTATE_90_CLOCKWISE}
+_SWAPS_AXES = frozenset({ROTATE_CCW, ROTATE_CW, TRANSPOSE, ANTI_TRANSPOSE})
 
 
-def _is_transposed(view: np.ndarray) -> bool:
-    """Whether reading ``view`` row by row walks down the columns of its base (an odd quarter turn)."""
-    return view.ndim >= 2 and abs(view.strides[-1]) > abs(view.strides[-2])
+def dihedral_element(k: int, flip_h: bool, flip_v: bool) -> str:
+    """The one symmetry of the square equal to "flip H×W, then ``np.rot90`` ``k`` times".
 
-
-class _Staging:
-    """Reusable scratch buffers whose rows are padded so a transposed read is cache-friendly.
-
-    Reading a quarter-turned view of a C-contiguous sample walks its columns: with a row
-    stride that is a power of two (256 float32 = 1 KiB) every element of a column maps to
-    the same few L1 cache sets and the read runs ~2× slower than a contiguous copy plus a
-    read with a padded stride (W+16 floats). So a sample that will be read transposed is first
-    copied (one fast contiguous pass, cast to the work dtype on the way) into such a buffer.
+    That is, ``np.rot90(x[..., ::-1 if flip_v, ::-1 if flip_h], k, axes=(-2, -1))`` as
+    documented in :class:`AugmentDraws`. Uses ``flip_v == rotate_180 ∘ flip_h``, and
+    ``rot90^k ∘ flip_h`` is the identity, transpose, vertical flip and anti-transpose for
+    k = 0, 1, 2, 3.
     """
+    k = int(k) % 4
+    flip_h = bool(flip_h)
+    if flip_v:
+        flip_h = not flip_h
+        k = (k + 2) % 4
+    if flip_h:
+        return (FLIP_H, TRANSPOSE, FLIP_V, ANTI_TRANSPOSE)[k]
+    return (IDENTITY, ROTATE_CCW, ROTATE_180, ROTATE_CW)[k]
+
+
+_NUMPY_DIHEDRAL = {
+    IDENTITY: lambda x: x,
+    FLIP_H: lambda x: x[..., ::-1],
+    FLIP_V: lambda x: x[..., ::-1, :],
+    ROTATE_180: lambda x: x[..., ::-1, ::-1],
+    ROTATE_CCW: lambda x: np.rot90(x, 1, axes=(-2, -1)),
+    ROTATE_CW: lambda x: np.rot90(x, 3, axes=(-2, -1)),
+    TRANSPOSE: lambda x: np.swapaxes(x, -2, -1),
+    ANTI_TRANSPOSE: lambda x: np.swapaxes(x[..., ::-1, ::-1], -2, -1),
+}
+
+
+def _cv2_call(element: str, source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """One OpenCV call (two for the anti-transpose) from ``source`` into ``target``."""
+    if element in _FLIP_CODES:
+        return cv2.flip(source, _FLIP_CODES[element], dst=target)
+    if element in _ROTATE_CODES:
+        return cv2.rotate(source, _ROTATE_CODES[element], dst=target)
+    result = cv2.transpose(source, dst=target)
+    if element == ANTI_TRANSPOSE:
+        result = cv2.flip(result, -1, dst=result)  # in place: safe for flips
+    return result
+
+
+_CV2_DTYPES: dict[np.dtype, bool] = {}
+
+
+def _cv2_handles(dtype: np.dtype) -> bool:
+    """Whether OpenCV flips/turns 2-D arrays of ``dtype`` exactly, in place into ``dst``.
+
+    Probed once per dtype, as support depends on the OpenCV version (5.x adds uint32 and
+    bool; int64 and uint64 come back converted, so they use numpy).
+    """
+    dtype = np.dtype(dtype)
+    known = _CV2_DTYPES.get(dtype)
+    if known is None:
+        known = False
+        if dtype.isnative and dtype.kind in "biuf":
+            probe = np.arange(6).reshape(2, 3)
+            probe = (probe * 7 % 5 > 1 if dtype.kind == "b" else probe).astype(dtype)  # no symmetry
+            try:
+                known = True
+                for element in DIHEDRAL_ELEMENTS[1:]:
+                    expected = _NUMPY_DIHEDRAL[element](probe)
+                    target = np.empty(expected.shape, dtype)
+                    result = _cv2_call(element, probe, target)
+                    known = known and result is target and np.array_equal(target, expected)
+            except (cv2.error, TypeError, ValueError):
+                known = False
+        _CV2_DTYPES[dtype] = known
+    return known
+
+
+class _Scratch:
+    """Reusable scratch arrays, one per (use, shape, dtype)."""
 
     def __init__(self):
         self._buffers: dict[tuple, np.ndarray] = {}
 
-    def __call__(self, sample: np.ndarray, dtype: np.dtype, pad: bool = True) -> np.ndarray:
-        *lead, width = sample.shape
-        padded = (width + 16 + (-width % 16)) if pad else width
-        key = (tuple(lead), padded, np.dtype(dtype))
+    def __call__(self, use: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        key = (use, tuple(shape), np.dtype(dtype))
         buffer = self._buffers.get(key)
         if buffer is None:
-            buffer = self._buffers[key] = np.empty((*lead, padded), dtype)
-        staged = buffer[..., :width]
-        np.copyto(staged, sample, casting="unsafe")
-        return staged
+            buffer = self._buffers[key] = np.empty(shape, dtype)
+        return buffer
+
+
+def apply_dihedral(element: str, source: np.ndarray, target: np.ndarray,
+                   scratch: _Scratch | None = None) -> None:
+    """Write ``element`` (see :func:`dihedral_element`) of the 2-D plane ``source`` into ``target``.
+
+    One read and one write of the plane by OpenCV when ``source`` and ``target`` are
+    C-contiguous planes of the same dtype that OpenCV handles. Otherwise ``source`` is first
+    cast (``same_kind``) into a contiguous scratch plane of the target's dtype; dtypes OpenCV
+    lacks (int64, ...) go through numpy. ``target`` may be ``source`` itself (in place) or
+    overlap it: flips run in place, turns and transposes read from a scratch copy.
+    """
+    if element not in _NUMPY_DIHEDRAL:
+        raise ValueError(f"unknown dihedral element {element!r}; expected one of {DIHEDRAL_ELEMENTS}")
+    if source.ndim != 2 or target.ndim != 2:
+        raise ValueError(f"apply_dihedral needs 2-D planes, got {source.shape} and {target.shape}")
+    expected_shape = source.shape[::-1] if element in _SWAPS_AXES else source.shape
+    if target.shape != expected_shape:
+        raise ValueError(f"{element} of a {source.shape} plane has shape {expected_shape}, target has {target.shape}")
+    if element == IDENTITY:
+        if source is not target:
+            np.copyto(target, source, casting="same_kind")
+        return
+    if not _cv2_handles(target.dtype):
+        np.copyto(target, _NUMPY_DIHEDRAL[element](source), casting="same_kind")  # numpy handles overlap
+        return
+    scratch = scratch if scratch is not None else _Scratch()
+    out = target if target.flags.c_contiguous else scratch("dihedral target", target.shape, target.dtype)
+    same_plane = (source.dtype == out.dtype and source.flags.c_contiguous
+                  and source.__array_interface__["data"][0] == out.__array_interface__["data"][0])
+    if not (source.dtype == out.dtype and source.flags.c_contiguous and not np.may_share_memory(source, out)) \
+            and not (same_plane and element in _FLIP_CODES):
+        staged = scratch("dihedral source", source.shape, out.dtype)
+        np.copyto(staged, source, casting="same_kind")
+        source = staged
+    result = _cv2_call(element, source, out)
+    if result is not out:  # OpenCV allocated instead of writing into out: never seen, but be exact
+        np.copyto(out, result, casting="same_kind")
+    if out is not target:
+        np.copyto(target, out, casting="same_kind")
+
+
+def _plane_mode(source: np.ndarray, target: np.ndarray) -> str:
+    """How :meth:`BatchAugmenter.augment_into` moves the planes of ``source`` into ``target``
+    (same shape, planes on the last two axes), decided once per batch:
+
+    ``"direct"``: one OpenCV call per plane (same dtype OpenCV handles, C-contiguous planes,
+    no shared memory); ``"in_place"``: the same, but ``target`` is ``source`` (flips run in
+    place, turns read from a scratch copy); ``"general"``: :func:`apply_dihedral` per plane.
+    """
+    itemsize = source.dtype.itemsize
+    contiguous_planes = all(array.strides[-1] == itemsize and array.strides[-2] == array.shape[-1] * itemsize
+                            for array in (source, target))
+    if source.dtype != target.dtype or not contiguous_planes or not _cv2_handles(target.dtype):
+        return "general"
+    if not np.may_share_memory(source, target):
+        return "direct"
+    same = (source.__array_interface__["data"][0] == target.__array_interface__["data"][0]
+            and source.strides == target.strides)
+    return "in_place" if same else "general"
+
+
+def _dihedral_planes(mode: str, element: str, source: np.ndarray, target: np.ndarray, scratch: _Scratch) -> None:
+    """Write ``element`` of each plane of ``source`` (…×H×W) into ``target``, as planned by :func:`_plane_mode`."""
+    if mode == "general":
+        for index in np.ndindex(source.shape[:-2]):
+            apply_dihedral(element, source[index], target[index], scratch)
+        return
+    if element == IDENTITY:
+        if mode == "direct":
+            np.copyto(target, source)
+        return
+    if source.ndim == 2:
+        sources, targets = (source,), (target,)
+    else:
+        sources = source.reshape(-1, *source.shape[-2:])
+        targets = target.reshape(-1, *target.shape[-2:])  # views: the planes are C-contiguous
+    copy_first = mode == "in_place" and element not in _FLIP_CODES
+    for plane_source, plane_target in zip(sources, targets):
+        if copy_first:  # OpenCV turns and transposes must not write what they read
+            staged = scratch("dihedral source", plane_source.shape, plane_source.dtype)
+            np.copyto(staged, plane_source)
+            plane_source = staged
+        result = _cv2_call(element, plane_source, plane_target)
+        if result is not plane_target:  # never seen for these dtypes and layouts, but stay exact
+            np.copyto(plane_target, result)
 
 
 def _rotation_about_centre(angle_degrees: float, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -288,7 +437,7 @@ class BatchAugmenter:
         self.params: Mapping[str, Any] = MappingProxyType(validated)
         self.rng = np.random.default_rng(validated["seed"])
         self.last_params: AugmentDraws | None = None
-        self._staging = _Staging()
+        self._scratch = _Scratch()
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any] | str | bytes | None,
@@ -384,67 +533,70 @@ class BatchAugmenter:
         elif len(draws) != n or draws.a.shape[1] != channels:
             raise ValueError(f"draws are for {len(draws)} samples with {draws.a.shape[1]} channels, "
                              f"batch has shape {images.shape}")
+
+        if height != width and np.any(np.asarray(draws.k) % 2):
+            raise ValueError(f"odd quarter turns (k={np.asarray(draws.k).tolist()}) would change the shape of "
+                             f"non-square {height}×{width} patches; only k=0 or 2 is possible")
         self.last_params = draws
 
         hed = _HedJitter(p["max_value"], p["channel_order"], (height, width)) if draws.hed_applied.any() else None
         color = bool(p["color"])
-        clip = bool(p["clip"])
-        clip_min, clip_max = p["clip_min"], p["clip_max"]
-        stage = self._staging
-        # Samples of at least this many pixels are staged before a transposed read (below
-        # that, everything is in L1 anyway and the extra call costs more than it saves).
-        stage_large = height * width >= 64 * 64
+        scratch = self._scratch
+        image_mode = _plane_mode(images, images_out)
+        label_mode = None if labels is None else _plane_mode(labels, labels_out)
+        clip = color and bool(p["clip"])
+        if color:
+            factors = draws.a.astype(np.float32)
+            offsets = draws.b.astype(np.float32)
+
+        def colour(i: int, target: np.ndarray, c: int | slice) -> None:
+            """``x*a + b`` (if drawn) and clipping, in place on plane(s) ``c`` of sample ``i``."""
+            if draws.color_applied[i]:
+                a, b = factors[i, c], offsets[i, c]
+                if target.ndim == 3:
+                    a, b = a[:, None, None], b[:, None, None]
+                np.multiply(target, a, out=target, casting="same_kind")
+                np.add(target, b, out=target, casting="same_kind")
+            if clip:  # also when the colour change was not drawn (a=1, b=0)
+                np.clip(target, p["clip_min"], p["clip_max"], out=target)
+
         for i in range(n):
-            k, flip_h, flip_v, angle = int(draws.k[i]), bool(draws.flip_h[i]), bool(draws.flip_v[i]), float(draws.angle[i])
-            image = images[i]
-            transposed = k % 2 == 1
-            # Flips alone were measured not to gain from staging: only quarter turns are staged.
-            staged = stage_large and transposed
-            if staged:
-                image = stage(image, images.dtype if np.issubdtype(images.dtype, np.floating) else images_out.dtype)
-            source = _geometric_view(image, k, flip_h, flip_v)
+            element = dihedral_element(draws.k[i], draws.flip_h[i], draws.flip_v[i])
+            angle = float(draws.angle[i])
             target = images_out[i]
+            hed_here = hed is not None and bool(draws.hed_applied[i])
+            # Geometry straight into the output, one OpenCV call per plane, and the colour change
+            # in place on that plane while it is in cache (256×256 float32 = 256 KiB: L2; per
+            # plane was measured ~10 % faster than per sample). An arbitrary rotation reads the
+            # turned sample from scratch; the stain jitter mixes channels, so after either the
+            # colour change runs on the whole sample.
             if angle:
+                rotated = scratch("rotate_any source", target.shape, target.dtype)
+                _dihedral_planes("general", element, images[i], rotated, scratch)
                 matrix, offset = _rotation_about_centre(angle, height, width)
-                if np.shares_memory(source, target):  # in place: ndimage must not read what it writes
-                    source = source.copy()
                 for c in range(channels):
-                    ndimage.affine_transform(source[c], matrix, offset, output=target[c], order=1, mode="reflect")
-                source = target
-            if hed is not None and draws.hed_applied[i]:
-                hed(source, target, draws.alpha[i], draws.beta[i])
-                source = target
-            if color and draws.color_applied[i]:
-                # One fused pass per channel (256 KiB at 256×256, so it stays in L2): read the
-                # geometrically transformed view, write a*x straight out, then add and clip
-                # in place while the channel is still in cache.
-                a = draws.a[i].astype(np.float32)
-                b = draws.b[i].astype(np.float32)
+                    ndimage.affine_transform(rotated[c], matrix, offset, output=target[c], order=1, mode="reflect")
+            elif color and not hed_here:
                 for c in range(channels):
-                    out = target[c]
-                    np.multiply(source[c], a[c], out=out, casting="same_kind")
-                    out += b[c]
-                    if clip:
-                        np.clip(out, clip_min, clip_max, out=out)
+                    _dihedral_planes(image_mode, element, images[i, c], target[c], scratch)
+                    colour(i, target[c], c)
             else:
-                if source is not target:
-                    np.copyto(target, source, casting="same_kind")
-                if color and clip:  # colour not drawn for this sample: a=1, b=0, still clipped
-                    np.clip(target, clip_min, clip_max, out=target)
+                _dihedral_planes(image_mode, element, images[i], target, scratch)
+            if hed_here:
+                hed(target, target, draws.alpha[i], draws.beta[i])
+            if color and (angle or hed_here):
+                colour(i, target, slice(None))
 
             if labels is not None:
-                label = labels[i]
-                if staged:
-                    label = stage(label, labels.dtype)
-                label_source = _geometric_view(label, k, flip_h, flip_v)
-                label_target = labels_out[i]
+                label = _channel_first_2d(labels[i])
+                label_target = _channel_first_2d(labels_out[i])
                 if angle:
-                    if np.shares_memory(label_source, label_target):
-                        label_source = label_source.copy()
-                    _rotate_label_into(_channel_first_2d(label_source), _channel_first_2d(label_target),
-                                       matrix, offset)
+                    # Same dtype as the input labels: _rotate_label_into picks its method by it.
+                    rotated_label = scratch("rotate_any label", label.shape, label.dtype)
+                    apply_dihedral(element, label, rotated_label, scratch)
+                    _rotate_label_into(rotated_label, label_target, matrix, offset)
                 else:
-                    np.copyto(label_target, label_source, casting="same_kind")
+                    _dihedral_planes(label_mode, element, label, label_target, scratch)
         return draws
 
 

@@ -7,7 +7,9 @@ from hypothesis import strategies as st
 from scipy import ndimage
 
 from caffe_layers.params import AUGMENT_SCHEMA, ParamError
-from caffe_layers.transforms import AugmentDraws, BatchAugmenter, draw_params, naive_augment
+from caffe_layers import transforms
+from caffe_layers.transforms import (DIHEDRAL_ELEMENTS, AugmentDraws, BatchAugmenter, apply_dihedral,
+                                     dihedral_element, draw_params, naive_augment)
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -98,6 +100,199 @@ def test_square_patches_use_all_quarter_turns():
     augment = BatchAugmenter(seed=0, rotate=True)
     augment(np.zeros((64, 1, 4, 4), np.float32))
     assert set(augment.last_params.k) == {0, 1, 2, 3}
+
+
+# --- the 8 dihedral elements through OpenCV -------------------------------------------------
+
+LABEL_DTYPES = [np.uint8, np.int8, np.uint16, np.int16, np.int32, np.uint32, np.int64, np.uint64,
+                np.float16, np.float32, np.float64, np.bool_]
+ALL_DRAWS = [(k, flip_h, flip_v) for k in range(4) for flip_h in (False, True) for flip_v in (False, True)]
+
+
+def numpy_geometry(x, k, flip_h, flip_v):
+    """The documented semantics of AugmentDraws: flips, then np.rot90 on the last two axes."""
+    if flip_v:
+        x = np.flip(x, axis=-2)
+    if flip_h:
+        x = np.flip(x, axis=-1)
+    return np.rot90(x, k, axes=(-2, -1))
+
+
+def test_dihedral_element_composes_all_16_draws_into_the_8_elements():
+    plane = np.arange(20).reshape(4, 5)  # no symmetry
+    results = {}
+    for k, flip_h, flip_v in ALL_DRAWS:
+        element = dihedral_element(k, flip_h, flip_v)
+        expected = numpy_geometry(plane, k, flip_h, flip_v)
+        results.setdefault(element, expected)
+        np.testing.assert_array_equal(results[element], expected)  # same element, same result
+        target = np.empty(expected.shape, plane.dtype)
+        apply_dihedral(element, plane, target)
+        np.testing.assert_array_equal(target, expected)
+    assert sorted(results) == sorted(DIHEDRAL_ELEMENTS)
+    assert len({r.tobytes() + bytes(r.shape) for r in results.values()}) == 8  # all distinct
+
+
+@pytest.mark.parametrize("dtype", LABEL_DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("element", DIHEDRAL_ELEMENTS)
+def test_apply_dihedral_every_element_and_dtype_out_of_place_and_in_place(element, dtype):
+    rng = np.random.default_rng(0)
+    plane = rng.integers(0, 2 if dtype == np.bool_ else 100, (7, 7)).astype(dtype)
+    expected = {e: numpy_geometry(plane, k, h, v) for k, h, v in ALL_DRAWS
+                for e in [dihedral_element(k, h, v)]}[element]
+    target = np.full_like(plane, 1)
+    apply_dihedral(element, plane, target)
+    assert target.dtype == plane.dtype
+    np.testing.assert_array_equal(target, expected)
+    in_place = plane.copy()
+    apply_dihedral(element, in_place, in_place)
+    np.testing.assert_array_equal(in_place, expected)
+
+
+@pytest.mark.parametrize("element", DIHEDRAL_ELEMENTS)
+def test_apply_dihedral_strided_cast_and_overlapping_planes(element):
+    rng = np.random.default_rng(1)
+    base = rng.integers(0, 100, (9, 9)).astype(np.int32)
+    expected = {dihedral_element(k, h, v): numpy_geometry(base, k, h, v) for k, h, v in ALL_DRAWS}[element]
+    # non-contiguous source and target, with a cast
+    wide = np.zeros((9, 20), np.float32)
+    apply_dihedral(element, base[:, :].T.T, wide[:, ::2][:, :9])
+    np.testing.assert_array_equal(wide[:, ::2][:, :9], expected)
+    assert not wide[:, 1::2].any()  # nothing written between the strided columns
+    # partially overlapping source and target in one buffer
+    buffer = np.zeros((10, 9), np.int32)
+    buffer[:9] = base
+    apply_dihedral(element, buffer[:9], buffer[1:])
+    np.testing.assert_array_equal(buffer[1:], expected)
+
+
+def test_apply_dihedral_rejects_bad_shapes_and_elements():
+    with pytest.raises(ValueError, match="transpose of a \\(3, 4\\) plane has shape \\(4, 3\\)"):
+        apply_dihedral("transpose", np.zeros((3, 4)), np.zeros((3, 4)))
+    with pytest.raises(ValueError, match="unknown dihedral element 'spin'"):
+        apply_dihedral("spin", np.zeros((3, 3)), np.zeros((3, 3)))
+
+
+def test_cv2_dtype_probe_matches_opencv_abilities():
+    assert transforms._cv2_handles(np.float32) and transforms._cv2_handles(np.uint8)
+    assert not transforms._cv2_handles(np.dtype(">f4"))  # byte-swapped: numpy path
+
+
+@pytest.mark.parametrize("label_dtype", LABEL_DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("in_place", [False, True], ids=["out-of-place", "in-place"])
+@pytest.mark.parametrize("label_ndim", [3, 4])
+def test_all_draws_every_label_dtype_match_rot90_and_flip(label_dtype, in_place, label_ndim):
+    """All 16 (k, flip_h, flip_v) draws (8 elements, each twice) in one batch, against numpy."""
+    n = len(ALL_DRAWS)
+    images, labels = make_batch(0, n, 3, 16, 16, label_ndim=label_ndim)
+    labels = (labels > 2).astype(label_dtype) if label_dtype == np.bool_ else labels.astype(label_dtype)
+    k, flip_h, flip_v = (np.array(column) for column in zip(*ALL_DRAWS))
+    draws = draw_params(n, (3, 16, 16), np.random.default_rng(0), dict(color=True))
+    draws = AugmentDraws(**dict(draws.as_dict(), k=k, flip_h=flip_h, flip_v=flip_v))
+    params = dict(rotate=True, flip=True, color=True, color_a_min=0.5, color_a_max=1.5, color_b_min=-30,
+                  color_b_max=30)
+    naive_images, naive_labels = naive_augment(images, labels, params, draws=draws)
+    expected_labels = np.stack([numpy_geometry(labels[i], k[i], flip_h[i], flip_v[i]) for i in range(n)])
+    np.testing.assert_array_equal(naive_labels, expected_labels)
+    augment = BatchAugmenter(**params)
+    if in_place:
+        out_images, out_labels = images.copy(), labels.copy()
+        augment.augment_into(out_images, out_labels, out_images, out_labels, draws=draws)
+    else:
+        out_images, out_labels = augment(images, labels, draws=draws)
+    np.testing.assert_array_equal(out_images, naive_images)  # exact, not just close
+    assert out_labels.dtype == labels.dtype
+    np.testing.assert_array_equal(out_labels, expected_labels)
+
+
+@pytest.mark.parametrize("images_dtype", [np.uint8, np.float64, np.float32])
+@pytest.mark.parametrize("labels_out_dtype", [np.float32, np.int64, np.uint8])
+def test_cast_into_caffe_style_outputs_all_draws(images_dtype, labels_out_dtype):
+    n = len(ALL_DRAWS)
+    images, labels = make_batch(1, n, 3, 10, 10)
+    images = images.astype(images_dtype)
+    labels = labels.astype(np.uint8)
+    k, flip_h, flip_v = (np.array(column) for column in zip(*ALL_DRAWS))
+    draws = draw_params(n, (3, 10, 10), np.random.default_rng(0), GEOMETRY)
+    draws = AugmentDraws(**dict(draws.as_dict(), k=k, flip_h=flip_h, flip_v=flip_v))
+    images_out = np.empty(images.shape, np.float32)
+    labels_out = np.empty(labels.shape, labels_out_dtype)
+    BatchAugmenter(**GEOMETRY).augment_into(images, labels, images_out, labels_out, draws=draws)
+    for i in range(n):
+        np.testing.assert_array_equal(images_out[i], numpy_geometry(images[i].astype(np.float32), *ALL_DRAWS[i]))
+        np.testing.assert_array_equal(labels_out[i], numpy_geometry(labels[i], *ALL_DRAWS[i]))
+
+
+def test_non_contiguous_outputs_are_written():
+    images, labels = make_batch(2, 16, 3, 8, 8)
+    k, flip_h, flip_v = (np.array(column) for column in zip(*ALL_DRAWS))
+    draws = draw_params(16, (3, 8, 8), np.random.default_rng(0), GEOMETRY)
+    draws = AugmentDraws(**dict(draws.as_dict(), k=k, flip_h=flip_h, flip_v=flip_v))
+    expected_images, expected_labels = naive_augment(images, labels, GEOMETRY, draws=draws)
+    # strided columns (general path), and contiguous planes with gaps between them (OpenCV path)
+    strided = (np.zeros((16, 3, 8, 16), np.float32), np.zeros((16, 8, 8, 1), np.int32))
+    gapped = (np.zeros((16, 4, 9, 8), np.float32), np.zeros((16, 2, 8, 8), np.int32))
+    layouts = [(strided[0][..., ::2], strided[1].transpose(0, 3, 1, 2), strided[0][..., 1::2], None),
+               (gapped[0][:, 1:, 1:], gapped[1][:, :1], gapped[0][:, :, 0], gapped[1][:, 1])]
+    for images_out, labels_out, images_outside, labels_outside in layouts:
+        BatchAugmenter(**GEOMETRY).augment_into(images, labels, images_out, labels_out, draws=draws)
+        np.testing.assert_array_equal(images_out, expected_images)
+        np.testing.assert_array_equal(labels_out, expected_labels)
+        assert not images_outside.any()  # nothing written between or around the planes
+        assert labels_outside is None or not labels_outside.any()
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_caffe_blobs_take_one_opencv_call_per_plane(monkeypatch, in_place):
+    """float32 images and labels (Caffe blobs): every non-identity plane is one OpenCV call."""
+    assert transforms._cv2_handles(np.float32)  # probe first: it calls OpenCV too
+    calls = []
+    real_call = transforms._cv2_call
+    monkeypatch.setattr(transforms, "_cv2_call", lambda *args: calls.append(args[0]) or real_call(*args))
+    monkeypatch.setattr(transforms, "apply_dihedral", None)  # the general path must not be taken
+    images, labels = make_batch(5, 16, 3, 8, 8)
+    labels = labels.astype(np.float32)
+    k, flip_h, flip_v = (np.array(column) for column in zip(*ALL_DRAWS))
+    draws = draw_params(16, (3, 8, 8), np.random.default_rng(0), GEOMETRY)
+    draws = AugmentDraws(**dict(draws.as_dict(), k=k, flip_h=flip_h, flip_v=flip_v))
+    expected_images, expected_labels = naive_augment(images, labels, GEOMETRY, draws=draws)
+    augment = BatchAugmenter(**GEOMETRY)
+    if in_place:
+        augment.augment_into(images, labels, images, labels, draws=draws)
+        out_images, out_labels = images, labels
+    else:
+        out_images, out_labels = augment(images, labels, draws=draws)
+    np.testing.assert_array_equal(out_images, expected_images)
+    np.testing.assert_array_equal(out_labels, expected_labels)
+    elements = [dihedral_element(*draw) for draw in ALL_DRAWS]
+    assert sorted(calls) == sorted(e for e in elements if e != "identity" for _ in range(4))  # 3 channels + label
+
+
+def test_odd_quarter_turns_of_non_square_patches_rejected():
+    images, labels = make_batch(3, 2, 3, 6, 8)
+    draws = draw_params(2, (3, 6, 8), np.random.default_rng(0), GEOMETRY)
+    draws = AugmentDraws(**dict(draws.as_dict(), k=np.array([0, 1])))
+    with pytest.raises(ValueError, match=r"odd quarter turns \(k=\[0, 1\]\) .* non-square 6×8"):
+        BatchAugmenter(**GEOMETRY)(images, labels, draws=draws)
+
+
+@pytest.mark.parametrize("config", [dict(GEOMETRY, rotate_any=True, angle_min=-30, angle_max=30),
+                                    dict(GEOMETRY, hed=True, color=True)])
+@pytest.mark.parametrize("label_dtype", [np.int64, np.float32, np.bool_])
+def test_all_draws_with_rotate_any_or_hed_in_place(config, label_dtype):
+    n = len(ALL_DRAWS)
+    images, labels = make_batch(4, n, 3, 12, 12)
+    labels = (labels > 2).astype(label_dtype) if label_dtype == np.bool_ else labels.astype(label_dtype)
+    k, flip_h, flip_v = (np.array(column) for column in zip(*ALL_DRAWS))
+    draws = draw_params(n, (3, 12, 12), np.random.default_rng(4), config)
+    draws = AugmentDraws(**dict(draws.as_dict(), k=k, flip_h=flip_h, flip_v=flip_v))
+    expected_images, expected_labels = BatchAugmenter(**config)(images, labels, draws=draws)
+    naive_images, naive_labels = naive_augment(images, labels, config, draws=draws)
+    np.testing.assert_allclose(expected_images, naive_images, atol=2e-3, rtol=1e-5)
+    np.testing.assert_array_equal(expected_labels, naive_labels)
+    BatchAugmenter(**config).augment_into(images, labels, images, labels, draws=draws)
+    np.testing.assert_array_equal(images, expected_images)
+    np.testing.assert_array_equal(labels, expected_labels)
 
 
 # --- colour --------------------------------------------------------------------------------
