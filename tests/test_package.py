@@ -5,8 +5,8 @@ import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CORE = ["params", "transforms", "stain", "stain_cli", "patches", "metrics", "segment", "compare",
-        "prepare", "datasets", "meanfile", "training", "unet", "experiment"]
+CORE = ["params", "transforms", "stain", "stain_cli", "imageio", "patches", "metrics", "segment",
+        "compare", "prepare", "datasets", "meanfile", "training", "unet", "experiment"]
 LAYERS = ["augmentation", "data", "mean_subtract"]
 
 

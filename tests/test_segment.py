@@ -5,8 +5,8 @@ from hypothesis import strategies as st
 from PIL import Image
 from scipy import ndimage
 
-from caffe_layers.segment import (CaffeSegmenter, overlay, read_mask, read_rgb, segment_image,
-                                  segment_main, segment_tiled, tile_grid)
+from caffe_layers.segment import (CaffeSegmenter, overlay, segment_image, segment_main,
+                                  segment_tiled, tile_grid)
 
 
 # ---------------------------------------------------------------- pure numpy
@@ -139,29 +139,6 @@ def test_overlay():
     assert np.array_equal(overlay(rgb, np.zeros((9, 9))), rgb)
     with pytest.raises(ValueError, match="mask shape"):
         overlay(rgb, np.zeros((3, 3)))
-
-
-def test_read_rgb_and_mask(tmp_path):
-    import tifffile
-
-    rgb = np.random.default_rng(3).integers(0, 256, (30, 40, 3), dtype=np.uint8)
-    tifffile.imwrite(tmp_path / "a.tif", rgb)
-    mapped = read_rgb(tmp_path / "a.tif")
-    assert isinstance(mapped, np.memmap)  # large TIFFs stay on disk
-    np.testing.assert_array_equal(mapped, rgb)
-    tifffile.imwrite(tmp_path / "z.tif", rgb, compression="zlib")
-    np.testing.assert_array_equal(read_rgb(tmp_path / "z.tif"), rgb)
-    Image.fromarray(rgb[..., 0]).save(tmp_path / "grey.png")
-    assert read_rgb(tmp_path / "grey.png").shape == (30, 40, 3)
-    (tmp_path / "bad.png").write_text("not an image")
-    with pytest.raises(ValueError, match="bad.png"):
-        read_rgb(tmp_path / "bad.png")
-    with pytest.raises(FileNotFoundError, match="missing.png"):
-        read_rgb(tmp_path / "missing.png")
-    Image.fromarray((rgb[..., 0] > 128).astype(np.uint8)).save(tmp_path / "m.png")
-    assert read_mask(tmp_path / "m.png").dtype == bool
-    with pytest.raises(ValueError, match="m.png.*does not match"):
-        read_mask(tmp_path / "m.png", shape=(5, 5))
 
 
 # ---------------------------------------------------------------- real Caffe
