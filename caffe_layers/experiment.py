@@ -29,7 +29,7 @@ import numpy as np
 from . import datasets, metrics, prepare
 from .compare import save_comparison_figure, write_summary, write_table
 from .segment import overlay, segment_tiled
-from .stain import channel_mean_ratios, match_histograms, suggest_color_params
+from .stain import channel_mean_ratios, match_histograms, suggest_color_params, suggest_hed_params
 
 __all__ = ["Settings", "PRESETS", "run_experiment", "main"]
 
@@ -63,6 +63,7 @@ class Settings:
     validate_every: int = 100
     val_batches: int = 8
     color_margin: float = 0.1
+    hed_jitter: bool = True  # add stain-space jitter with the estimated range to the augmentation
     tile: int = 256
     overlap: int = 32
     threshold: float = 0.5
@@ -210,12 +211,15 @@ def run_experiment(out_dir="results", settings=Settings(), preset="custom"):
 
     _log("making stain-shifted versions of the held-out band")
     conditions, shift_settings = prepare.make_stain_shifts(test_rgb, train_rgb)
-    estimate = suggest_color_params({"train": train_rgb},
-                                    {k: v for k, v in conditions.items() if k != "in_domain"},
-                                    margin=settings.color_margin)
+    shifted = {k: v for k, v in conditions.items() if k != "in_domain"}
+    estimate = suggest_color_params({"train": train_rgb}, shifted, margin=settings.color_margin)
     augment = {"rotate": True, "flip": True, **estimate.params}
-    augment_param_str = json.dumps(augment)
     _log(f"estimated colour range: {estimate.param_str}")
+    if settings.hed_jitter:
+        hed_estimate = suggest_hed_params({"train": train_rgb}, shifted, margin=settings.color_margin)
+        augment.update(hed_estimate.params)
+        _log(f"estimated stain-space range: {hed_estimate.param_str}")
+    augment_param_str = json.dumps(augment)
 
     mean_file = work / "data" / "mean.binaryproto"
     write_mean_binaryproto(mean_file, compute_mean_image([train_rgb], patch_size=settings.patch_size))
@@ -312,6 +316,9 @@ def run_experiment(out_dir="results", settings=Settings(), preset="custom"):
         stain_shifts=shift_settings,
         color_estimate=dict(params=estimate.params, param_str=estimate.param_str,
                             ratios={k: np.asarray(v).round(4).tolist() for k, v in estimate.ratios.items()}),
+        hed_estimate=dict(params=hed_estimate.params, param_str=hed_estimate.param_str,
+                          ratios={k: np.asarray(v).round(4).tolist() for k, v in hed_estimate.ratios.items()})
+        if settings.hed_jitter else None,
         augment_param_str=augment_param_str,
         models={name: dict(centring=centring, augmented=augmented,
                            deploy=_shown_path(exported[name][0]), weights=_shown_path(exported[name][1]),
@@ -345,6 +352,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=None, help="seed of every random choice (default 0)")
     parser.add_argument("--base-iters", type=int, default=None)
     parser.add_argument("--finetune-iters", type=int, default=None)
+    parser.add_argument("--no-hed", dest="hed_jitter", action="store_false", default=None,
+                        help="augment with rotation, flips and a*x+b only (no stain-space jitter)")
     parser.set_defaults(preset="quick")
     args = parser.parse_args(argv)
     settings = PRESETS[args.preset]
@@ -353,6 +362,8 @@ def main(argv=None):
     for key, value in overrides.items():
         if value < 0 or (key != "seed" and value < 1):
             parser.error(f"--{key.replace('_', '-')} must be positive, got {value}")
+    if args.hed_jitter is not None:
+        overrides["hed_jitter"] = args.hed_jitter
     settings = dataclasses.replace(settings, **overrides)
     os.environ.setdefault("GLOG_minloglevel", "2")
     try:

@@ -33,6 +33,8 @@ __all__ = [
     "channel_mean_ratios",
     "ColorRangeEstimate",
     "suggest_color_params",
+    "stain_concentration_means",
+    "suggest_hed_params",
     "format_param_str",
     "rgb_to_od",
     "od_to_rgb",
@@ -493,8 +495,9 @@ class ColorRangeEstimate:
     param_str : str
         ``format_param_str(params)``, ready to paste into a params field.
     offsets : dict[str, ndarray of shape (3,)]
-        Per-image channel-mean differences (image - reference) as a fraction of
-        the full intensity scale; empty unless ``include_offset``.
+        Per-image channel-mean differences (image - reference) in the images'
+        intensity units (grey levels for uint8), the units of the layer's
+        ``color_b_*``; empty unless ``include_offset``.
     """
 
     params: dict
@@ -515,6 +518,24 @@ def _named_images(images, group):
     if not items:
         raise ValueError(f"{group}_images is empty; give at least one image")
     return items
+
+
+def _shift_table(train_stats, test_stats):
+    """Ratios and differences of per-image statistics: each test image against the mean of
+    the train images and, with two or more, each train image against the mean of the others
+    (the in-domain spread). ``*_stats`` are lists of ``(name, (3,) means)``."""
+    train_mean = np.mean([means for _, means in train_stats], axis=0)
+    ratios, offsets = {}, {}
+    for name, means in test_stats:
+        ratios[f"test:{name}"] = _ratios_from_means(means, train_mean, "mean of the train images")
+        offsets[f"test:{name}"] = means - train_mean
+    if len(train_stats) >= 2:
+        for index, (name, means) in enumerate(train_stats):
+            others = np.mean([m for other, (_, m) in enumerate(train_stats) if other != index], axis=0)
+            ratios[f"train:{name}"] = _ratios_from_means(
+                means, others, f"mean of the train images other than {name!r}")
+            offsets[f"train:{name}"] = means - others
+    return ratios, offsets
 
 
 def suggest_color_params(
@@ -545,8 +566,8 @@ def suggest_color_params(
         Use tissue pixels only (recommended: background brightness is not stain).
     include_offset : bool, optional
         Also suggest an additive ``color_b_min``/``color_b_max`` covering
-        ``+-max |mean difference|`` (as a fraction of full scale: 255 for uint8,
-        1 for float images), widened by ``margin``.
+        ``+-max |mean difference|`` in the images' intensity units (grey levels
+        for uint8, as the layer's ``color_b_*`` for 0-255 input), widened by ``margin``.
     white_threshold : float, optional
         Threshold for ``ignore_white`` (image units).
 
@@ -559,29 +580,15 @@ def suggest_color_params(
     train = _named_images(train_images, "train")
     test = _named_images(test_images, "test")
 
-    def means_and_scale(group, name, image):
+    def tissue_means(group, name, image):
         image = _check_rgb(image, f"{group} image {name!r}")
         mask = tissue_mask(image, white_threshold) if ignore_white else None
-        scale = 255.0 if image.dtype == np.uint8 else 1.0
-        return _masked_channel_means(image, mask, f"{group} image {name!r}"), scale
+        return _masked_channel_means(image, mask, f"{group} image {name!r}")
 
-    train_stats = [(name, *means_and_scale("train", name, image)) for name, image in train]
-    test_stats = [(name, *means_and_scale("test", name, image)) for name, image in test]
-    train_mean = np.mean([means for _, means, _ in train_stats], axis=0)
-
-    ratios, offsets = {}, {}
-    for name, means, scale in test_stats:
-        ratios[f"test:{name}"] = _ratios_from_means(means, train_mean, "mean of the train images")
-        offsets[f"test:{name}"] = (means - train_mean) / scale
-    if len(train_stats) >= 2:
-        for index, (name, means, scale) in enumerate(train_stats):
-            others = np.mean(
-                [m for other, (_, m, _) in enumerate(train_stats) if other != index], axis=0
-            )
-            ratios[f"train:{name}"] = _ratios_from_means(
-                means, others, f"mean of the train images other than {name!r}"
-            )
-            offsets[f"train:{name}"] = (means - others) / scale
+    ratios, offsets = _shift_table(
+        [(name, tissue_means("train", name, image)) for name, image in train],
+        [(name, tissue_means("test", name, image)) for name, image in test],
+    )
 
     all_ratios = np.concatenate(list(ratios.values()))
     both_directions = np.concatenate([all_ratios, 1.0 / all_ratios])
@@ -595,7 +602,7 @@ def suggest_color_params(
     }
     if include_offset:
         largest = np.abs(np.concatenate(list(offsets.values()))).max() * (1.0 + margin)
-        largest = math.ceil(largest * 1000) / 1000
+        largest = math.ceil(largest * 10) / 10
         params["color_b_min"] = -largest
         params["color_b_max"] = largest
     return ColorRangeEstimate(
@@ -604,6 +611,60 @@ def suggest_color_params(
         param_str=format_param_str(params),
         offsets=offsets if include_offset else {},
     )
+
+
+def stain_concentration_means(rgb, mask=None, ignore_white=True, white_threshold=200, max_value=255.0):
+    """Mean haematoxylin, eosin and DAB concentration of an RGB image's tissue.
+
+    Concentrations are ``OD @ hed_from_rgb`` with ``OD = -log((x + 1) / (max_value + 1))``:
+    the stain space and optical-density convention of the augmentation layer's ``hed``
+    jitter, so ratios of these means are directly its ``alpha``.
+
+    Returns
+    -------
+    ndarray, shape (3,), float64
+    """
+    from skimage.color import hed_from_rgb
+
+    rgb = _check_rgb(rgb, "image")
+    if mask is not None:
+        mask = _check_mask(mask, rgb, "mask")
+    elif ignore_white:
+        mask = tissue_mask(rgb, white_threshold)
+    log_white = np.log1p(np.float64(max_value))
+    optical_density = log_white - np.log1p(np.clip(rgb, 0, max_value, dtype=np.float32))
+    return _masked_channel_means(optical_density @ hed_from_rgb.astype(np.float32), mask, "image")
+
+
+def suggest_hed_params(train_images, test_images, margin=0.1, ignore_white=True, white_threshold=200,
+                       max_value=255.0):
+    """Suggest the augmentation layer's stain-space jitter range covering a stain shift.
+
+    Compares the tissue's mean haematoxylin and eosin concentrations
+    (:func:`stain_concentration_means`) of each test image with the mean of the train images
+    (and train images among themselves). The jitter draws ``alpha ~ U[1 - hed_alpha,
+    1 + hed_alpha]``, so ``hed_alpha`` is the largest ``|1 - ratio|`` over images and the two
+    stains, widened by ``margin`` and kept below 1 (a stain cannot be scaled to nothing).
+
+    Returns
+    -------
+    ColorRangeEstimate
+        ``params`` = ``{"hed": True, "hed_alpha": ...}``; ``ratios`` per image hold the
+        (H, E, DAB) concentration ratios.
+    """
+    train = _named_images(train_images, "train")
+    test = _named_images(test_images, "test")
+
+    def means(name, image):
+        return stain_concentration_means(image, ignore_white=ignore_white,
+                                         white_threshold=white_threshold, max_value=max_value)
+
+    ratios, _ = _shift_table([(name, means(name, image)) for name, image in train],
+                             [(name, means(name, image)) for name, image in test])
+    # DAB is (nearly) absent from H&E: its ratio is noise, so only H and E set the range.
+    largest = max(float(np.abs(1.0 - r[:2]).max()) for r in ratios.values()) * (1.0 + margin)
+    params = {"hed": True, "hed_alpha": min(math.ceil(largest * 100) / 100, 0.95)}
+    return ColorRangeEstimate(params=params, ratios=ratios, param_str=format_param_str(params))
 
 
 def _format_value(value):
