@@ -284,6 +284,43 @@ def test_suggest_color_params_offset_and_errors():
         stain.suggest_color_params([white()], [synthetic_he(2)])
 
 
+def test_stain_concentration_means_is_tissue_mean_of_od_times_hed_from_rgb(hgsc):
+    from skimage.color import hed_from_rgb
+
+    image = hgsc[::4, ::4]
+    tissue = stain.tissue_mask(image)
+    od = -np.log((image[tissue].astype(np.float64) + 1) / 256)
+    np.testing.assert_allclose(stain.stain_concentration_means(image), (od @ hed_from_rgb).mean(0),
+                               rtol=1e-4)
+
+
+def test_suggest_hed_params_recovers_a_known_stain_shift(hgsc):
+    from caffe_layers.prepare import shift_stains
+
+    train, test = hgsc[:600:2, ::2], hgsc[900::2, ::2]
+    shifted = shift_stains(test, (1.3, 0.8, 1.0))
+    estimate = stain.suggest_hed_params({"train": train}, {"shifted": shifted}, margin=0.1)
+    unshifted = stain.suggest_hed_params({"train": train}, {"same": test}, margin=0.1)
+    # Concentrations are linear in the shift: the ratios move by alpha (up to uint8 rounding).
+    np.testing.assert_allclose(estimate.ratios["test:shifted"][:2] / unshifted.ratios["test:same"][:2],
+                               (1.3, 0.8), rtol=0.03)
+    largest = np.abs(1 - estimate.ratios["test:shifted"][:2]).max()
+    assert largest * 1.1 <= estimate.params["hed_alpha"] <= largest * 1.1 + 0.01
+    assert estimate.params["hed"] is True
+    from caffe_layers.params import AUGMENT_SCHEMA, load_params
+    assert load_params(estimate.param_str, AUGMENT_SCHEMA, "test")["hed_alpha"] == estimate.params["hed_alpha"]
+
+
+def test_suggest_hed_params_caps_alpha_and_rejects_blank_images(hgsc):
+    from caffe_layers.prepare import shift_stains
+
+    train = hgsc[:600:4, ::4]
+    estimate = stain.suggest_hed_params([train], [shift_stains(train, (3.0, 3.0, 1.0))])
+    assert estimate.params["hed_alpha"] == 0.95  # a stain is never scaled down to nothing
+    with pytest.raises(ValueError, match="no tissue"):
+        stain.suggest_hed_params([white()], [train])
+
+
 def test_format_param_str():
     text = stain.format_param_str({"color": True, "color_a_min": 0.74, "color_a_max": 1.45})
     assert text == '{"color": True, "color_a_min": 0.74, "color_a_max": 1.45}'
