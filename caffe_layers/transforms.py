@@ -204,6 +204,22 @@ def _cv2_call(element: str, source: np.ndarray, target: np.ndarray) -> np.ndarra
     return result
 
 
+def clip_in_place(array: np.ndarray, low: float, high: float) -> None:
+    """``np.clip(array, low, high, out=array)``, through OpenCV's threshold where it can.
+
+    For C-contiguous float32 with ``low == 0`` (the 0-255 case) two SIMD thresholds (truncate
+    at ``high``, zero below 0) give the same values as ``np.clip`` in about half its time; the
+    colour change clips every plane, so this is on the layer's hot path.
+    """
+    if array.dtype == np.float32 and low == 0 and array.ndim >= 2 and array.flags.c_contiguous:
+        planes = array.reshape(array.shape[0], -1)
+        _, truncated = cv2.threshold(planes, float(high), float(high), cv2.THRESH_TRUNC, dst=planes)
+        _, clipped = cv2.threshold(truncated, 0.0, 0.0, cv2.THRESH_TOZERO, dst=planes)
+        if clipped is planes:
+            return
+    np.clip(array, low, high, out=array)
+
+
 _CV2_DTYPES: dict[np.dtype, bool] = {}
 
 
@@ -558,7 +574,7 @@ class BatchAugmenter:
                 np.multiply(target, a, out=target, casting="same_kind")
                 np.add(target, b, out=target, casting="same_kind")
             if clip:  # also when the colour change was not drawn (a=1, b=0)
-                np.clip(target, p["clip_min"], p["clip_max"], out=target)
+                clip_in_place(target, p["clip_min"], p["clip_max"])
 
         for i in range(n):
             element = dihedral_element(draws.k[i], draws.flip_h[i], draws.flip_v[i])
