@@ -47,8 +47,9 @@ __all__ = [
 CENTRINGS = ("meanfile", "patchmean")
 
 DEFAULT_AUGMENT_PARAM_STR = '{"rotate": true, "flip": true, "color": true, "color_a_min": 0.7, "color_a_max": 1.3}'
-"""Augmentation of the ``*_augment_train_val`` template: right angles, flips and a per-channel
-``a*x + b`` stain change (keys of :data:`caffe_layers.params.AUGMENT_SCHEMA`)."""
+"""Augmentation of the ``*_train_val`` templates: right angles, flips and a per-channel
+``a*x + b`` stain change (keys of :data:`caffe_layers.params.AUGMENT_SCHEMA`). Paste the range
+``caffe-stain-estimate`` suggests for your images in its place."""
 
 # learning-rate/decay multipliers for (weights, bias): the usual Caffe choice.
 _WEIGHT_BIAS_PARAM = [dict(lr_mult=1, decay_mult=1), dict(lr_mult=2, decay_mult=0)]
@@ -381,11 +382,11 @@ def default_templates(*, prototxt_dir="prototxt", list_train="data/train_list.tx
     Returns
     -------
     dict of str to str
-        ``unet_{meanfile,patchmean}_train_val.prototxt``,
-        ``unet_{meanfile,patchmean}_deploy.prototxt``,
-        ``unet_patchmean_augment_train_val.prototxt`` (with :data:`DEFAULT_AUGMENT_PARAM_STR`),
-        ``solver_scratch.prototxt`` and ``solver_finetune.prototxt`` (both on the augmented
-        patch-mean net, which needs no mean file).
+        ``unet_{meanfile,patchmean}_train_val.prototxt`` (PatchDataLayer -> AugmentationLayer
+        with :data:`DEFAULT_AUGMENT_PARAM_STR` in TRAIN -> centring -> U-Net),
+        ``unet_{meanfile,patchmean}_deploy.prototxt`` (the same centring, no augmentation),
+        ``solver_scratch.prototxt`` and ``solver_finetune.prototxt`` (both on the patch-mean
+        net, which needs no mean file).
     """
     arch = dict(depth=depth, base_width=base_width)
     data = dict(batch_size=batch_size, patch_size=patch_size, seed=seed)
@@ -393,13 +394,11 @@ def default_templates(*, prototxt_dir="prototxt", list_train="data/train_list.tx
     for centring in CENTRINGS:
         centring_mean = mean_file if centring == "meanfile" else None
         files[f"unet_{centring}_train_val.prototxt"] = net_to_text(unet_train_val(
-            list_train, list_val, centring=centring, mean_file=centring_mean, **data, **arch))
+            list_train, list_val, centring=centring, mean_file=centring_mean,
+            augment_param_str=DEFAULT_AUGMENT_PARAM_STR, **data, **arch))
         files[f"unet_{centring}_deploy.prototxt"] = net_to_text(unet_deploy(
             centring=centring, mean_file=centring_mean, input_shape=(1, 3, patch_size, patch_size), **arch))
-    augmented_net = "unet_patchmean_augment_train_val.prototxt"
-    files[augmented_net] = net_to_text(unet_train_val(
-        list_train, list_val, centring="patchmean", augment_param_str=DEFAULT_AUGMENT_PARAM_STR, **data, **arch))
-    net_path = f"{prototxt_dir}/{augmented_net}"
+    net_path = f"{prototxt_dir}/unet_patchmean_train_val.prototxt"
     files["solver_scratch.prototxt"] = solver_to_text(solver_scratch(net_path))
     files["solver_finetune.prototxt"] = solver_to_text(solver_finetune(net_path))
     return files

@@ -3,7 +3,7 @@
 
 The generated nets use depth 2, base width 16, 96-pixel patches, batch 8, the list files
 data/train_list.txt and data/val_list.txt and the mean file data/mean.binaryproto; the
-solvers point at prototxt/unet_patchmean_augment_train_val.prototxt and snapshot to
+solvers point at prototxt/unet_patchmean_train_val.prototxt and snapshot to
 snapshots/. All those paths are relative to the directory caffe (or caffe-stain-train) runs
 in, i.e. the repository root.
 
@@ -22,9 +22,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def stale_files(out_dir, templates):
-    """Names of the templates whose file in ``out_dir`` is missing or differs."""
-    return [name for name, text in templates.items()
-            if not (out_dir / name).is_file() or (out_dir / name).read_text() != text]
+    """Names of the templates whose file in ``out_dir`` is missing or differs, and of the
+    ``*.prototxt`` files there that the generator no longer writes."""
+    stale = [name for name, text in templates.items()
+             if not (out_dir / name).is_file() or (out_dir / name).read_text() != text]
+    return stale + sorted(path.name for path in out_dir.glob("*.prototxt") if path.name not in templates)
 
 
 def main(argv=None):
@@ -41,13 +43,18 @@ def main(argv=None):
     if args.check:
         stale = stale_files(args.out, templates)
         for name in stale:
-            print(f"out of date: {args.out / name}", file=sys.stderr)
+            state = "not generated any more" if name not in templates else "out of date"
+            print(f"{state}: {args.out / name}", file=sys.stderr)
         if stale:
             print("run: python scripts/make_prototxt.py", file=sys.stderr)
             return 1
         print(f"{len(templates)} files in {args.out} are up to date")
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
+    for name in stale_files(args.out, templates):
+        if name not in templates:
+            (args.out / name).unlink()
+            print(f"removed {args.out / name} (not generated any more)")
     for name, text in templates.items():
         (args.out / name).write_text(text)
         print(f"wrote {args.out / name}")

@@ -12,8 +12,7 @@ from caffe_layers import meanfile, unet
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROTOTXT = REPO_ROOT / "prototxt"
 PYTHON = sys.executable
-TRAIN_VAL = ["unet_meanfile_train_val.prototxt", "unet_patchmean_train_val.prototxt",
-             "unet_patchmean_augment_train_val.prototxt"]
+TRAIN_VAL = ["unet_meanfile_train_val.prototxt", "unet_patchmean_train_val.prototxt"]
 DEPLOY = ["unet_meanfile_deploy.prototxt", "unet_patchmean_deploy.prototxt"]
 
 
@@ -53,7 +52,7 @@ def repo_like_cwd(tmp_path, monkeypatch):
 
 def test_committed_prototxt_equal_generator_output():
     templates = unet.default_templates()
-    assert set(templates) <= {path.name for path in PROTOTXT.iterdir()}
+    assert set(templates) == {path.name for path in PROTOTXT.glob("*.prototxt")}
     for name, text in templates.items():
         assert (PROTOTXT / name).read_text() == text, f"{name} is stale: run scripts/make_prototxt.py"
 
@@ -68,6 +67,31 @@ def test_make_prototxt_check_reports_stale_files(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 1
     assert "solver_scratch.prototxt" in result.stderr and "unet_meanfile" not in result.stderr
+    (tmp_path / "solver_scratch.prototxt").write_text(unet.default_templates()["solver_scratch.prototxt"])
+    (tmp_path / "old_net.prototxt").write_text("# no longer generated\n")
+    result = subprocess.run([PYTHON, script, "--check", "--out", str(tmp_path)], env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and "not generated any more" in result.stderr
+    assert "old_net.prototxt" in result.stderr
+
+
+@pytest.mark.parametrize("name", TRAIN_VAL)
+def test_train_val_templates_augment_raw_pixels_before_centring(name):
+    """The augmentation changes raw stain intensities: it must come before any centring, and
+    only in TRAIN; the deploy twins have no augmentation."""
+    from caffe.proto import caffe_pb2
+    from google.protobuf import text_format
+
+    net = text_format.Parse((PROTOTXT / name).read_text(), caffe_pb2.NetParameter())
+    layers = [layer.name for layer in net.layer]
+    augment = net.layer[layers.index("augment")]
+    assert augment.python_param.layer == "AugmentationLayer"
+    assert [rule.phase for rule in augment.include] == [caffe_pb2.TRAIN]
+    centring = [i for i, layer in enumerate(net.layer) if layer.type in ("MVN", "Python")
+                and layer.name != "augment" and layer.python_param.layer != "PatchDataLayer"]
+    assert centring and layers.index("augment") < min(centring), layers
+    deploy = (PROTOTXT / name.replace("train_val", "deploy")).read_text()
+    assert "AugmentationLayer" not in deploy
 
 
 @pytest.mark.parametrize("name", TRAIN_VAL)
@@ -80,7 +104,7 @@ def test_train_val_templates_construct_and_run_in_both_phases(caffe, repo_like_c
         assert np.isfinite(outputs["loss"]) and 0 < outputs["loss"] < 5
         assert net.blobs["score"].data.shape == (8, 2, 96, 96)
         # augmentation only in TRAIN; accuracy only in TEST
-        assert ("augment" in net._layer_names) == ("augment" in name and phase == caffe.TRAIN)
+        assert ("augment" in net._layer_names) == (phase == caffe.TRAIN)
         assert ("accuracy" in outputs) == (phase == caffe.TEST)
 
 
@@ -267,7 +291,7 @@ def test_caffe_tool_trains_committed_net_and_deploy_loads_the_weights(caffe, run
     # The user's flow from the repository root: `caffe train` on the committed nets (the
     # committed solver differs only in max_iter and snapshot_prefix), then deploy.
     (repo_like_cwd / "prototxt").symlink_to(PROTOTXT)
-    param = unet.solver("prototxt/unet_patchmean_augment_train_val.prototxt", base_lr=1e-3, max_iter=2,
+    param = unet.solver("prototxt/unet_patchmean_train_val.prototxt", base_lr=1e-3, max_iter=2,
                         snapshot_prefix="snapshots/tool", test_iter=1, test_interval=2, snapshot=0)
     (repo_like_cwd / "solver.prototxt").write_text(unet.solver_to_text(param))
     (repo_like_cwd / "snapshots").mkdir()
