@@ -3,8 +3,9 @@
 1. Split ``hgsc_nest`` (histolytics) into train / validation / held-out test bands.
 2. Re-stain the held-out band in H-E-DAB space (several shifts, one fitted to the mean
    ratios measured between labs in the field).
-3. Estimate the colour range from the training band vs the shifted bands
-   (:func:`caffe_layers.stain.suggest_color_params`).
+3. Estimate the colour (and stain-space) range from the training band vs the validation band
+   under the same shifts (:func:`caffe_layers.stain.suggest_color_params`,
+   :func:`~caffe_layers.stain.suggest_hed_params`): no choice looks at the held-out band.
 4. Train a 2 × 2 design -- mean file / per-patch centring × no augmentation / augmentation:
    for each centring, one net from scratch, then two equal-length continuations from its
    weights, one without and one with the AugmentationLayer (the user's "retrain my
@@ -65,7 +66,7 @@ class Settings:
     color_margin: float = 0.1
     hed_jitter: bool = True  # add stain-space jitter with the estimated range to the augmentation
     tile: int = 256
-    overlap: int = 32
+    overlap: int = 64  # wider than the U-Net's receptive field (~47 px): tiles agree with one pass
     threshold: float = 0.5
     crop: int = 0  # >0: use only the top-left crop×crop of the slide (for tiny runs)
     example_size: int = 512  # side of the centre crop of each real differently stained image
@@ -211,7 +212,13 @@ def run_experiment(out_dir="results", settings=Settings(), preset="custom"):
 
     _log("making stain-shifted versions of the held-out band")
     conditions, shift_settings = prepare.make_stain_shifts(test_rgb, train_rgb)
-    shifted = {k: v for k, v in conditions.items() if k != "in_domain"}
+    # The same shifts on the validation band: the colour range is estimated there, and the
+    # models are checked there, so no choice ever looks at the held-out band.
+    val_rgb, val_truth = rgb[regions["val"]], truth_full[regions["val"]] > 0
+    val_conditions = {name: val_rgb if name == "in_domain" else
+                      prepare.shift_stains(val_rgb, shift["alpha"], shift["beta"])
+                      for name, shift in shift_settings.items()}
+    shifted = {k: v for k, v in val_conditions.items() if k != "in_domain"}
     estimate = suggest_color_params({"train": train_rgb}, shifted, margin=settings.color_margin)
     augment = {"rotate": True, "flip": True, **estimate.params}
     _log(f"estimated colour range: {estimate.param_str}")
@@ -249,12 +256,8 @@ def run_experiment(out_dir="results", settings=Settings(), preset="custom"):
                              multiple=multiple)
         return prob > settings.threshold
 
-    # The same stain conditions on the validation band: what settings were chosen on
-    # (the held-out band's numbers are never used for that).
-    val_rgb, val_truth = rgb[regions["val"]], truth_full[regions["val"]] > 0
     validation = {name: {} for name, _, _ in MODELS}
-    for condition, settings_of_shift in shift_settings.items():
-        shifted_val = prepare.shift_stains(val_rgb, settings_of_shift["alpha"], settings_of_shift["beta"])
+    for condition, shifted_val in val_conditions.items():
         for model in validation:
             validation[model][condition] = metrics.dice(segment(model, shifted_val), val_truth)
     _log("validation band Dice: " + "; ".join(
@@ -314,7 +317,8 @@ def run_experiment(out_dir="results", settings=Settings(), preset="custom"):
         regions={k: [v.start, v.stop] for k, v in regions.items()},
         test_pixels=int(test_truth.size),
         stain_shifts=shift_settings,
-        color_estimate=dict(params=estimate.params, param_str=estimate.param_str,
+        color_estimate=dict(estimated_on="train band vs the stain-shifted validation band",
+                            params=estimate.params, param_str=estimate.param_str,
                             ratios={k: np.asarray(v).round(4).tolist() for k, v in estimate.ratios.items()}),
         hed_estimate=dict(params=hed_estimate.params, param_str=hed_estimate.param_str,
                           ratios={k: np.asarray(v).round(4).tolist() for k, v in hed_estimate.ratios.items()})
