@@ -786,8 +786,18 @@ class ReinhardNormalizer:
     -----
     Input and output are uint8 RGB. Images without tissue are always returned
     unchanged (with a :class:`NoTissueWarning`); a template without tissue is
-    an error.
+    an error. So is a template that is flat in a LAB channel (std below
+    ``FLAT_LAB_STD``, e.g. a single-colour or grey template): it has no spread
+    to transfer. An image flat in a channel (a grey image's a*/b*, whose
+    std is only ``rgb2lab`` rounding noise) has that channel shifted to the
+    template mean but not rescaled, so the noise is never blown up.
     """
+
+    #: LAB std (in LAB units) below which a channel counts as flat. ``rgb2lab``
+    #: rounding leaves ~1e-3 of spread in the a*/b* channels of grey pixels; one
+    #: uint8 step is ~0.4 L* units, so real spreads are far above this.
+    FLAT_LAB_STD = 0.01
+    _CHANNEL_NAMES = ("L*", "a*", "b*")
 
     def __init__(self, ignore_white=True, white_threshold=200):
         self.ignore_white = ignore_white
@@ -806,7 +816,14 @@ class ReinhardNormalizer:
         return lab, mask
 
     def fit(self, template):
-        """Learn the template's LAB statistics; returns self."""
+        """Learn the template's LAB statistics; returns self.
+
+        Raises
+        ------
+        ValueError
+            If the template has no tissue, or its LAB std is below
+            ``FLAT_LAB_STD`` in a channel (named in the message).
+        """
         template = _check_uint8_rgb(template, "template")
         lab, _ = self._lab_pixels(template)
         if lab is None:
@@ -814,8 +831,19 @@ class ReinhardNormalizer:
                 "template has no tissue pixels (all above white_threshold="
                 f"{self.white_threshold}); cannot fit a normaliser to a blank image"
             )
-        self.template_means_ = lab.mean(axis=0)
-        self.template_stds_ = lab.std(axis=0)
+        means, stds = lab.mean(axis=0), lab.std(axis=0)
+        flat = np.flatnonzero(stds < self.FLAT_LAB_STD)
+        if flat.size:
+            label = "channel" if flat.size == 1 else "channels"
+            names = ", ".join(self._CHANNEL_NAMES[c] for c in flat)
+            values = ", ".join(f"{stds[c]:.2g}" for c in flat)
+            raise ValueError(
+                f"template is flat in LAB {label} {names} (std {values} < "
+                f"{self.FLAT_LAB_STD:g}); a single-colour or grey template has no colour "
+                "spread to transfer"
+            )
+        self.template_means_ = means
+        self.template_stds_ = stds
         return self
 
     def transform(self, image):
@@ -830,8 +858,10 @@ class ReinhardNormalizer:
             _no_tissue("image")
             return image.copy()
         means, stds = lab.mean(axis=0), lab.std(axis=0)
-        # A flat channel has no spread to rescale: only shift its mean.
-        scale = np.where(stds > 1e-6, self.template_stds_ / np.maximum(stds, 1e-6), 1.0)
+        # A flat channel has no spread to rescale (only rgb2lab noise, which a
+        # division would amplify ~1e4 times): only shift its mean.
+        flat = stds < self.FLAT_LAB_STD
+        scale = np.where(flat, 1.0, self.template_stds_ / np.where(flat, 1.0, stds))
         lab = (lab - means) * scale + self.template_means_
         rgb = lab2rgb(lab[:, None, :])[:, 0, :]
         pixels = np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
@@ -865,6 +895,11 @@ class MacenkoNormalizer:
         Intensity of glass (default 255).
     min_pixels : int, optional
         Fewer tissue pixels than this: the image is treated as blank.
+    min_angle : float, optional
+        Smallest angle, in degrees, between the template's haematoxylin and
+        eosin vectors (default 5). A single-colour, grey or black template has
+        one OD direction (angle 0) and so no two stains to separate; real H&E
+        templates have ~15-45 degrees.
 
     Attributes
     ----------
@@ -872,13 +907,24 @@ class MacenkoNormalizer:
         Template stain OD vectors, haematoxylin first, unit length.
     max_concentrations_ : ndarray, shape (2,)
         Template 99th-percentile concentrations.
+
+    Notes
+    -----
+    :meth:`fit` raises ValueError on a template without two distinct stains
+    (blank, too few tissue pixels, or an angle below ``min_angle``);
+    :meth:`transform` returns images without tissue unchanged with a
+    :class:`NoTissueWarning`.
     """
 
-    def __init__(self, alpha=1.0, beta=0.15, background=255.0, min_pixels=100):
+    def __init__(self, alpha=1.0, beta=0.15, background=255.0, min_pixels=100, min_angle=5.0):
+        if (isinstance(min_angle, bool) or not isinstance(min_angle, (int, float, np.number))
+                or not 0 <= min_angle < 90):
+            raise ValueError(f"min_angle must be a number of degrees in [0, 90); got {min_angle!r}")
         self.alpha = alpha
         self.beta = beta
         self.background = background
         self.min_pixels = min_pixels
+        self.min_angle = min_angle
 
     def _tissue_od(self, od_pixels):
         return od_pixels[np.all(od_pixels > self.beta, axis=1)]
@@ -914,13 +960,29 @@ class MacenkoNormalizer:
         return od_pixels, stains, max_conc
 
     def fit(self, template):
-        """Learn the template's stain vectors and concentration scale; returns self."""
+        """Learn the template's stain vectors and concentration scale; returns self.
+
+        Raises
+        ------
+        ValueError
+            If the template has too few tissue pixels, or its haematoxylin and
+            eosin vectors are less than ``min_angle`` degrees apart (a
+            single-colour, grey or black template).
+        """
         template = _check_uint8_rgb(template, "template")
         _, stains, max_conc = self._analyse(template)
         if stains is None or np.any(max_conc <= 0):
             raise ValueError(
                 f"template has too few tissue pixels (OD > beta={self.beta} in every "
                 f"channel; need {self.min_pixels}); cannot fit a normaliser to a blank image"
+            )
+        # Identical H and E vectors would make every later transform silently wrong.
+        angle = math.degrees(math.acos(min(1.0, float(stains[0] @ stains[1]))))
+        if not angle >= self.min_angle:
+            raise ValueError(
+                f"template has no distinct haematoxylin and eosin directions (angle spread "
+                f"{angle:.1f}° < min_angle={self.min_angle:g}°); a single-colour, grey or "
+                "black template cannot define two stains"
             )
         self.stain_matrix_ = stains
         self.max_concentrations_ = max_conc

@@ -2,7 +2,9 @@
 
 ``caffe-stain-normalize`` (:func:`normalize_main`) and ``caffe-stain-estimate``
 (:func:`estimate_main`) are thin argparse wrappers over :mod:`caffe_layers.stain`.
-Both return 0 on success and 2 (with a message naming the file) on bad input.
+Both return 0 on success and 2 (with a message naming the file) on bad input,
+including unreadable folders and corrupt images. ``caffe-stain-estimate --hed``
+also suggests the stain-space (``hed_alpha``) jitter range.
 ``python -m caffe_layers.stain_cli {normalize,estimate} ...`` runs them too.
 """
 
@@ -34,21 +36,33 @@ def _read_image(path):
 
 
 def _expand_inputs(inputs):
-    """Files given directly, plus every image file (sorted) in given folders."""
+    """Files given directly, plus every image file (sorted) in given folders.
+
+    Raises
+    ------
+    CliError
+        For a missing entry, a folder without images, or one that cannot be read
+        (e.g. no permission); the message names the path.
+    """
     files = []
     for entry in inputs:
         entry = Path(entry)
-        if entry.is_dir():
-            found = sorted(
-                p for p in entry.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-            )
-            if not found:
-                raise CliError(f"{entry}: folder contains no {'/'.join(IMAGE_SUFFIXES)} images")
-            files.extend(found)
-        elif entry.is_file():
-            files.append(entry)
-        else:
-            raise CliError(f"{entry}: no such image file or folder")
+        try:
+            if entry.is_dir():
+                found = sorted(
+                    p for p in entry.iterdir()
+                    if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                )
+            elif entry.is_file():
+                files.append(entry)
+                continue
+            else:
+                raise CliError(f"{entry}: no such image file or folder")
+        except OSError as error:  # e.g. a folder without read permission
+            raise CliError(f"{entry}: cannot read this folder or file ({error})") from error
+        if not found:
+            raise CliError(f"{entry}: folder contains no {'/'.join(IMAGE_SUFFIXES)} images")
+        files.extend(found)
     return files
 
 
@@ -104,7 +118,8 @@ def _normalize_parser():
     )
     parser.add_argument(
         "--ignore-white", action="store_true",
-        help="use and change tissue pixels only (histmatch, reinhard)",
+        help="use and change tissue pixels only (histmatch, reinhard; an error with macenko, "
+        "whose tissue is its own OD threshold)",
     )
     parser.add_argument("--white-threshold", type=float, default=200.0,
                         help="grey level above which a pixel is background (default 200)")
@@ -122,6 +137,10 @@ def normalize_main(argv=None):
             raise CliError("--nbins only applies to --method histmatch")
         if args.nbins is not None and args.nbins < 2:
             raise CliError(f"--nbins must be >= 2; got {args.nbins}")
+        if args.ignore_white and args.method == "macenko":
+            # Macenko picks tissue by optical density itself and re-composes every pixel.
+            raise CliError("--ignore-white only applies to --method histmatch and reinhard; "
+                           "macenko selects tissue by its own optical-density threshold")
         template = _read_image(args.template)
         files = _expand_inputs(args.inputs)
         targets = _output_paths(args.inputs, files, args.output)
@@ -160,7 +179,8 @@ def _estimate_parser():
     parser = argparse.ArgumentParser(
         prog="caffe-stain-estimate",
         description="Estimate the colour shift between train and test H&E images and "
-        "suggest a colour-augmentation range (color_a_min/color_a_max).",
+        "suggest a colour-augmentation range (color_a_min/color_a_max); with --hed also a "
+        "stain-space jitter range (hed_alpha).",
     )
     parser.add_argument("--train", nargs="+", required=True, help="train image files or folders")
     parser.add_argument("--test", nargs="+", required=True, help="test image files or folders")
@@ -170,6 +190,9 @@ def _estimate_parser():
     parser.add_argument("--white-threshold", type=float, default=200.0)
     parser.add_argument("--include-offset", action="store_true",
                         help="also suggest an additive color_b range")
+    parser.add_argument("--hed", action="store_true",
+                        help="also estimate the haematoxylin/eosin concentration shift and suggest "
+                        "hed_alpha; the param_str then holds both the color and the hed keys")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
@@ -183,7 +206,13 @@ def _unique_names(files):
 
 
 def estimate_main(argv=None):
-    """``caffe-stain-estimate``: print ratios and a suggested param_str. Returns the exit code."""
+    """``caffe-stain-estimate``: print ratios and a suggested param_str. Returns the exit code.
+
+    With ``--hed`` it also prints the tissue's haematoxylin/eosin/DAB concentration ratios
+    (:func:`caffe_layers.stain.suggest_hed_params`) and the suggested ``hed_alpha`` range,
+    and the final param_str holds the colour keys followed by the hed keys. In ``--json``
+    mode ``params``/``param_str`` are then the combined ones and ``hed_ratios`` is added.
+    """
     parser = _estimate_parser()
 
     def body(args):
@@ -207,20 +236,40 @@ def estimate_main(argv=None):
             ignore_white=args.ignore_white, include_offset=args.include_offset,
             white_threshold=args.white_threshold,
         )
+        params, hed = dict(estimate.params), None
+        if args.hed:
+            hed = stain.suggest_hed_params(
+                groups["train"], groups["test"], margin=args.margin,
+                ignore_white=args.ignore_white, white_threshold=args.white_threshold,
+            )
+            params.update(hed.params)
+        param_str = stain.format_param_str(params)
+
+        def rounded(table):
+            return {name: [round(float(r), 4) for r in ratios] for name, ratios in table.items()}
+
         if args.json:
-            print(json.dumps({
-                "params": estimate.params,
-                "param_str": estimate.param_str,
-                "ratios": {name: [round(float(r), 4) for r in ratios]
-                           for name, ratios in estimate.ratios.items()},
-            }, indent=2))
+            report = {"params": params, "param_str": param_str,
+                      "ratios": rounded(estimate.ratios)}
+            if hed is not None:
+                report["hed_ratios"] = rounded(hed.ratios)
+            print(json.dumps(report, indent=2))
             return 0
-        width = max(len("image"), *(len(name) for name in estimate.ratios))
-        print(f"{'image':<{width}}  {'R':>6}  {'G':>6}  {'B':>6}")
-        for name, ratios in estimate.ratios.items():
-            print(f"{name:<{width}}  " + "  ".join(f"{r:6.3f}" for r in ratios))
-        print()
-        print(estimate.param_str)
+        tables = [(("R", "G", "B"), estimate.ratios)]
+        if hed is not None:
+            tables.append((("H", "E", "DAB"), hed.ratios))
+        for columns, table in tables:
+            width = max(len("image"), *(len(name) for name in table))
+            print(f"{'image':<{width}}  " + "  ".join(f"{column:>6}" for column in columns))
+            for name, ratios in table.items():
+                print(f"{name:<{width}}  " + "  ".join(f"{r:6.3f}" for r in ratios))
+            print()
+        if hed is not None:
+            alpha = hed.params["hed_alpha"]
+            print(f"stain jitter: hed_alpha = {alpha:g} (H, E, DAB scaled by "
+                  f"U[{1 - alpha:g}, {1 + alpha:g}])")
+            print()
+        print(param_str)
         return 0
 
     return _run(parser, argv, body)

@@ -372,6 +372,62 @@ def test_normalizers_safe_on_white(normalizer_class, target):
         normalizer.transform(target / 255.0)
 
 
+def _grey_gradient(shape=(50, 60)):
+    """Exactly grey pixels of varying brightness: one OD direction, a*/b* only rgb2lab noise."""
+    levels = np.linspace(30, 190, shape[0] * shape[1]).astype(np.uint8).reshape(shape)
+    return np.repeat(levels[..., None], 3, axis=-1)
+
+
+def _degenerate_templates():
+    rng = np.random.default_rng(0)
+    return {
+        "single colour": np.full((50, 60, 3), (150, 80, 140), np.uint8),
+        "grey": np.full((50, 60, 3), 120, np.uint8),
+        "black": np.zeros((50, 60, 3), np.uint8),
+        "grey gradient": _grey_gradient(),
+        "noisy single colour": np.clip(rng.normal((150, 80, 140), 2, (50, 60, 3)), 0, 255)
+        .astype(np.uint8),
+    }
+
+
+@pytest.mark.parametrize("kind", list(_degenerate_templates()))
+def test_macenko_rejects_template_without_two_stains(kind, target):
+    template = _degenerate_templates()[kind]
+    with pytest.raises(ValueError, match="no distinct haematoxylin and eosin directions"):
+        stain.MacenkoNormalizer().fit(template)
+    normalizer = stain.MacenkoNormalizer().fit(target[::4, ::4])
+    h, e = normalizer.stain_matrix_
+    assert np.degrees(np.arccos(h @ e)) > normalizer.min_angle  # a real template still fits
+    with pytest.raises(ValueError, match="min_angle"):
+        stain.MacenkoNormalizer(min_angle=90)
+
+
+@pytest.mark.parametrize("template, flat_channels", [
+    (np.full((50, 60, 3), (150, 80, 140), np.uint8), r"L\*, a\*, b\*"),
+    (_grey_gradient(), r"a\*, b\* \(std"),
+])
+def test_reinhard_rejects_flat_template(template, flat_channels):
+    with pytest.raises(ValueError, match=f"template is flat in LAB channels {flat_channels}"):
+        stain.ReinhardNormalizer().fit(template)
+
+
+def test_reinhard_transform_of_flat_images_is_safe(target):
+    from skimage.color import rgb2lab
+
+    normalizer = stain.ReinhardNormalizer().fit(target[::4, ::4])
+    flat = np.full((20, 30, 3), (150, 80, 140), np.uint8)
+    result = normalizer.transform(flat)
+    assert (result == result[0, 0]).all()  # still one colour: the template's mean
+    np.testing.assert_allclose(rgb2lab(result[:1, :1])[0, 0], normalizer.template_means_, atol=1)
+    # Grey pixels: a*/b* spread is only rgb2lab rounding noise (~1e-3); dividing by it
+    # used to blow that noise up to the template's full colour spread.
+    grey = _grey_gradient()
+    lab = rgb2lab(normalizer.transform(grey)).reshape(-1, 3)
+    assert np.isfinite(lab).all()
+    assert lab[:, 1:].std(axis=0).max() < 0.5
+    np.testing.assert_allclose(lab[:, 1:].mean(0), normalizer.template_means_[1:], atol=1)
+
+
 def test_reinhard_ignore_white_keeps_background(target):
     image = synthetic_he(5, white_fraction=0.5)
     result = stain.ReinhardNormalizer(ignore_white=True).fit(target[::4, ::4]).transform(image)
@@ -438,6 +494,44 @@ def test_normalize_cli_errors(tmp_path, capsys, target):
     assert exit_info.value.code == 2
 
 
+def test_normalize_cli_rejects_ignore_white_with_macenko(tmp_path, capsys, target):
+    template = _save(tmp_path / "template.png", target[::4, ::4])
+    code = stain_cli.normalize_main([template, "--template", template, "--method", "macenko",
+                                     "--ignore-white", "--output", str(tmp_path / "o.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--ignore-white" in err and "macenko" in err
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_normalize_cli_degenerate_macenko_template(tmp_path, capsys, target):
+    template = _save(tmp_path / "flat.png", np.full((40, 40, 3), (150, 80, 140), np.uint8))
+    code = stain_cli.normalize_main([template, "--template", template, "--method", "macenko",
+                                     "--output", str(tmp_path / "o.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and "flat.png" in err and "haematoxylin and eosin" in err
+
+
+def test_cli_unreadable_folder_names_it(tmp_path, capsys, monkeypatch, target):
+    template = _save(tmp_path / "template.png", target[::4, ::4])
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    _save(folder / "a.png", target[:50, :50])
+    original_iterdir = stain_cli.Path.iterdir
+
+    def iterdir(self):  # chmod 000 does not stop root, so refuse the listing directly
+        if self == folder:
+            raise PermissionError(13, "Permission denied", str(self))
+        return original_iterdir(self)
+
+    monkeypatch.setattr(stain_cli.Path, "iterdir", iterdir)
+    code = stain_cli.normalize_main([str(folder), "--template", template, "--output",
+                                     str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "locked" in err and "Permission denied" in err
+    code = stain_cli.estimate_main(["--train", template, "--test", str(folder)])
+    assert code == 2 and "locked" in capsys.readouterr().err
+
+
 def test_normalize_cli_warns_on_blank_input(tmp_path, capsys, target):
     template = _save(tmp_path / "template.png", target[::4, ::4])
     blank = _save(tmp_path / "blank.png", white())
@@ -470,6 +564,41 @@ def test_estimate_cli(tmp_path, capsys, hgsc, examples):
     blank = _save(tmp_path / "blank.png", white())
     code = stain_cli.estimate_main(["--train", *train, "--test", blank])
     assert code == 2 and "blank.png" in capsys.readouterr().err
+
+
+def test_estimate_cli_reports_corrupt_image(tmp_path, capsys, hgsc):
+    train = _save(tmp_path / "train.png", hgsc[:200, :200])
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"truncated")
+    code = stain_cli.estimate_main(["--train", train, "--test", str(broken)])
+    captured = capsys.readouterr()
+    assert code == 2 and "broken.png" in captured.err and "caffe-stain-estimate: error" in captured.err
+    assert captured.out == ""
+
+
+def test_estimate_cli_hed(tmp_path, capsys, hgsc):
+    from caffe_layers.params import AUGMENT_SCHEMA, load_params
+    from caffe_layers.prepare import shift_stains
+
+    train = [_save(tmp_path / "train1.png", hgsc[:300:2, :300:2]),
+             _save(tmp_path / "train2.png", hgsc[300:600:2, 300:600:2])]
+    test = _save(tmp_path / "test.png", shift_stains(hgsc[600:900:2, :300:2], (1.2, 0.9, 1.0)))
+    assert stain_cli.estimate_main(["--train", *train, "--test", test, "--hed"]) == 0
+    out = capsys.readouterr().out
+    assert "DAB" in out and "hed_alpha =" in out
+    params = load_params(out.strip().splitlines()[-1], AUGMENT_SCHEMA, "x")
+    expected = stain.suggest_hed_params({"train1.png": stain_cli.imageio.read_rgb(train[0]),
+                                         "train2.png": stain_cli.imageio.read_rgb(train[1])},
+                                        {"test.png": stain_cli.imageio.read_rgb(test)})
+    assert params["hed"] is True and params["hed_alpha"] == expected.params["hed_alpha"] >= 0.1
+    assert params["color"] is True and params["color_a_min"] < 1 < params["color_a_max"]
+
+    assert stain_cli.estimate_main(["--train", *train, "--test", test, "--hed", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report) == {"params", "param_str", "ratios", "hed_ratios"}
+    assert len(report["hed_ratios"]["test:test.png"]) == 3
+    combined = load_params(report["param_str"], AUGMENT_SCHEMA, "x")
+    assert combined["hed_alpha"] == report["params"]["hed_alpha"] and "color_a_max" in report["params"]
 
 
 def test_module_dispatch(capsys):
