@@ -192,9 +192,12 @@ BAD_PARAMS = [
     ("unknown-key", '{"rotat": true}', r"unknown key 'rotat' in AugmentationLayer param_str; did you mean 'rotate'\?"),
     ("wrong-type-bool", '{"rotate": 1}', r"rotate=1 has type int; expected a bool"),
     ("wrong-type-float", '{"color_a_min": "low"}', r"color_a_min='low' has type str; expected a float"),
+    ("wrong-type-bool-str", '{"rotate": "yes"}', r"rotate='yes' has type str; expected a bool"),
     ("min-above-max", '{"color": true, "color_a_min": 1.5, "color_a_max": 1.2}',
      r"color_a_min=1.5 > color_a_max=1.2; color_a_min must not exceed color_a_max"),
     ("non-positive-scale", '{"color_a_min": 0}', r"color_a_min=0 is out of range; allowed range: > 0"),
+    ("negative-scale", '{"color": true, "color_a_min": -0.5}',
+     r"color_a_min=-0\.5 is out of range; allowed range: > 0"),
     ("non-positive-max-value", '{"max_value": -1}', r"max_value=-1 is out of range; allowed range: > 0"),
     ("probability-above-1", '{"color_p": 1.5}', r"color_p=1.5 is out of range; allowed range: \[0, 1\]"),
     ("probability-below-0", '{"hed_p": -0.1}', r"hed_p=-0.1 is out of range; allowed range: \[0, 1\]"),
@@ -282,17 +285,140 @@ def test_caffe_tool_json_param_str_train_augments_test_identity(run_caffe_tool, 
     assert test == [0.0], log[-3000:]  # TEST: the exact identity
 
 
-@pytest.mark.parametrize("command, case", [("train", "unknown-key"), ("time", "min-above-max"),
-                                           ("time", "unparsable")])
-def test_caffe_tool_bad_param_str_fails_with_message(run_caffe_tool, tmp_path, command, case):
+def _run_tool_with_bad_case(run_caffe_tool, tmp_path, command, case):
+    """Run `caffe train` or `caffe time` on TOOL_NET with the BAD_PARAMS case ``case``."""
     _, param_str, message = next(c for c in BAD_PARAMS if c[0] == case)
     (tmp_path / "net.prototxt").write_text(TOOL_NET % param_str.replace("'", "\\'"))
     (tmp_path / "solver.prototxt").write_text(TOOL_SOLVER)
     args = ["--solver=solver.prototxt"] if command == "train" else ["--model=net.prototxt", "--iterations=1"]
-    result = run_caffe_tool(command, *args, cwd=tmp_path, timeout=120, check=False)
+    return run_caffe_tool(command, *args, cwd=tmp_path, timeout=120, check=False), message
+
+
+@pytest.mark.parametrize("command, case", [("train", "unknown-key"), ("time", "min-above-max"),
+                                           ("time", "unparsable")])
+def test_caffe_tool_bad_param_str_fails_with_message(run_caffe_tool, tmp_path, command, case):
+    result, message = _run_tool_with_bad_case(run_caffe_tool, tmp_path, command, case)
     output = result.stdout + result.stderr
     assert result.returncode > 0, result.returncode  # a clean failure exit, not killed by SIGABRT
     assert "Check failure" not in output and "terminate called" not in output
     assert re.search(message, output), output[-3000:]
     assert "ParamError" in output
     assert "Optimization Done" not in output and "Average Forward pass" not in output
+
+
+TOOL_BAD_VALUES = [  # (command, BAD_PARAMS case, key, repr of the offending value)
+    ("train", "wrong-type-bool-str", "rotate", "'yes'"),
+    ("time", "wrong-type-bool", "rotate", "1"),
+    ("train", "wrong-type-float", "color_a_min", "'low'"),
+    ("time", "non-positive-scale", "color_a_min", "0"),
+    ("train", "negative-scale", "color_a_min", "-0.5"),
+    ("time", "non-positive-max-value", "max_value", "-1"),
+    ("train", "probability-above-1", "color_p", "1.5"),
+    ("time", "probability-below-0", "hed_p", "-0.1"),
+]
+
+
+@pytest.mark.parametrize("command, case, key, value", TOOL_BAD_VALUES, ids=[f"{c[0]}-{c[1]}" for c in TOOL_BAD_VALUES])
+def test_caffe_tool_bad_value_names_key_and_value_on_stderr(run_caffe_tool, tmp_path, command, case, key, value):
+    """Wrong types, non-positive scales and probabilities outside [0, 1] stop the tool, and its
+    stderr names the key and the offending value."""
+    result, message = _run_tool_with_bad_case(run_caffe_tool, tmp_path, command, case)
+    stderr = result.stderr
+    assert result.returncode > 0, result.returncode  # a clean failure exit, not killed by a signal
+    assert "Check failure" not in stderr and "terminate called" not in stderr
+    assert f"ParamError: invalid value for '{key}' in AugmentationLayer param_str: {key}={value} " in stderr, \
+        stderr[-3000:]
+    assert re.search(message, stderr), stderr[-3000:]
+    assert "Optimization Done" not in stderr and "Average Forward pass" not in stderr
+
+
+# The exact param_str of the module docstring through `caffe train`, with a probe layer (a module
+# written to tmp_path) saving the blobs around the augmentation layer of the TRAIN and TEST nets.
+
+PROBE_LAYER = """
+import os
+import numpy as np
+import caffe
+
+
+class BlobProbe(caffe.Layer):
+    def setup(self, bottom, top):
+        self.directory, self.count = self.param_str, 0
+
+    def reshape(self, bottom, top):
+        pass
+
+    def forward(self, bottom, top):
+        phase = "train" if self.phase == caffe.TRAIN else "test"
+        np.savez(os.path.join(self.directory, "%s_%d.npz" % (phase, self.count)),
+                 *[bottom[i].data.copy() for i in range(len(bottom))])  # pycaffe: index, not iterate
+        self.count += 1
+
+    def backward(self, top, propagate_down, bottom):
+        pass
+"""
+
+PROBE_NET = """
+name: "augment_probe"
+layer { name: "data" type: "DummyData" top: "data" top: "label"
+  dummy_data_param {
+    data_filler { type: "uniform" min: 50 max: 150 } data_filler { type: "uniform" min: 0 max: 5 }
+    shape { dim: 8 dim: 3 dim: 16 dim: 16 } shape { dim: 8 dim: 1 dim: 16 dim: 16 } } }
+layer { name: "augment" type: "Python" bottom: "data" bottom: "label" top: "aug" top: "aug_label"
+  python_param { module: "caffe_layers.augmentation" layer: "AugmentationLayer" param_str: '%s' } }
+layer { name: "probe" type: "Python" bottom: "data" bottom: "label" bottom: "aug" bottom: "aug_label"
+  python_param { module: "augment_probe" layer: "BlobProbe" param_str: '%s' } }
+layer { name: "diff" type: "EuclideanLoss" bottom: "aug" bottom: "data" top: "diff" }
+"""
+
+
+def _fit_quarter_turn_and_colour(image, augmented):
+    """The k (np.rot90) and per-channel a, b of ``augmented = a * rot90(image, k) + b`` that fit best."""
+    fits = []
+    for k in range(4):
+        turned = np.rot90(image, k, axes=(1, 2)).reshape(image.shape[0], -1).astype(np.float64)
+        target = augmented.reshape(augmented.shape[0], -1).astype(np.float64)
+        a = np.array([np.polyfit(x, y, 1)[0] for x, y in zip(turned, target)])
+        b = (target - a[:, None] * turned).mean(axis=1)
+        residual = np.abs(a[:, None] * turned + b[:, None] - target).max()
+        fits.append((residual, k, a, b))
+    return min(fits, key=lambda fit: fit[0])
+
+
+def test_caffe_tool_seed_param_str_train_augments_test_identity(run_caffe_tool, tmp_path, monkeypatch):
+    (tmp_path / "augment_probe.py").write_text(PROBE_LAYER)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # the tool's wrapper appends it to its own path
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    assert "'" not in SEED_PARAM_STR  # goes verbatim into the prototxt
+    (tmp_path / "net.prototxt").write_text(PROBE_NET % (SEED_PARAM_STR, dump))
+    (tmp_path / "solver.prototxt").write_text(TOOL_SOLVER.replace("max_iter: 2", "max_iter: 3"))
+    log = run_caffe_tool("train", "--solver=solver.prototxt", cwd=tmp_path, timeout=120).stderr
+    assert "Optimization Done" in log, log[-3000:]
+
+    train = [np.load(path) for path in sorted(dump.glob("train_*.npz"))]
+    assert len(train) >= 3  # one TRAIN forward per iteration (Caffe adds a final one)
+    turns, factors, offsets = [], [], []
+    for arrays in train:
+        data, label, aug, aug_label = (arrays[f"arr_{i}"] for i in range(4))
+        assert aug.shape == data.shape and not np.array_equal(aug, data)  # TRAIN: augmented
+        for i in range(len(data)):
+            residual, k, a, b = _fit_quarter_turn_and_colour(data[i], aug[i])
+            assert residual < 1e-2, (residual, k, a, b)  # exactly a quarter turn and x*a + b
+            np.testing.assert_array_equal(aug_label[i], np.rot90(label[i], k, axes=(1, 2)))  # same turn
+            turns.append(k)
+            factors.append(a)
+            offsets.append(b)
+    factors, offsets = np.array(factors), np.array(offsets)
+    assert np.all((factors >= 0.3 - 1e-4) & (factors <= 1.5 + 1e-4)), factors
+    assert np.all(np.abs(offsets) <= 10 + 1e-3), offsets
+    assert factors.min() < 0.8 and factors.max() > 1.2  # the 0.3-1.5 range, not the 0.9-1.1 default
+    assert len(set(turns)) > 1  # rotate: true really turned the patches
+
+    (test_file,) = dump.glob("test_*.npz")  # test_initialization: one TEST forward
+    arrays = np.load(test_file)
+    data, label, aug, aug_label = (arrays[f"arr_{i}"] for i in range(4))
+    assert data.std() > 10  # a real, non-constant batch
+    np.testing.assert_array_equal(aug, data)  # TEST: the exact identity
+    np.testing.assert_array_equal(aug_label, label)
+    assert _outputs(log, "Test", "diff") == [0.0] and all(v > 0 for v in _outputs(log, "Train", "diff"))

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from scipy import ndimage
 
 from caffe_layers.params import AUGMENT_SCHEMA, ParamError
@@ -452,6 +453,84 @@ def test_identity_when_everything_off():
     np.testing.assert_array_equal(out_images, images)
     np.testing.assert_array_equal(out_labels, labels)
     assert not BatchAugmenter(flip=True).is_identity
+
+
+TRANSFORM_SWITCHES = ("rotate", "flip", "color", "hed", "rotate_any")
+switches = st.fixed_dictionaries({name: st.booleans() for name in TRANSFORM_SWITCHES})
+
+
+@st.composite
+def switched_batches(draw):
+    """(config, images, labels): a random on/off configuration of every transform and a small
+    batch for it -- N 1-4, C 1-3 (3 with hed), H and W in 4..16, square or not."""
+    config = draw(switches)
+    n = draw(st.integers(1, 4))
+    channels = 3 if config["hed"] else draw(st.integers(1, 3))
+    height = draw(st.integers(4, 16))
+    width = height if draw(st.booleans()) else draw(st.integers(4, 16).filter(lambda w: w != height))
+    images, labels = make_batch(draw(seeds), n, channels, height, width, draw(st.sampled_from([3, 4])))
+    labels = labels * 37 + 3  # sparse label values: {3, 40, ..., 188}
+    return config, images, labels
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=seeds, batch=switched_batches())
+def test_same_seed_reproducible_for_any_configuration_and_shape(seed, batch):
+    config, images, labels = batch
+    first, second = BatchAugmenter(seed=seed, **config), BatchAugmenter(seed=seed, **config)
+    for _ in range(2):  # the two random streams stay in step over successive batches
+        first_images, first_labels = first(images, labels)
+        second_images, second_labels = second(images, labels)
+        np.testing.assert_array_equal(first_images, second_images)
+        np.testing.assert_array_equal(first_labels, second_labels)
+        for name, value in first.last_params.as_dict().items():
+            np.testing.assert_array_equal(value, getattr(second.last_params, name), err_msg=name)
+    assert first_images.shape == images.shape and first_labels.shape == labels.shape
+    if images.shape[-2] != images.shape[-1]:
+        assert set(first.last_params.k) <= {0, 2}  # non-square: half turns only
+
+
+finite_or_not = st.floats(width=32, allow_nan=True, allow_infinity=True)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(images=hnp.arrays(np.float32, st.tuples(st.integers(1, 4), st.integers(1, 4), st.integers(1, 9),
+                                                st.integers(1, 9)), elements=finite_or_not),
+       label_ndim=st.sampled_from([3, 4]), seed=seeds, in_place=st.booleans(),
+       extra=st.fixed_dictionaries({}, optional={"clip_min": st.floats(0, 10), "clip_max": st.floats(10, 20),
+                                                 "color_a_min": st.floats(0.1, 0.5), "hed_p": st.floats(0, 1)}))
+def test_everything_off_is_exact_identity_for_any_batch(images, label_ndim, seed, in_place, extra):
+    """All transforms off: bit-for-bit the input, even outside the clip range, NaN and inf
+    included, whatever the other (unused) parameters."""
+    n, _, height, width = images.shape
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(-2**31, 2**31 - 1, (n, height, width) if label_ndim == 3 else (n, 1, height, width))
+    augment = BatchAugmenter(seed=seed, **dict.fromkeys(TRANSFORM_SWITCHES, False), **extra)
+    assert augment.is_identity
+    if in_place:
+        out_images, out_labels = images.copy(), labels.copy()
+        augment.augment_into(out_images, out_labels, out_images, out_labels)
+    else:
+        out_images, out_labels = augment(images, labels)
+    assert out_images.dtype == np.float32 and out_labels.dtype == labels.dtype
+    np.testing.assert_array_equal(out_images.view(np.uint32), images.view(np.uint32))  # also -0.0, NaN bits
+    np.testing.assert_array_equal(out_labels, labels)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=seeds, batch=switched_batches(), label_dtype=st.sampled_from([np.int32, np.uint8, np.float32]))
+def test_labels_keep_their_values_under_any_configuration(seed, batch, label_dtype):
+    config, images, labels = batch
+    labels = labels.astype(label_dtype)
+    augment = BatchAugmenter(seed=seed, **config)
+    _, out_labels = augment(images, labels)
+    assert out_labels.dtype == labels.dtype and out_labels.shape == labels.shape
+    assert set(np.unique(out_labels)) <= set(np.unique(labels))
+    for i in range(len(labels)):
+        if config["rotate_any"]:  # nearest-neighbour sampling: no new values, some may drop out
+            assert set(np.unique(out_labels[i])) <= set(np.unique(labels[i]))
+        else:  # flips and quarter turns permute the pixels; colour and stain never touch labels
+            np.testing.assert_array_equal(np.sort(out_labels[i], axis=None), np.sort(labels[i], axis=None))
 
 
 @FAST
