@@ -204,6 +204,19 @@ def _cv2_call(element: str, source: np.ndarray, target: np.ndarray) -> np.ndarra
     return result
 
 
+def scale_shift_in_place(plane: np.ndarray, a: float, b: float) -> None:
+    """``plane = a*plane + b``, computed in double precision and rounded once to the plane's dtype.
+
+    One OpenCV ``addWeighted`` pass on a C-contiguous float32 plane (it works in double
+    internally), instead of numpy's multiply then add, each a pass rounding to float32.
+    """
+    a, b = float(a), float(b)
+    if plane.dtype == np.float32 and plane.ndim == 2 and plane.flags.c_contiguous:
+        if cv2.addWeighted(plane, a, plane, 0.0, b, dst=plane) is plane:
+            return
+    np.copyto(plane, plane.astype(np.float64) * a + b, casting="same_kind")
+
+
 def clip_in_place(array: np.ndarray, low: float, high: float) -> None:
     """``np.clip(array, low, high, out=array)``, through OpenCV's threshold where it can.
 
@@ -568,11 +581,11 @@ class BatchAugmenter:
         def colour(i: int, target: np.ndarray, c: int | slice) -> None:
             """``x*a + b`` (if drawn) and clipping, in place on plane(s) ``c`` of sample ``i``."""
             if draws.color_applied[i]:
-                a, b = factors[i, c], offsets[i, c]
                 if target.ndim == 3:
-                    a, b = a[:, None, None], b[:, None, None]
-                np.multiply(target, a, out=target, casting="same_kind")
-                np.add(target, b, out=target, casting="same_kind")
+                    for channel in range(target.shape[0]):
+                        scale_shift_in_place(target[channel], factors[i, channel], offsets[i, channel])
+                else:
+                    scale_shift_in_place(target, factors[i, c], offsets[i, c])
             if clip:  # also when the colour change was not drawn (a=1, b=0)
                 clip_in_place(target, p["clip_min"], p["clip_max"])
 
@@ -724,7 +737,10 @@ def naive_augment(images: np.ndarray, labels: np.ndarray | None, params: Mapping
             rgb = pixels.T.reshape(rgb.shape)
             image = (rgb[::-1] if p["channel_order"] == "BGR" else rgb).astype(np.float32)
         if p["color"]:
-            image = image * draws.a[i].astype(np.float32)[:, None, None] + draws.b[i].astype(np.float32)[:, None, None]
+            # In double precision, rounded once to float32 (what the fast path computes).
+            a = draws.a[i].astype(np.float32).astype(np.float64)[:, None, None]
+            b = draws.b[i].astype(np.float32).astype(np.float64)[:, None, None]
+            image = (image.astype(np.float64) * a + b).astype(np.float32)
             if p["clip"]:
                 image = np.clip(image, p["clip_min"], p["clip_max"])
         images_out[i] = image
