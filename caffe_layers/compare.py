@@ -202,7 +202,7 @@ def _safe_name(text):
 
 
 def compare_models(models, images, out_dir, template_rgb=None, conditions=None, tile=256,
-                   overlap=32, threshold=0.5, multiple=4, figures=True, progress=False,
+                   overlap=64, threshold=0.5, multiple=4, figures=True, progress=False,
                    predictors=None):
     """Segment images with several models and conditions; score and write the comparison.
 
@@ -341,7 +341,7 @@ def compare_main(argv=None):
     parser.add_argument("--template", help="RGB template for histogram matching")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--tile", type=int, default=256)
-    parser.add_argument("--overlap", type=int, default=32)
+    parser.add_argument("--overlap", type=int, default=64)
     parser.add_argument("--threshold", type=float, default=0.5)
     parser.add_argument("--multiple", type=int, default=4)
     parser.add_argument("--no-figures", action="store_true")

@@ -8,9 +8,25 @@ deploy net; Caffe is imported only when one is built.
 Command line (``segment_main``)::
 
     caffe-stain-segment --model deploy.prototxt --weights w.caffemodel IMAGE... --out DIR
+
+Overlap and receptive field: a tile's output is exact (equal to one pass over the whole image)
+wherever the net's receptive field stays inside the tile. Each tile keeps only its centre, at
+least ``overlap // 2`` pixels from any side facing another tile, so tiling is seam-free when
+the receptive-field radius is at most ``overlap // 2``. The U-Net templates of
+:mod:`caffe_layers.unet` (depth 2, 3×3 convolutions, mean-file centring) have a radius of 23
+pixels (26 with ``upsample_kernel=4``; measured: an input pixel changes outputs at most that
+far away), i.e. a field about 47 pixels wide, so they need ``overlap >= 46`` (52); the default
+:data:`DEFAULT_OVERLAP` = 64 leaves a margin. The radius roughly doubles with every extra
+level of depth. Mean-file centring is tile-independent as long as the mean subtracted is the
+same everywhere: :class:`caffe_layers.mean_subtract.MeanSubtractLayer` subtracts the mean image
+pixel by pixel only for inputs of exactly its size, so with a non-flat mean file (one written
+without ``--patch-size``) avoid tiles of that size. Per-tile centring (``"patchmean"``, Caffe
+``MVN``) depends on the whole tile and can never be exactly tile-independent; larger tiles make
+it closer to one pass.
 """
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -19,7 +35,12 @@ from scipy import ndimage
 
 from .imageio import IMAGE_SUFFIXES, read_rgb
 
+DEFAULT_OVERLAP = 64
+"""Default tile overlap in pixels: at least twice the receptive-field radius (23) of the
+depth-2 U-Net templates, plus a margin (see the module docstring)."""
+
 __all__ = [
+    "DEFAULT_OVERLAP",
     "tile_grid",
     "segment_tiled",
     "CaffeSegmenter",
@@ -132,15 +153,18 @@ def _check_rgb(rgb):
         raise ValueError(f"expected an RGB image of shape H×W×3, got shape {shape}")
 
 
-def segment_tiled(predict, rgb, tile=256, overlap=32, multiple=4, progress=False, out=None):
+def segment_tiled(predict, rgb, tile=256, overlap=DEFAULT_OVERLAP, multiple=4, progress=False,
+                  out=None):
     """Nucleus probability map of an image, predicted tile by tile.
 
     Tiles are streamed: each one is read from ``rgb``, predicted and written into the output
     before the next is read, so memory is the output map plus one tile. Each tile writes only
     its centre (it drops half the overlap on every side that faces another tile), so the
-    result has no seams: with a net whose receptive field radius is at most ``overlap / 2``
+    result has no seams: with a net whose receptive field radius is at most ``overlap // 2``
     it equals one pass over the whole image, except within that radius of the bottom/right
-    edges, where the padding differs.
+    edges when the image is reflect-padded there (sides not multiples of ``multiple``).
+    A net that centres each input on its own statistics (``MVN``) depends on the whole tile,
+    so its tiled output only approximates one pass.
 
     Parameters
     ----------
@@ -154,7 +178,7 @@ def segment_tiled(predict, rgb, tile=256, overlap=32, multiple=4, progress=False
         Tile size; rounded up to a multiple of ``multiple`` and clipped to the padded image.
     overlap : int
         Overlap of neighbouring tiles (at least twice the net's receptive field radius for
-        seam-free output).
+        seam-free output). The default, 64, suits the depth-2 U-Net templates (radius 23).
     multiple : int
         The net's input size must be a multiple of this (``2**depth`` for a U-Net). The
         image is reflect-padded at the bottom/right up to a multiple of it.
@@ -286,8 +310,8 @@ class CaffeSegmenter:
         return self.net.blobs["prob"].data.copy()
 
 
-def segment_image(deploy, weights, rgb, tile=256, overlap=32, threshold=0.5, multiple=4,
-                  progress=False):
+def segment_image(deploy, weights, rgb, tile=256, overlap=DEFAULT_OVERLAP, threshold=0.5,
+                  multiple=4, progress=False):
     """Segment one image with a Caffe deploy net.
 
     Parameters
@@ -358,9 +382,20 @@ def _image_name(path):
     return Path(path).stem
 
 
-def segment_files(segmenter, paths, out_dir, tile=256, overlap=32, threshold=0.5, multiple=4,
-                  prob_format="png", progress=True):
+def segment_files(segmenter, paths, out_dir, tile=256, overlap=DEFAULT_OVERLAP, threshold=0.5,
+                  multiple=4, prob_format="png", progress=True):
     """Segment image files and write ``<name>_prob.png|npy``, ``_mask.png``, ``_overlay.png``.
+
+    Memory per image, besides the net and one tile: the image (memory-mapped when
+    :func:`~caffe_layers.imageio.read_rgb` can, e.g. an uncompressed TIFF, so its pages are
+    page cache; decoded in process memory otherwise, 3 bytes/pixel); the float32 probability
+    map (with ``prob_format='npy'`` tiles are written straight into the ``.npy`` file through
+    a memory map, so it is file-backed and never an in-memory array; with ``'png'`` it is an
+    in-memory array of 4 bytes/pixel, freed once the mask is made); the boolean mask
+    (1 byte/pixel); and the uint8 array each PNG is encoded from (PNG needs the whole array:
+    1 byte/pixel for the probability and the mask, 3 for the overlay). The overlay step is
+    the peak: its image copy, outline erosion temporaries and PIL's copy add about
+    10 bytes/pixel (measured on a 4000×4000 image) to the mask.
 
     Parameters
     ----------
@@ -372,7 +407,7 @@ def segment_files(segmenter, paths, out_dir, tile=256, overlap=32, threshold=0.5
     tile, overlap, threshold, multiple
         See :func:`segment_image`.
     prob_format : {'png', 'npy'}
-        Probability as uint8 0–255 PNG or float32 ``.npy``.
+        Probability as uint8 0–255 PNG or float32 ``.npy`` (written tile by tile, see above).
     progress : bool
 
     Returns
@@ -380,6 +415,8 @@ def segment_files(segmenter, paths, out_dir, tile=256, overlap=32, threshold=0.5
     list of dict
         Per image: ``name`` and the written paths.
     """
+    if prob_format not in ("png", "npy"):
+        raise ValueError(f"prob_format must be 'png' or 'npy', got {prob_format!r}")
     names = [_image_name(p) for p in paths]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -390,16 +427,30 @@ def segment_files(segmenter, paths, out_dir, tile=256, overlap=32, threshold=0.5
     written = []
     for path, name in zip(paths, names):
         rgb = read_rgb(path, memmap=True)  # a large uncompressed TIFF stays on disk
-        prob = segment_tiled(segmenter, rgb, tile=tile, overlap=overlap, multiple=multiple,
-                             progress=name if progress else False)
-        mask = prob > threshold
         files = {"name": name}
         if prob_format == "npy":
             files["prob"] = out_dir / f"{name}_prob.npy"
-            np.save(files["prob"], prob)
+            # Tiles go straight into a memory-mapped .npy, renamed only once complete, so a
+            # failed or interrupted run leaves no incomplete <name>_prob.npy.
+            partial = out_dir / f".{name}_prob.npy.partial"
+            prob = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32,
+                                             shape=tuple(rgb.shape[:2]))
+            try:
+                segment_tiled(segmenter, rgb, tile=tile, overlap=overlap, multiple=multiple,
+                              progress=name if progress else False, out=prob)
+                prob.flush()
+            except BaseException:
+                del prob
+                partial.unlink(missing_ok=True)
+                raise
+            os.replace(partial, files["prob"])
         else:
+            prob = segment_tiled(segmenter, rgb, tile=tile, overlap=overlap, multiple=multiple,
+                                 progress=name if progress else False)
             files["prob"] = out_dir / f"{name}_prob.png"
             _save_png(files["prob"], np.round(np.clip(prob, 0, 1) * 255).astype(np.uint8))
+        mask = prob > threshold
+        del prob
         files["mask"] = out_dir / f"{name}_mask.png"
         _save_png(files["mask"], mask.astype(np.uint8) * 255)
         files["overlay"] = out_dir / f"{name}_overlay.png"
@@ -418,7 +469,9 @@ def segment_main(argv=None):
     parser.add_argument("--weights", required=True, help=".caffemodel")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--tile", type=int, default=256)
-    parser.add_argument("--overlap", type=int, default=32)
+    parser.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP,
+                        help="overlap of neighbouring tiles in pixels, at least twice the net's "
+                             f"receptive-field radius (default {DEFAULT_OVERLAP})")
     parser.add_argument("--threshold", type=float, default=0.5)
     parser.add_argument("--multiple", type=int, default=4,
                         help="net input sizes must be multiples of this (2**depth)")
