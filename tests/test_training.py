@@ -118,3 +118,28 @@ def test_console_entry(caffe, tmp_path, capsys):
         training.main(["--solver", str(tmp_path / "absent.prototxt")])
     assert exit_info.value.code == 2
     assert "absent.prototxt" in capsys.readouterr().err
+
+
+def test_a_few_iterations_on_real_he_patches_lower_the_loss(caffe, tmp_path):
+    """The template flow on real tissue: hgsc_nest patches -> AugmentationLayer -> per-patch
+    centring -> U-Net; the loss falls within a few dozen iterations."""
+    from caffe_layers import datasets, prepare
+
+    rgb, instances = datasets.load_hgsc_nest()
+    crop = slice(0, 400)
+    regions = prepare.split_regions(400, gap=8)
+    lists = prepare.write_region_lists(rgb[crop, crop], datasets.nucleus_mask(instances)[crop, crop],
+                                       regions, tmp_path / "data")
+    net_path = tmp_path / "real_train_val.prototxt"
+    net_path.write_text(unet.net_to_text(unet.unet_train_val(
+        str(lists["train"]), str(lists["val"]), centring="patchmean", batch_size=BATCH, patch_size=PATCH,
+        base_width=WIDTH, augment_param_str=unet.DEFAULT_AUGMENT_PARAM_STR, seed=3)))
+    solver_path = tmp_path / "real_solver.prototxt"
+    solver_path.write_text(unet.solver_to_text(unet.solver(
+        str(net_path), base_lr=3e-3, max_iter=60, snapshot_prefix=str(tmp_path / "real"),
+        test_iter=2, test_interval=60, snapshot=0, random_seed=1)))
+    result = training.train(solver_path, progress=False)
+    losses = [loss for _, loss in result.losses]
+    first, last = np.mean(losses[:10]), np.mean(losses[-10:])
+    assert last < 0.75 * first, (first, last)
+    assert 0 < result.validation[-1]["val_dice"] <= 1
