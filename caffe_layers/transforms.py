@@ -113,7 +113,12 @@ def draw_params(n: int, image_shape: tuple[int, int, int], rng: np.random.Genera
     -------
     AugmentDraws
     """
-    p = AUGMENT_SCHEMA.validate(params, "draw_params params")
+    return _draw_validated(n, image_shape, rng, AUGMENT_SCHEMA.validate(params, "draw_params params"))
+
+
+def _draw_validated(n: int, image_shape: tuple[int, int, int], rng: np.random.Generator,
+                    p: Mapping[str, Any]) -> AugmentDraws:
+    """:func:`draw_params` with ``p`` already validated (the per-batch path of the layer)."""
     channels, height, width = (int(s) for s in image_shape)
     k = rng.integers(0, 4, n)
     if height != width:
@@ -492,7 +497,7 @@ class BatchAugmenter:
 
     def draw(self, n: int, image_shape: tuple[int, int, int]) -> AugmentDraws:
         """Draw the parameters for a batch of ``n`` images of shape ``(C, H, W)`` from :attr:`rng`."""
-        return draw_params(n, image_shape, self.rng, self.params)
+        return _draw_validated(n, image_shape, self.rng, self.params)  # validated in __init__
 
     def __call__(self, images: np.ndarray, labels: np.ndarray | None = None,
                  draws: AugmentDraws | None = None) -> tuple[np.ndarray, np.ndarray | None]:
