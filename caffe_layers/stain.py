@@ -291,7 +291,7 @@ def _match_uint8(image, reference, mask, reference_mask, nbins):
         reference_counts = _masked_channel_counts(flat_reference, reference_mask.reshape(-1))[0]
     if mask is None:
         source_counts = _uint8_channel_counts(flat_image)
-        restore = tissue = None
+        tissue = None
     else:
         source_counts, background_index, background_pixels, tissue = _masked_channel_counts(
             flat_image, mask.reshape(-1)

@@ -5,7 +5,6 @@ test_caffe_build.py; here the tool runs the JSON form with a TEST phase and bad 
 """
 import json
 import re
-import textwrap
 
 import numpy as np
 import pytest

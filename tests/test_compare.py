@@ -9,25 +9,7 @@ from caffe_layers.compare import (ModelSpec, compare_main, compare_models, save_
                                   write_table)
 from caffe_layers.segment import CaffeSegmenter, segment_tiled
 
-
-def make_tiny_net(caffe, directory, seed):
-    """Input data -> 3x3 convolution (pad 1, fixed zero-sum random weights) -> Softmax 'prob'."""
-    from caffe import layers as L
-
-    spec = caffe.NetSpec()
-    spec.data = L.Input(shape=dict(dim=[1, 3, 16, 16]))
-    spec.conv = L.Convolution(spec.data, num_output=2, kernel_size=3, pad=1)
-    spec.prob = L.Softmax(spec.conv)
-    directory.mkdir(parents=True, exist_ok=True)
-    deploy = directory / "deploy.prototxt"
-    deploy.write_text(str(spec.to_proto()))
-    net = caffe.Net(str(deploy), caffe.TEST)
-    kernel = np.random.default_rng(seed).normal(0, 0.01, net.params["conv"][0].data.shape)
-    net.params["conv"][0].data[...] = kernel - kernel.mean(axis=(1, 2, 3), keepdims=True)
-    net.params["conv"][1].data[...] = 0
-    weights = directory / "tiny.caffemodel"
-    net.save(str(weights))
-    return deploy, weights
+from test_segment import make_tiny_net
 
 
 @pytest.fixture

@@ -155,6 +155,7 @@ def make_tiny_net(caffe, directory, seed=0):
     spec.data = L.Input(shape=dict(dim=[1, 3, 16, 16]))
     spec.conv = L.Convolution(spec.data, num_output=2, kernel_size=3, pad=1)
     spec.prob = L.Softmax(spec.conv)
+    directory.mkdir(parents=True, exist_ok=True)
     deploy = directory / "deploy.prototxt"
     deploy.write_text(str(spec.to_proto()))
     net = caffe.Net(str(deploy), caffe.TEST)

@@ -2,8 +2,6 @@
 
 import ast
 import json
-import os
-import warnings
 
 import numpy as np
 import pytest
@@ -14,27 +12,20 @@ from skimage.exposure import match_histograms as skimage_match_histograms
 
 from caffe_layers import datasets, stain, stain_cli
 
+from test_datasets import load_or_skip
+
 
 # --------------------------------------------------------------------------- #
 # fixtures
 # --------------------------------------------------------------------------- #
-def _load_or_skip(loader):
-    try:
-        return loader()
-    except datasets.DataPackageMissing as error:
-        if os.environ.get("CAFFE_STAIN_REQUIRE_DATA"):
-            pytest.fail(str(error))
-        pytest.skip(str(error))
-
-
 @pytest.fixture(scope="module")
 def hgsc():
-    return _load_or_skip(datasets.load_hgsc_nest)[0]
+    return load_or_skip(datasets.load_hgsc_nest)[0]
 
 
 @pytest.fixture(scope="module")
 def examples():
-    return _load_or_skip(datasets.load_stained_examples)
+    return load_or_skip(datasets.load_stained_examples)
 
 
 @pytest.fixture(scope="module")
