@@ -38,6 +38,8 @@ setup(
     extras_require={
         "scripts": SCRIPT_REQUIRES,
         "test": SCRIPT_REQUIRES + ["pytest>=7", "hypothesis>=6.80"],
+        # scripts/benchmark_augmentation.py compares against it when installed.
+        "bench": SCRIPT_REQUIRES + ["albumentations>=1.4"],
     },
     entry_points={
         "console_scripts": [
