@@ -85,3 +85,37 @@ def test_missing_caffe_fails_when_required(tmp_path):
     optional = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                                str(tmp_path)], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert optional.returncode == 0 and "skipped" in optional.stdout, optional.stdout
+
+
+def _fake_python(directory, version, libpython):
+    """A stand-in interpreter answering install_caffe.sh's version and libpython queries."""
+    fake = directory / "python"
+    fake.write_text(textwrap.dedent(f"""\
+        #!/usr/bin/env bash
+        case "$*" in
+          *LDLIBRARY*) echo "{libpython}" ;;
+          *version_info*) echo "{version}" ;;
+          *) exit 3 ;;
+        esac
+        """))
+    fake.chmod(0o755)
+    return fake
+
+
+def _run_install(tmp_path, python):
+    env = dict(os.environ, PYTHON=str(python), CAFFE_CACHE_DIR=str(tmp_path / "cache"))
+    return subprocess.run(["bash", str(REPO_ROOT / "scripts" / "install_caffe.sh")], env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_install_script_refuses_another_python_version(tmp_path):
+    result = _run_install(tmp_path, _fake_python(tmp_path, "3.10", "/usr/lib/libpython3.10.so"))
+    assert result.returncode == 1
+    assert "is Python 3.10; this build needs Python 3.11" in result.stderr
+    assert not (tmp_path / "cache" / "downloads").exists()  # it stopped before doing anything
+
+
+def test_install_script_refuses_a_python_without_shared_libpython(tmp_path):
+    result = _run_install(tmp_path, _fake_python(tmp_path, "3.11", ""))
+    assert result.returncode == 1
+    assert "no shared libpython" in result.stderr and "libpython3.11.so" in result.stderr
