@@ -766,6 +766,25 @@ def _no_tissue(name):
     )
 
 
+def _rgb_to_lab(pixels):
+    """CIE L*a*b* (D65) of (N, 3) uint8 RGB pixels, as float64 (N, 3).
+
+    OpenCV's float conversion: within 0.3 LAB units of ``skimage.color.rgb2lab`` and about
+    six times faster, which is most of a Reinhard normalisation's time.
+    """
+    import cv2
+
+    scaled = pixels.reshape(-1, 1, 3).astype(np.float32) * np.float32(1 / 255)
+    return cv2.cvtColor(scaled, cv2.COLOR_RGB2Lab).reshape(-1, 3).astype(np.float64)
+
+
+def _lab_to_rgb(lab):
+    """RGB in [0, 1] (out-of-gamut values not yet clipped) of (N, 3) CIE L*a*b* values."""
+    import cv2
+
+    return cv2.cvtColor(lab.reshape(-1, 1, 3).astype(np.float32), cv2.COLOR_Lab2RGB).reshape(-1, 3)
+
+
 class ReinhardNormalizer:
     """Reinhard colour transfer: match per-channel LAB mean and std to a template.
 
@@ -789,14 +808,15 @@ class ReinhardNormalizer:
     an error. So is a template that is flat in a LAB channel (std below
     ``FLAT_LAB_STD``, e.g. a single-colour or grey template): it has no spread
     to transfer. An image flat in a channel (a grey image's a*/b*, whose
-    std is only ``rgb2lab`` rounding noise) has that channel shifted to the
+    std is only LAB-conversion rounding noise) has that channel shifted to the
     template mean but not rescaled, so the noise is never blown up.
     """
 
-    #: LAB std (in LAB units) below which a channel counts as flat. ``rgb2lab``
-    #: rounding leaves ~1e-3 of spread in the a*/b* channels of grey pixels; one
-    #: uint8 step is ~0.4 L* units, so real spreads are far above this.
-    FLAT_LAB_STD = 0.01
+    #: LAB std (in LAB units) below which a channel counts as flat. The float
+    #: LAB conversion leaves up to 0.125 (std ~0.02) of spread in the a*/b* channels
+    #: of grey pixels; one uint8 step is ~0.4 L* units and tissue spreads are
+    #: several units, so real spreads are far above this.
+    FLAT_LAB_STD = 0.25
     _CHANNEL_NAMES = ("L*", "a*", "b*")
 
     def __init__(self, ignore_white=True, white_threshold=200):
@@ -805,15 +825,12 @@ class ReinhardNormalizer:
 
     def _lab_pixels(self, rgb):
         """LAB values (N, 3) of the pixels used, and the mask (or None)."""
-        from skimage.color import rgb2lab
-
         mask = tissue_mask(rgb, self.white_threshold)
         if not mask.any():
             return None, mask
         # Converting only tissue pixels saves most of the (slow) LAB conversion.
         pixels = rgb[mask] if self.ignore_white else rgb.reshape(-1, 3)
-        lab = rgb2lab(pixels[:, None, :])[:, 0, :]
-        return lab, mask
+        return _rgb_to_lab(pixels), mask
 
     def fit(self, template):
         """Learn the template's LAB statistics; returns self.
@@ -848,8 +865,6 @@ class ReinhardNormalizer:
 
     def transform(self, image):
         """Return ``image`` (uint8 RGB) with the template's LAB statistics."""
-        from skimage.color import lab2rgb
-
         if not hasattr(self, "template_means_"):
             raise RuntimeError("ReinhardNormalizer is not fitted; call fit(template) first")
         image = _check_uint8_rgb(image, "image")
@@ -858,12 +873,12 @@ class ReinhardNormalizer:
             _no_tissue("image")
             return image.copy()
         means, stds = lab.mean(axis=0), lab.std(axis=0)
-        # A flat channel has no spread to rescale (only rgb2lab noise, which a
+        # A flat channel has no spread to rescale (only conversion noise, which a
         # division would amplify ~1e4 times): only shift its mean.
         flat = stds < self.FLAT_LAB_STD
         scale = np.where(flat, 1.0, self.template_stds_ / np.where(flat, 1.0, stds))
         lab = (lab - means) * scale + self.template_means_
-        rgb = lab2rgb(lab[:, None, :])[:, 0, :]
+        rgb = _lab_to_rgb(lab)
         pixels = np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
         if self.ignore_white:
             out = image.copy()
