@@ -209,7 +209,7 @@ def _cv2_call(element: str, source: np.ndarray, target: np.ndarray) -> np.ndarra
     return result
 
 
-def scale_shift_in_place(plane: np.ndarray, a: float, b: float) -> None:
+def _scale_shift_in_place(plane: np.ndarray, a: float, b: float) -> None:
     """``plane = a*plane + b``, computed in double precision and rounded once to the plane's dtype.
 
     One OpenCV ``addWeighted`` pass on a C-contiguous float32 plane (it works in double
@@ -222,7 +222,7 @@ def scale_shift_in_place(plane: np.ndarray, a: float, b: float) -> None:
     np.copyto(plane, plane.astype(np.float64) * a + b, casting="same_kind")
 
 
-def clip_in_place(array: np.ndarray, low: float, high: float) -> None:
+def _clip_in_place(array: np.ndarray, low: float, high: float) -> None:
     """``np.clip(array, low, high, out=array)``, through OpenCV's threshold where it can.
 
     For C-contiguous float32 with ``low == 0`` (the 0-255 case) two SIMD thresholds (truncate
@@ -588,11 +588,11 @@ class BatchAugmenter:
             if draws.color_applied[i]:
                 if target.ndim == 3:
                     for channel in range(target.shape[0]):
-                        scale_shift_in_place(target[channel], factors[i, channel], offsets[i, channel])
+                        _scale_shift_in_place(target[channel], factors[i, channel], offsets[i, channel])
                 else:
-                    scale_shift_in_place(target, factors[i, c], offsets[i, c])
+                    _scale_shift_in_place(target, factors[i, c], offsets[i, c])
             if clip:  # also when the colour change was not drawn (a=1, b=0)
-                clip_in_place(target, p["clip_min"], p["clip_max"])
+                _clip_in_place(target, p["clip_min"], p["clip_max"])
 
         for i in range(n):
             element = dihedral_element(draws.k[i], draws.flip_h[i], draws.flip_v[i])

@@ -633,3 +633,27 @@ def test_from_params_accepts_dicts_and_strings():
         {"rotate": True, "color": True, "color_a_max": 1.5, "color_a_min": 0.3})
     with pytest.raises(TypeError):
         from_text.params["rotate"] = False  # read-only
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "float64"])
+@pytest.mark.parametrize("low, high", [(0.0, 255.0), (5.0, 200.5), (-10.0, 10.0)])
+def test_in_place_colour_helpers_match_numpy(layout, low, high):
+    """The OpenCV fast paths and their numpy fallbacks give numpy's values exactly."""
+    from caffe_layers.transforms import _clip_in_place, _scale_shift_in_place
+
+    base = np.random.default_rng(5).uniform(-50, 300, (3, 20, 24)).astype(np.float32)
+    if layout == "float64":
+        base = base.astype(np.float64)
+    planes = base.copy()
+    views = planes[:, :, ::2] if layout == "strided" else planes
+    expected = np.clip(views, low, high)
+    _clip_in_place(views, low, high)
+    np.testing.assert_array_equal(views, expected)
+
+    a, b = np.float32(1.2345), np.float32(-3.21)
+    planes = base.copy()
+    plane = planes[1, :, ::2] if layout == "strided" else planes[1]
+    expected = (plane.astype(np.float64) * float(a) + float(b)).astype(plane.dtype)
+    _scale_shift_in_place(plane, a, b)
+    np.testing.assert_array_equal(plane, expected)
+    np.testing.assert_array_equal(planes[0], base[0])  # only that plane is touched
