@@ -364,8 +364,9 @@ def main(argv=None):
     overrides = {k: v for k, v in dict(seed=args.seed, base_iters=args.base_iters,
                                         finetune_iters=args.finetune_iters).items() if v is not None}
     for key, value in overrides.items():
-        if value < 0 or (key != "seed" and value < 1):
-            parser.error(f"--{key.replace('_', '-')} must be positive, got {value}")
+        lowest = 0 if key == "seed" else 1
+        if value < lowest:
+            parser.error(f"--{key.replace('_', '-')} must be >= {lowest}, got {value}")
     if args.hed_jitter is not None:
         overrides["hed_jitter"] = args.hed_jitter
     settings = dataclasses.replace(settings, **overrides)

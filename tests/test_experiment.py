@@ -89,3 +89,15 @@ def test_tiny_experiment_end_to_end(caffe, tmp_path):
     _, mask = segment_image(entry["deploy"], entry["weights"], image, tile=64, overlap=16,
                             multiple=4)
     assert dice(mask, truth) == pytest.approx(summary["results"]["patchmean"]["in_domain"]["dice"])
+
+
+@pytest.mark.parametrize("argv, message", [(["--base-iters", "0"], "--base-iters must be >= 1, got 0"),
+                                           (["--seed", "-1"], "--seed must be >= 0, got -1"),
+                                           (["--tiny", "--long"], "not allowed with argument")])
+def test_experiment_command_line_rejects_bad_settings(argv, message, capsys):
+    from caffe_layers.experiment import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
