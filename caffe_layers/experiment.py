@@ -143,6 +143,12 @@ def _export_model(name, centring, weights, mean_file, settings, out_dir):
     return folder / "deploy.prototxt", folder / "weights.caffemodel", deployed_mean
 
 
+def _estimate_record(estimate):
+    """A ColorRangeEstimate as the summary records it (ratios rounded to 4 decimals)."""
+    return dict(params=estimate.params, param_str=estimate.param_str,
+                ratios={k: np.asarray(v).round(4).tolist() for k, v in estimate.ratios.items()})
+
+
 def _centre_crop(rgb, side):
     h, w = rgb.shape[:2]
     side_h, side_w = min(side, h), min(side, w)
@@ -222,6 +228,7 @@ def run_experiment(out_dir="results", settings=Settings(), preset="custom"):
     estimate = suggest_color_params({"train": train_rgb}, shifted, margin=settings.color_margin)
     augment = {"rotate": True, "flip": True, **estimate.params}
     _log(f"estimated colour range: {estimate.param_str}")
+    hed_estimate = None
     if settings.hed_jitter:
         hed_estimate = suggest_hed_params({"train": train_rgb}, shifted, margin=settings.color_margin)
         augment.update(hed_estimate.params)
@@ -318,11 +325,8 @@ def run_experiment(out_dir="results", settings=Settings(), preset="custom"):
         test_pixels=int(test_truth.size),
         stain_shifts=shift_settings,
         color_estimate=dict(estimated_on="train band vs the stain-shifted validation band",
-                            params=estimate.params, param_str=estimate.param_str,
-                            ratios={k: np.asarray(v).round(4).tolist() for k, v in estimate.ratios.items()}),
-        hed_estimate=dict(params=hed_estimate.params, param_str=hed_estimate.param_str,
-                          ratios={k: np.asarray(v).round(4).tolist() for k, v in hed_estimate.ratios.items()})
-        if settings.hed_jitter else None,
+                            **_estimate_record(estimate)),
+        hed_estimate=None if hed_estimate is None else _estimate_record(hed_estimate),
         augment_param_str=augment_param_str,
         models={name: dict(centring=centring, augmented=augmented,
                            deploy=_shown_path(exported[name][0]), weights=_shown_path(exported[name][1]),
