@@ -42,15 +42,11 @@ setup(
         "bench": SCRIPT_REQUIRES + ["albumentations>=1.4"],
     },
     entry_points={
+        # One module per command under caffe_layers/cli/, each with main(argv=None).
         "console_scripts": [
-            "caffe-stain-experiment = caffe_layers.experiment:main",
-            "caffe-stain-prepare = caffe_layers.prepare:prepare_main",
-            "caffe-stain-train = caffe_layers.training:main",
-            "caffe-stain-segment = caffe_layers.segment:segment_main",
-            "caffe-stain-compare = caffe_layers.compare:compare_main",
-            "caffe-stain-meanfile = caffe_layers.meanfile:main",
-            "caffe-stain-normalize = caffe_layers.stain_cli:normalize_main",
-            "caffe-stain-estimate = caffe_layers.stain_cli:estimate_main",
+            f"caffe-stain-{command} = caffe_layers.cli.{command}:main"
+            for command in ("experiment", "prepare", "train", "segment", "compare", "meanfile", "normalize",
+                            "estimate")
         ],
     },
     classifiers=[

@@ -24,6 +24,7 @@ import caffe
 
 from .params import AUGMENT_SCHEMA, load_params
 from .transforms import BatchAugmenter
+from .transforms.functional import check_batch
 
 
 class AugmentationLayer(caffe.Layer):
@@ -42,21 +43,12 @@ class AugmentationLayer(caffe.Layer):
         self.augmenter = BatchAugmenter(where=where, **self.params)
 
     def _check_shapes(self, bottom):
-        image_shape = tuple(bottom[0].data.shape)
-        if len(image_shape) != 4:
-            raise ValueError(f"AugmentationLayer: image bottom must be N×C×H×W, got shape {image_shape}")
-        if self.params["hed"] and image_shape[1] != 3:
-            raise ValueError(f"AugmentationLayer: 'hed' stain jitter needs 3-channel RGB input, "
-                             f"got {image_shape[1]} channels")
-        if len(bottom) == 2:
-            label_shape = tuple(bottom[1].data.shape)
-            ok = (len(label_shape) == 4 and label_shape[1] == 1) or len(label_shape) == 3
-            if not ok:
-                raise ValueError(f"AugmentationLayer: label bottom must be N×1×H×W or N×H×W, "
-                                 f"got shape {label_shape}")
-            if label_shape[0] != image_shape[0] or label_shape[-2:] != image_shape[-2:]:
-                raise ValueError(f"AugmentationLayer: image {image_shape} and label {label_shape} "
-                                 "differ in batch size or spatial size")
+        # The core's checks, named for the layer: they run at setup and on every reshape.
+        labels = bottom[1].data if len(bottom) == 2 else None
+        try:
+            check_batch(bottom[0].data, labels, need_rgb=bool(self.params["hed"]))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"AugmentationLayer (bottoms image[, label]): {error}") from None
 
     def reshape(self, bottom, top):
         self._check_shapes(bottom)

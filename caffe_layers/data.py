@@ -28,29 +28,10 @@ the whole layer reproducible (``caffe.set_random_seed`` does not reach numpy).
 import os
 
 import caffe
-import numpy as np
 
 from .params import PATCH_DATA_SCHEMA, load_params
-from .patches import PatchSampler, load_pairs, read_pair_list
+from .patches import PatchSampler, derived_seed, load_pairs, read_pair_list
 from .transforms import BatchAugmenter
-
-
-def derived_seed(seed, stream):
-    """An independent seed for sub-stream ``stream`` of ``seed`` (None stays None).
-
-    Parameters
-    ----------
-    seed : int or None
-    stream : int
-
-    Returns
-    -------
-    int or None
-    """
-    if seed is None:
-        return None
-    # SeedSequence mixes (seed, stream) so the sampler's and augmenter's numbers are unrelated.
-    return int(np.random.SeedSequence([seed, stream]).generate_state(1, np.uint32)[0])
 
 
 class PatchDataLayer(caffe.Layer):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .imageio import read_rgb
+from .image_io import read_rgb
 
 __all__ = [
     "DATA_PACKAGES",

@@ -9,7 +9,7 @@ augmentation layer has to be a layer of its own::
 """
 import caffe
 
-from .meanfile import read_mean_binaryproto
+from .net.meanfile import read_mean_binaryproto
 from .params import MEAN_SUBTRACT_SCHEMA, load_params
 
 
@@ -23,7 +23,7 @@ class MeanSubtractLayer(caffe.Layer):
     If the mean's H×W equals the input's, the mean image is subtracted pixel by pixel;
     otherwise its per-channel mean is. That makes one mean file usable for both the training
     patches and whole-image deployment: the mean of randomly placed patches is flat anyway
-    (see :func:`compute_mean_image`), so its per-channel value loses nothing.
+    (see :func:`caffe_layers.patches.compute_mean_image`), so its per-channel value loses nothing.
     """
 
     def setup(self, bottom, top):

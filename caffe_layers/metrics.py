@@ -19,6 +19,7 @@ from scipy import ndimage
 __all__ = [
     "confusion",
     "dice",
+    "dice_from_counts",
     "iou",
     "object_counts",
     "object_f1",
@@ -76,7 +77,11 @@ def dice(pred, truth):
     -------
     float in [0, 1]
     """
-    tp, fp, fn = confusion(pred, truth)
+    return dice_from_counts(*confusion(pred, truth))
+
+
+def dice_from_counts(tp, fp, fn):
+    """Dice ``2 TP / (2 TP + FP + FN)`` from pixel counts (e.g. pooled over batches); 1.0 if all 0."""
     return _ratio(2 * tp, 2 * tp + fp + fn)
 
 
@@ -215,7 +220,7 @@ def _scores_from_counts(counts):
     f1, precision, recall = _object_scores(counts["matched_objects"], counts["pred_objects"],
                                            counts["true_objects"])
     tp, fp, fn = counts["tp"], counts["fp"], counts["fn"]
-    scores = dict(dice=_ratio(2 * tp, 2 * tp + fp + fn), iou=_ratio(tp, tp + fp + fn),
+    scores = dict(dice=dice_from_counts(tp, fp, fn), iou=_ratio(tp, tp + fp + fn),
                   object_f1=f1, precision=precision, recall=recall)
     scores.update({key: int(counts[key]) for key in _COUNT_KEYS})
     return scores

@@ -3,7 +3,7 @@
 Caffe hands a Python layer its configuration as a single string, ``python_param.param_str``.
 Over the years these strings have been written as JSON, as YAML and as Python dict literals
 (``{"rotate": True, "color_a_min": .3}``), so :func:`parse_param_str` accepts all three --
-without ever calling ``eval``. The parsed dict is then checked against a declared
+without ever calling ``eval``; :func:`format_param_str` writes one back. The parsed dict is then checked against a declared
 :class:`Schema`, which fills in defaults and turns every mistake (typo in a key, wrong type,
 value out of range, min above max) into a :class:`ParamError` that names the layer, the key,
 the offending value and what would have been allowed.
@@ -44,6 +44,7 @@ __all__ = [
     "Param",
     "ParamError",
     "Schema",
+    "format_param_str",
     "load_params",
     "parse_param_str",
 ]
@@ -528,6 +529,52 @@ class Schema:
 def load_params(param_str: str | bytes | None, schema: Schema, where: str = "param_str") -> dict:
     """Parse ``param_str`` and validate it with ``schema``; see :func:`parse_param_str`."""
     return schema.validate(parse_param_str(param_str, where), where)
+
+
+def _format_value(value):
+    if isinstance(value, (bool, np.bool_)):
+        return "True" if value else "False"
+    if value is None:
+        return "None"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"cannot format non-finite parameter value {value!r}")
+        # Up to 4 significant digits is plenty for augmentation ranges.
+        text = f"{value:.4g}"
+        return text if ("." in text or "e" in text) else text + ".0"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return "[" + ", ".join(_format_value(item) for item in value) + "]"
+    if isinstance(value, Mapping):
+        return format_param_str(value)
+    raise ValueError(f"cannot format parameter value {value!r} of type {type(value).__name__}")
+
+
+def format_param_str(params):
+    """Format a parameter dict as a Python-literal string for a ``param_str`` field.
+
+    Parameters
+    ----------
+    params : dict[str, bool | int | float | str | list]
+
+    Returns
+    -------
+    text : str
+        E.g. ``'{"color": True, "color_a_min": 0.74, "color_a_max": 1.45}'``;
+        ``ast.literal_eval(text) == params`` up to float rounding.
+    """
+    if not isinstance(params, Mapping):
+        raise ValueError(f"params must be a dict; got {type(params).__name__}")
+    parts = []
+    for key, value in params.items():
+        if not isinstance(key, str):
+            raise ValueError(f"parameter names must be strings; got {key!r}")
+        parts.append(f"{_format_value(key)}: {_format_value(value)}")
+    return "{" + ", ".join(parts) + "}"
 
 
 def _probability(name: str, doc: str, default: float = 1.0) -> Param:

@@ -9,20 +9,20 @@ The pieces, in the order the data layer uses them::
     data, label = sampler.next_batch()             # N×3×P×P, N×1×P×P float32
 
 Conventions: images are RGB (never BGR) in 0-255; a mask pixel is nucleus when > 0. Files are
-read by :mod:`caffe_layers.imageio` (formats and rules are documented there).
+read by :mod:`caffe_layers.image_io` (formats and rules are documented there).
 """
 import os
 
 import numpy as np
 
-from .imageio import read_mask, read_rgb
+from .image_io import check_rgb, read_mask, read_rgb
 
 __all__ = [
     "read_pair_list",
-    "load_image",
-    "load_mask",
     "load_pairs",
     "PatchSampler",
+    "compute_mean_image",
+    "derived_seed",
 ]
 
 
@@ -97,16 +97,6 @@ def read_pair_list(list_file, root=None):
 
 # --------------------------------------------------------------------------- file reading
 
-def load_image(path):
-    """:func:`caffe_layers.imageio.read_rgb`: an (H, W, 3) uint8 RGB image."""
-    return read_rgb(path)
-
-
-def load_mask(path):
-    """:func:`caffe_layers.imageio.read_mask` as the data layer's (H, W) uint8 {0, 1} mask."""
-    return read_mask(path).astype(np.uint8)
-
-
 def load_pairs(pairs):
     """Load every ``(image_path, mask_path)`` pair and check that sizes match.
 
@@ -129,8 +119,8 @@ def load_pairs(pairs):
     """
     images, masks = [], []
     for image_path, mask_path in pairs:
-        image = load_image(image_path)
-        mask = load_mask(mask_path)
+        image = read_rgb(image_path)
+        mask = read_mask(mask_path).astype(np.uint8)
         if image.shape[:2] != mask.shape:
             raise ValueError(f"size mismatch: image {os.fspath(image_path)!r} is "
                              f"{image.shape[0]}×{image.shape[1]} (H×W) but its mask "
@@ -143,6 +133,24 @@ def load_pairs(pairs):
 
 
 # --------------------------------------------------------------------------- sampling
+
+def derived_seed(seed, stream):
+    """An independent seed for sub-stream ``stream`` of ``seed`` (None stays None).
+
+    Parameters
+    ----------
+    seed : int or None
+    stream : int
+
+    Returns
+    -------
+    int or None
+    """
+    if seed is None:
+        return None
+    # SeedSequence mixes (seed, stream) so the sampler's and augmenter's numbers are unrelated.
+    return int(np.random.SeedSequence([seed, stream]).generate_state(1, np.uint32)[0])
+
 
 def _positive_int(value, name):
     # bool is an int subclass; True as a patch size is a mistake, not 1.
@@ -298,3 +306,64 @@ class PatchSampler:
         self.last_indices = indices
         self.last_corners = np.stack([rows, cols], axis=1)
         return data, label
+
+
+# --------------------------------------------------------------------------- mean image
+
+def compute_mean_image(images, patch_size=None):
+    """Mean image of RGB training images, as a Caffe mean blob's 3×H×W array.
+
+    Two kinds of mean, chosen by ``patch_size``:
+
+    * ``patch_size=None``: the true per-pixel mean of whole images, which must all have the
+      same size -- for nets that see whole images.
+    * ``patch_size=P``: the per-channel mean over *all* training pixels, broadcast to
+      3×P×P. A patch net sees patches cut at random positions, so the expected value at a
+      patch coordinate is the same for every coordinate: the per-pixel mean of random
+      patches converges to exactly this flat image, which is computed here without the
+      sampling noise (and from images of any size).
+
+    Parameters
+    ----------
+    images : iterable of (H, W, 3) or (H, W, 4) array
+        RGB(A) images with values in 0-255 (any numeric dtype; alpha is ignored). Consumed
+        once, so a generator that reads files lazily is fine.
+    patch_size : int, optional
+        Side of the square training patches.
+
+    Returns
+    -------
+    mean : (3, H, W) float32 array
+        RGB mean, channel-first like a Caffe blob (H = W = ``patch_size`` if given).
+
+    Raises
+    ------
+    ValueError
+        If there are no images, an image is not RGB, or (without ``patch_size``) the images
+        differ in size.
+    """
+    if patch_size is not None and (int(patch_size) != patch_size or patch_size < 1):
+        raise ValueError(f"patch_size must be a positive integer, got {patch_size!r}")
+    # float64 accumulators: summing millions of 0-255 pixels in float32 loses precision.
+    total = None
+    count = 0
+    for index, image in enumerate(images):
+        image = check_rgb(image, f"image {index}", alpha=True).astype(np.float64)
+        if patch_size is None:
+            if total is not None and image.shape != total.shape:
+                raise ValueError(
+                    f"image {index} has shape {image.shape} but earlier images have {total.shape}; "
+                    "a per-pixel mean needs equal sizes (pass patch_size for a per-channel mean)")
+            total = image if total is None else total + image
+            count += 1
+        else:
+            channel_sum = image.reshape(-1, 3).sum(axis=0)
+            total = channel_sum if total is None else total + channel_sum
+            count += image.shape[0] * image.shape[1]
+    if total is None:
+        raise ValueError("compute_mean_image needs at least one image")
+    mean = total / count
+    if patch_size is None:
+        return np.ascontiguousarray(mean.transpose(2, 0, 1), dtype=np.float32)
+    size = int(patch_size)
+    return np.broadcast_to(mean[:, None, None], (3, size, size)).astype(np.float32)

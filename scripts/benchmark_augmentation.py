@@ -15,7 +15,7 @@ of 16×3×256×256 float32 images in 0-255 with 16×1×256×256 labels:
   MultiplicativeNoise(per_channel) (= per-channel ``a``) + RGBShift (= per-channel ``b``), per
   image, on HWC float32 in [0, 1] (albumentations clips floats to [0, 1]) with the label as mask;
   the CHW<->HWC transposes and the /255, *255 scaling are counted, as a Caffe user pays them;
-* a small U-Net forward+backward on the same batch (``caffe_layers.unet`` if available, else a
+* a small U-Net forward+backward on the same batch (``caffe_layers.net.unet`` if available, else a
   2-level U-Net built here), the cost the augmentation should be negligible against (goal ≤ 5 %).
 
 Usage: ``python scripts/benchmark_augmentation.py [--repeats 15] [--batch 16] [--size 256]``
@@ -89,7 +89,7 @@ def unet_net(shape, workdir):
     """Small U-Net with SoftmaxWithLoss; returns (net, description)."""
     path = Path(workdir) / "unet.prototxt"
     try:
-        from caffe_layers import unet
+        from caffe_layers.net import unet
 
         proto = unet.unet_deploy(centring="patchmean", depth=2, base_width=16, input_shape=shape)
         # Deploy net -> training net: label input, and the final Softmax becomes SoftmaxWithLoss.
@@ -104,10 +104,10 @@ def unet_net(shape, workdir):
         loss.top.append("loss")
         proto.force_backward = True
         path.write_text(str(proto))
-        description = "caffe_layers.unet.unet_deploy(depth=2, base_width=16) + SoftmaxWithLoss"
+        description = "caffe_layers.net.unet.unet_deploy(depth=2, base_width=16) + SoftmaxWithLoss"
     except (ImportError, AttributeError, TypeError) as error:
         path.write_text(str(_own_unet(shape)))
-        description = f"2-level U-Net built in this script (caffe_layers.unet unusable: {error})"
+        description = f"2-level U-Net built in this script (caffe_layers.net.unet unusable: {error})"
     return caffe.Net(str(path), caffe.TRAIN), description
 
 

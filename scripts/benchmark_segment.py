@@ -20,7 +20,8 @@ def _child(model, weights, size, tile, overlap):
     import numpy as np
 
     from caffe_layers.datasets import load_hgsc_nest
-    from caffe_layers.segment import CaffeSegmenter, segment_tiled
+    from caffe_layers.net.predictor import CaffeSegmenter
+    from caffe_layers.tiling import segment_tiled
 
     rgb, _ = load_hgsc_nest()
     reps = -(-size // rgb.shape[0])

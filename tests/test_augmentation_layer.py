@@ -79,7 +79,7 @@ def test_param_str_forms_configure_colour(caffe, tmp_path, param_str):
     assert (layer.params["color_a_min"], layer.params["color_a_max"]) == (0.3, 1.5)
     images = np.full((N, C, H, W), 100, np.float32)  # constant: the geometry is invisible
     out, out_labels = run(net, images, batch()[1])
-    draws = layer.augmenter.last_params
+    draws = layer.augmenter.last_draws
     assert np.all((draws.a >= 0.3) & (draws.a <= 1.5)) and np.all(np.abs(draws.b) <= 10)
     assert draws.a.std() > 0.05  # really drawn over the wide range, not the 0.9-1.1 default
     expected = np.clip(100 * draws.a + draws.b, 0, 255).astype(np.float32)[:, :, None, None]
@@ -217,9 +217,9 @@ def test_bad_param_str_clear_error_from_net(caffe, tmp_path, param_str, message)
     (dict(bottoms=("data", "label", "data"), tops=("a", "b", "c")), r"takes 1 or 2 bottoms .*got 3"),
     (dict(tops=("aug_data",)), r"needs as many tops as bottoms: 2 bottoms, 1 tops"),
     (dict(bottoms=("data",), tops=("a", "b")), r"needs as many tops as bottoms: 1 bottoms, 2 tops"),
-    (dict(label_shape=(N + 1, 1, H, W)), r"differ in batch size or spatial size"),
-    (dict(label_shape=(N, 1, H, W + 1)), r"differ in batch size or spatial size"),
-    (dict(label_shape=(N, 2, H, W)), r"label bottom must be N×1×H×W or N×H×W"),
+    (dict(label_shape=(N + 1, 1, H, W)), r"AugmentationLayer .*different batch sizes"),
+    (dict(label_shape=(N, 1, H, W + 1)), r"AugmentationLayer .*different H×W"),
+    (dict(label_shape=(N, 2, H, W)), r"AugmentationLayer .*labels must be N×1×H×W or N×H×W"),
 ], ids=["3-bottoms", "2-bottoms-1-top", "1-bottom-2-tops", "batch-mismatch", "spatial-mismatch",
         "2-channel-label"])
 def test_shape_errors(caffe, tmp_path, kwargs, message):
@@ -228,7 +228,7 @@ def test_shape_errors(caffe, tmp_path, kwargs, message):
 
 
 def test_hed_needs_three_channels(caffe, tmp_path):
-    with pytest.raises(ValueError, match=r"'hed' stain jitter needs 3-channel RGB input, got 1 channels"):
+    with pytest.raises(ValueError, match=r"AugmentationLayer .*hed stain jitter needs 3-channel RGB/BGR images, got C=1"):
         make_net(caffe, tmp_path, '{"hed": true}', image_shape=(N, 1, H, W))
     make_net(caffe, tmp_path, '{"hed": true}', name="ok.prototxt")  # 3 channels are fine
 
@@ -236,7 +236,7 @@ def test_hed_needs_three_channels(caffe, tmp_path):
 def test_reshape_to_mismatched_label_is_rejected(caffe, tmp_path):
     net = make_net(caffe, tmp_path, '{"rotate": true}')
     net.blobs["label"].reshape(N, 1, H + 2, W)
-    with pytest.raises(ValueError, match="differ in batch size or spatial size"):
+    with pytest.raises(ValueError, match="AugmentationLayer .*different H×W"):
         net.reshape()
 
 

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from caffe_layers.patches import (PatchSampler, load_image, load_mask, load_pairs,
+from caffe_layers.patches import (PatchSampler, load_pairs,
                                   read_pair_list)
 
 
@@ -97,18 +97,17 @@ def test_read_pair_list_empty(tmp_path):
         read_pair_list(list_file)
 
 
-# --------------------------------------------------------------------------- load_image / load_mask
-# Formats and rules are tested with caffe_layers.imageio (tests/test_imageio.py); here only
+# --------------------------------------------------------------------------- image and mask types
+# Formats and rules are tested with caffe_layers.image_io (tests/test_image_io.py); here only
 # the data layer's contract on top of it: uint8 RGB images and uint8 {0, 1} masks.
 
-def test_load_image_and_mask_types(tmp_path):
+def test_load_pairs_image_and_mask_types(tmp_path):
     image = random_image(np.random.default_rng(1), 2, 3)
     np.save(tmp_path / "i.npy", image)
     np.save(tmp_path / "m.npy", np.array([[0, 1, 2], [0, 300, 0]], np.uint16))  # label map
-    loaded = load_image(tmp_path / "i.npy")
+    [loaded], [mask] = load_pairs([(tmp_path / "i.npy", tmp_path / "m.npy")])
     assert loaded.dtype == np.uint8
     np.testing.assert_array_equal(loaded, image)
-    mask = load_mask(tmp_path / "m.npy")
     assert mask.dtype == np.uint8
     np.testing.assert_array_equal(mask, [[0, 1, 1], [0, 1, 0]])
 

@@ -1,0 +1,64 @@
+"""``caffe-stain-compare``: compare segmenters on images, as they are and stain-matched."""
+import argparse
+import sys
+from pathlib import Path
+
+from ..image_io import read_mask, read_rgb
+from ..net.compare import ModelSpec, compare_models
+from . import add_tiling_arguments, check_tiling_arguments, run
+
+__all__ = ["main"]
+
+
+class _ImageAction(argparse.Action):
+    """``--image`` starts an entry; a following ``--mask`` attaches to it."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        entries = getattr(namespace, "entries", None) or []
+        if self.dest == "image":
+            entries.append([value, None])
+        else:
+            if not entries:
+                parser.error("--mask must follow the --image it belongs to")
+            if entries[-1][1] is not None:
+                parser.error(f"two masks for image {entries[-1][0]}")
+            entries[-1][1] = value
+        namespace.entries = entries
+
+
+def main(argv=None):
+    """Compare models; returns the exit code."""
+    parser = argparse.ArgumentParser(
+        prog="caffe-stain-compare",
+        description="Segment images with several Caffe nets, optionally after histogram "
+                    "matching to a template, and write pooled scores, tables and figures.")
+    parser.add_argument("--model", nargs=3, action="append", required=True,
+                        metavar=("NAME", "DEPLOY", "WEIGHTS"))
+    parser.add_argument("--image", action=_ImageAction, required=True, help="RGB image")
+    parser.add_argument("--mask", action=_ImageAction,
+                        help="ground truth of the preceding --image (nucleus > 0)")
+    parser.add_argument("--template", help="RGB template for histogram matching")
+    parser.add_argument("--out", required=True, help="output directory")
+    add_tiling_arguments(parser)
+    parser.add_argument("--no-figures", action="store_true")
+    args = parser.parse_args(argv)
+
+    def body():
+        check_tiling_arguments(args)
+        models = [ModelSpec(name, Path(deploy), Path(weights)) for name, deploy, weights in args.model]
+        images = []
+        for image_path, mask_path in args.entries:
+            rgb = read_rgb(image_path, memmap=True)  # large uncompressed TIFFs stay on disk
+            truth = None if mask_path is None else read_mask(mask_path, rgb.shape[:2])
+            images.append((Path(image_path).stem, rgb, truth))
+        template = None if args.template is None else read_rgb(args.template)
+        summary = compare_models(models, images, args.out, template_rgb=template,
+                                 tile=args.tile, overlap=args.overlap, threshold=args.threshold,
+                                 multiple=args.multiple, figures=not args.no_figures)
+        print((Path(args.out) / summary["files"]["table_md"]).read_text(), end="")
+
+    return run(parser.prog, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

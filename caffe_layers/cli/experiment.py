@@ -1,0 +1,47 @@
+"""``caffe-stain-experiment``: the stain-robustness experiment (the README's main job)."""
+import argparse
+import dataclasses
+import sys
+
+from ..experiment import PRESETS, run_experiment
+from . import run
+
+__all__ = ["main"]
+
+
+def main(argv=None):
+    """Run the experiment; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="caffe-stain-experiment",
+                                     description="The stain-robustness experiment, end to end on real packaged H&E.")
+    parser.add_argument("--out", default="results", help="output folder (default: results)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--long", dest="preset", action="store_const", const="long",
+                      help="longer training on larger patches, for better numbers")
+    size.add_argument("--tiny", dest="preset", action="store_const", const="tiny",
+                      help="a seconds-long smoke run on a small crop (for tests)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of every random choice (default 0)")
+    parser.add_argument("--base-iters", type=int, default=None)
+    parser.add_argument("--finetune-iters", type=int, default=None)
+    parser.add_argument("--no-hed", dest="hed_jitter", action="store_false", default=None,
+                        help="augment with rotation, flips and a*x+b only (no stain-space jitter)")
+    parser.set_defaults(preset="quick")
+    args = parser.parse_args(argv)
+    settings = PRESETS[args.preset]
+    overrides = {k: v for k, v in dict(seed=args.seed, base_iters=args.base_iters,
+                                        finetune_iters=args.finetune_iters).items() if v is not None}
+    for key, value in overrides.items():
+        lowest = 0 if key == "seed" else 1
+        if value < lowest:
+            parser.error(f"--{key.replace('_', '-')} must be >= {lowest}, got {value}")
+    if args.hed_jitter is not None:
+        overrides["hed_jitter"] = args.hed_jitter
+    settings = dataclasses.replace(settings, **overrides)
+
+    def body():
+        run_experiment(args.out, settings, preset=args.preset)
+
+    return run(parser.prog, body, interrupted=lambda: f"files already written under {args.out} are complete")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

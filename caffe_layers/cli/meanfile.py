@@ -1,0 +1,51 @@
+"""``caffe-stain-meanfile``: the RGB mean of a list file's images as a Caffe ``.binaryproto``."""
+import argparse
+import sys
+from pathlib import Path
+
+from ..image_io import read_rgb
+from ..net.meanfile import write_mean_binaryproto
+from ..patches import compute_mean_image, read_pair_list
+from . import UsageError, run
+
+__all__ = ["main"]
+
+
+def main(argv=None):
+    """Write the mean file; returns the exit code."""
+    parser = argparse.ArgumentParser(
+        prog="caffe-stain-meanfile",
+        description="Compute an RGB mean file (1×3×H×W .binaryproto) from the images of an "
+                    "'image mask' list file.")
+    parser.add_argument("--list", required=True, help="list file, one 'image mask' pair per line "
+                        "(paths relative to the list file's directory), as for PatchDataLayer")
+    parser.add_argument("--output", required=True, help="output .binaryproto")
+    parser.add_argument("--patch-size", type=int, default=None,
+                        help="training patch side: write the per-channel mean as a P×P image "
+                             "(default: per-pixel mean; all images must then have the same size)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    args = parser.parse_args(argv)
+
+    def body():
+        output = Path(args.output)
+        if output.suffix.lower() != ".binaryproto":
+            raise UsageError(f"{output}: the output must be a .binaryproto file")
+        if args.patch_size is not None and not 1 <= args.patch_size <= 8192:
+            raise UsageError(f"--patch-size must be in [1, 8192]; got {args.patch_size}")
+        # The data layer's own list reader and image reader, so both see the same pixels.
+        pairs = read_pair_list(args.list)
+        if output.resolve() in {Path(p).resolve() for pair in pairs for p in pair} | {Path(args.list).resolve()}:
+            raise UsageError(f"{output}: the output would replace the list file or one of its images")
+        if output.exists() and not args.overwrite:
+            raise UsageError(f"{output}: already exists (use --overwrite to replace it)")
+        mean = compute_mean_image((read_rgb(image) for image, _ in pairs), args.patch_size)
+        write_mean_binaryproto(output, mean, overwrite=args.overwrite)
+        channel_mean = ", ".join(f"{value:.2f}" for value in mean.mean(axis=(1, 2)))
+        print(f"wrote {output}: 1×{mean.shape[0]}×{mean.shape[1]}×{mean.shape[2]}, "
+              f"RGB channel means {channel_mean} from {len(pairs)} images")
+
+    return run(parser.prog, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""What decides an experiment run's numbers: the settings, the presets and the model design."""
+import dataclasses
+
+from ..tiling import DEFAULT_OVERLAP, DEFAULT_THRESHOLD, DEFAULT_TILE
+
+__all__ = ["BASELINE", "HISTMATCH", "INPUT_CONVENTION", "MODELS", "PRESETS", "Settings"]
+
+MODELS = (  # (name, centring, augmented)
+    ("meanfile", "meanfile", False),
+    ("meanfile+aug", "meanfile", True),
+    ("patchmean", "patchmean", False),
+    ("patchmean+aug", "patchmean", True),
+)
+BASELINE = "meanfile"
+HISTMATCH = "meanfile+histmatch"  # the baseline on histogram-matched input
+INPUT_CONVENTION = {"blob": "data", "layout": "N×3×H×W float32", "channel_order": "RGB",
+                    "value_range": [0, 255], "output": "prob: N×2×H×W softmax, channel 1 = nucleus",
+                    "size_multiple": None}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything that decides a run's numbers (recorded in ``summary.json``)."""
+
+    seed: int = 0
+    patch_size: int = 64
+    batch_size: int = 8
+    depth: int = 2
+    base_width: int = 16
+    base_iters: int = 400
+    finetune_iters: int = 200
+    base_lr: float = 1e-3
+    finetune_lr: float = 5e-4
+    validate_every: int = 100
+    val_batches: int = 8
+    color_margin: float = 0.1
+    hed_jitter: bool = True  # add stain-space jitter with the estimated range to the augmentation
+    tile: int = DEFAULT_TILE
+    overlap: int = DEFAULT_OVERLAP  # wider than the U-Net's receptive field (~47 px): tiles agree with one pass
+    threshold: float = DEFAULT_THRESHOLD
+    crop: int = 0  # >0: use only the top-left crop×crop of the slide (for tiny runs)
+    example_size: int = 512  # side of the centre crop of each real differently stained image
+
+
+PRESETS = {
+    "quick": Settings(),
+    "long": Settings(base_iters=3000, finetune_iters=1500, patch_size=96),
+    "tiny": Settings(patch_size=32, batch_size=2, base_width=4, base_iters=6, finetune_iters=4,
+                     validate_every=3, val_batches=1, tile=64, overlap=16, crop=320, example_size=64),
+}

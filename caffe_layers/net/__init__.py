@@ -1,0 +1,9 @@
+"""pycaffe tooling: everything here imports ``caffe`` (at module top, honestly).
+
+* :mod:`~caffe_layers.net.unet` -- NetSpec generator of the U-Net templates and their solvers;
+* :mod:`~caffe_layers.net.training` -- the training loop, with checked weight loading;
+* :mod:`~caffe_layers.net.meanfile` -- Caffe mean files (``.binaryproto``);
+* :mod:`~caffe_layers.net.predictor` -- a deploy net as a ``predict`` callable;
+* :mod:`~caffe_layers.net.segment` -- segment image files and write the results;
+* :mod:`~caffe_layers.net.compare` -- compare models on the same images.
+"""

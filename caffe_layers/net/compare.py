@@ -1,0 +1,168 @@
+"""Compare nuclei segmenters on the same images, as they are and stain-normalised.
+
+:func:`compare_models` segments every image with every model under each input condition
+(``original``, and ``matched`` = histogram-matched to a template when one is given), scores
+the masks against ground truth where it exists and writes into ``out_dir``:
+
+* ``table.md`` and ``table.csv``: pooled Dice, IoU and object F1 per model × condition;
+* ``figures/<image>_<condition>.png``: input, ground truth and each model's mask side by side;
+* ``summary.json``: the same scores with the number of images and pixels measured, plus the
+  per-image scores.
+
+Scores are pooled over images (:func:`caffe_layers.metrics.pool_scores`): a condition's
+Dice is that of all its pixels together, not a mean of per-image Dice.
+
+The writers are in :mod:`caffe_layers.reports`. Command line (:mod:`caffe_layers.cli.compare`)::
+
+    caffe-stain-compare --model NAME DEPLOY WEIGHTS [--model ...] \\
+        --image IMG [--mask MASK] [--image ...] [--template T.png] --out DIR
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import metrics
+from ..reports import save_comparison_figure, write_summary, write_table
+from ..stain import match_histograms
+from ..tiling import DEFAULT_MULTIPLE, DEFAULT_OVERLAP, DEFAULT_THRESHOLD, DEFAULT_TILE, segment_tiled
+from .predictor import CaffeSegmenter
+
+__all__ = ["ModelSpec", "compare_models"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A named Caffe deploy net and its weights."""
+
+    name: str
+    deploy: Path
+    weights: Path
+
+
+_SCORE_KEYS = ("dice", "iou", "object_f1", "precision", "recall")
+
+
+def _default_conditions(template_rgb):
+    conditions = {"original": None}
+    if template_rgb is not None:
+        def matched(rgb):
+            return match_histograms(np.asarray(rgb), template_rgb, ignore_white=True)
+
+        conditions["matched"] = matched
+    return conditions
+
+
+def _safe_name(text):
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(text))
+
+
+def compare_models(models, images, out_dir, template_rgb=None, conditions=None, tile=DEFAULT_TILE,
+                   overlap=DEFAULT_OVERLAP, threshold=DEFAULT_THRESHOLD, multiple=DEFAULT_MULTIPLE,
+                   figures=True, progress=False, predictors=None):
+    """Segment images with several models and conditions; score and write the comparison.
+
+    Parameters
+    ----------
+    models : list of ModelSpec
+        Model names must be unique.
+    images : list of (str, (H, W, 3) uint8 array, (H, W) array or None)
+        ``(name, rgb, truth)``; ``truth`` (nucleus > 0) may be ``None``: the image is then
+        segmented and drawn but not scored.
+    out_dir : path
+    template_rgb : (h, w, 3) uint8 array, optional
+        Adds the condition ``matched``: the input histogram-matched to this template with
+        :func:`caffe_layers.stain.match_histograms` (``ignore_white=True``).
+    conditions : dict of str -> callable or None, optional
+        Replaces the default conditions: name -> function ``rgb -> rgb`` applied to each
+        input before segmenting (``None`` = as is).
+    tile, overlap, threshold, multiple, progress
+        See :func:`caffe_layers.tiling.segment_tiled`.
+    figures : bool
+        Write one figure per image and condition.
+    predictors : dict of str -> callable, optional
+        Ready ``predict`` callables by model name, used instead of loading that model's
+        deploy/weights (e.g. nets already in memory).
+
+    Returns
+    -------
+    dict
+        The summary also written to ``summary.json``: ``results[model][condition]`` with
+        pooled ``dice, iou, object_f1, precision, recall``, ``images`` (number scored),
+        ``images_segmented``, ``pixels`` and the pooled counts; ``per_image`` scores; and
+        the paths written under ``files``.
+    """
+    names = [m.name for m in models]
+    if not models:
+        raise ValueError("compare_models needs at least one model")
+    if len(set(names)) != len(names):
+        raise ValueError(f"model names must be unique, got {names}")
+    image_names = [name for name, _, _ in images]
+    if len(set(image_names)) != len(image_names):
+        raise ValueError(f"image names must be unique, got {image_names}")
+    if conditions is None:
+        conditions = _default_conditions(template_rgb)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    predictors = dict(predictors or {})
+    for model in models:
+        if model.name not in predictors:
+            predictors[model.name] = CaffeSegmenter(model.deploy, model.weights)
+
+    per_image = []
+    figure_paths = []
+    segmented = {(m, c): 0 for m in names for c in conditions}
+    for image_name, rgb, truth in images:
+        if truth is not None:
+            truth = np.asarray(truth) != 0
+            if truth.shape != tuple(rgb.shape[:2]):
+                raise ValueError(f"image {image_name!r}: mask shape {truth.shape} does not "
+                                 f"match image shape {tuple(rgb.shape[:2])}")
+        for condition, transform in conditions.items():
+            shown = rgb if transform is None else transform(rgb)
+            panels = [(f"{image_name} ({condition})", shown),
+                      ("ground truth", None if truth is None else truth)]
+            for model_name in names:
+                prob = segment_tiled(predictors[model_name], shown, tile=tile, overlap=overlap,
+                                     multiple=multiple, progress=progress)
+                mask = prob > threshold
+                segmented[model_name, condition] += 1
+                label = model_name
+                if truth is not None:
+                    scores = metrics.segmentation_scores(mask, truth)
+                    per_image.append(dict(model=model_name, condition=condition,
+                                          image=image_name, **scores))
+                    label += f"\nDice {scores['dice']:.3f}  F1 {scores['object_f1']:.3f}"
+                panels.append((label, mask))
+            if figures:
+                path = out_dir / "figures" / f"{_safe_name(image_name)}_{_safe_name(condition)}.png"
+                figure_paths.append(save_comparison_figure(path, panels))
+
+    results, rows = {}, []
+    for model_name in names:
+        results[model_name] = {}
+        for condition in conditions:
+            scored = [s for s in per_image
+                      if s["model"] == model_name and s["condition"] == condition]
+            pooled = metrics.pool_scores(scored)
+            if not scored:  # nothing measured: no score, rather than the empty-mask 1.0
+                for key in _SCORE_KEYS:
+                    pooled[key] = None
+            pooled["images_segmented"] = segmented[model_name, condition]
+            results[model_name][condition] = pooled
+            rows.append(dict(model=model_name, condition=condition, **pooled))
+
+    md_path, csv_path = write_table(rows, out_dir)
+    summary = dict(
+        models=[dict(name=m.name, deploy=str(m.deploy), weights=str(m.weights)) for m in models],
+        conditions=list(conditions),
+        settings=dict(tile=tile, overlap=overlap, threshold=threshold, multiple=multiple,
+                      pooling="sum of pixel/object counts over images"),
+        results=results,
+        per_image=per_image,
+        files=dict(table_md=md_path.name, table_csv=csv_path.name,
+                   figures=[str(p.relative_to(out_dir)) for p in figure_paths]),
+    )
+    write_summary(summary, out_dir)
+    return summary

@@ -1,0 +1,15 @@
+"""Batch augmentation for nuclei segmentation: numpy, scipy and OpenCV, no Caffe.
+
+* :mod:`~caffe_layers.transforms.functional` -- pure kernels (the dihedral group, rotation,
+  colour change, clipping, input checks);
+* :mod:`~caffe_layers.transforms.batch` -- :class:`BatchAugmenter`, which draws each sample's
+  transform (:func:`draw_augmentation`) and applies the kernels to an N×C×H×W batch;
+* :mod:`~caffe_layers.transforms.reference` -- :func:`naive_augment`, a plain per-image
+  implementation kept as test oracle and benchmark baseline.
+"""
+from .batch import AugmentDraws, BatchAugmenter, draw_augmentation
+from .functional import DIHEDRAL_ELEMENTS, apply_dihedral, dihedral_element
+from .reference import naive_augment
+
+__all__ = ["DIHEDRAL_ELEMENTS", "AugmentDraws", "BatchAugmenter", "apply_dihedral", "dihedral_element",
+           "draw_augmentation", "naive_augment"]

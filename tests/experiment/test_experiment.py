@@ -1,0 +1,107 @@
+"""The experiment pipeline: data preparation (no Caffe) and a tiny end-to-end run (real Caffe)."""
+import json
+
+import numpy as np
+import pytest
+
+from caffe_layers import datasets
+from caffe_layers.experiment import regions as prepare
+from caffe_layers.image_io import read_mask, read_rgb
+from caffe_layers.patches import read_pair_list
+from caffe_layers.stain import channel_mean_ratios, shifts
+
+
+def test_split_regions_are_ordered_disjoint_and_separated():
+    regions = prepare.split_regions(1500, gap=16)
+    bands = [regions[name] for name in prepare.REGION_NAMES]
+    for upper, lower in zip(bands, bands[1:]):
+        assert lower.start - upper.stop == 16
+    assert bands[0].start == 0 and bands[-1].stop == 1500
+
+
+@pytest.mark.parametrize("fractions", [(0.5, 0.5, 0.0), (0.6, 0.3, 0.3), (1.0,)])
+def test_split_regions_rejects_bad_fractions(fractions):
+    with pytest.raises(ValueError, match="fractions"):
+        prepare.split_regions(100, fractions=fractions)
+
+
+def test_region_lists_are_readable_by_the_data_layer(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (100, 40, 3), dtype=np.uint8)
+    mask = rng.integers(0, 3, (100, 40))
+    regions = prepare.split_regions(100, gap=4)
+    lists = prepare.write_region_lists(rgb, mask, regions, tmp_path)
+    for name, rows in regions.items():
+        [(image_path, mask_path)] = read_pair_list(lists[name])
+        np.testing.assert_array_equal(read_rgb(image_path), rgb[rows])
+        np.testing.assert_array_equal(read_mask(mask_path), mask[rows] > 0)
+
+
+def test_shift_stains_identity_and_white():
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    rgb[:5] = 255
+    same = shifts.shift_stains(rgb, (1, 1, 1))
+    assert np.abs(same.astype(int) - rgb).max() <= 1
+    pale = shifts.shift_stains(rgb, (0.5, 0.5, 1))
+    assert (pale[:5] == 255).all()  # scaling stains leaves glass white
+    assert pale[5:].astype(float).mean() > rgb[5:].astype(float).mean()
+
+
+def test_seed_shift_reaches_target_ratios_on_real_tissue():
+    rgb, _ = datasets.load_hgsc_nest()
+    train, test = rgb[:600:2, ::2], rgb[900::2, ::2]
+    alpha, beta, ratios = shifts.fit_stain_shift(test, train, shifts.SEED_RATIOS)
+    np.testing.assert_allclose(ratios, shifts.SEED_RATIOS, atol=0.03)
+    shifted = shifts.shift_stains(test, alpha, beta)
+    np.testing.assert_allclose(channel_mean_ratios(shifted, train, ignore_white=True), ratios)
+
+
+def test_tiny_experiment_end_to_end(caffe, tmp_path):
+    from caffe_layers.experiment import MODELS, HISTMATCH, PRESETS, run_experiment
+
+    summary = run_experiment(tmp_path, PRESETS["tiny"], preset="tiny")
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["results"] == json.loads(json.dumps(summary["results"]))
+    model_names = [name for name, _, _ in MODELS] + [HISTMATCH]
+    conditions = ["in_domain", *shifts.STAIN_SHIFTS, "seed_ratios"]
+    test_rows = summary["regions"]["test"]
+    for model in model_names:
+        for condition in conditions:
+            scores = summary["results"][model][condition]
+            assert 0.0 <= scores["dice"] <= 1.0
+            assert scores["pixels"] == (test_rows[1] - test_rows[0]) * PRESETS["tiny"].crop
+            assert scores["images"] == 1
+    for name, _, _ in MODELS:
+        entry = summary["models"][name]
+        assert (tmp_path / "models" / name.replace("+", "_") / "weights.caffemodel").exists()
+        assert entry["input"]["channel_order"] == "RGB" and entry["input"]["value_range"] == [0, 255]
+    table = (tmp_path / "table.md").read_text()
+    assert all(model in table for model in model_names)
+    assert (tmp_path / "figures" / "dice_by_condition.png").stat().st_size > 0
+    assert summary["augment_param_str"].startswith("{") and "color_a_min" in summary["augment_param_str"]
+    # The exported deploy net and weights re-score to the same Dice.
+    from caffe_layers.metrics import dice
+    from caffe_layers.net.predictor import CaffeSegmenter
+    from caffe_layers.tiling import segment_tiled
+    from PIL import Image
+
+    image = np.asarray(Image.open(tmp_path / "work" / "data" / "test.png"))
+    truth = np.asarray(Image.open(tmp_path / "work" / "data" / "test_mask.png")) > 0
+    entry = summary["models"]["patchmean"]
+    # Paths in the summary are relative to the output folder.
+    segmenter = CaffeSegmenter(tmp_path / entry["deploy"], tmp_path / entry["weights"])
+    mask = segment_tiled(segmenter, image, tile=64, overlap=16, multiple=4) > 0.5
+    assert dice(mask, truth) == pytest.approx(summary["results"]["patchmean"]["in_domain"]["dice"])
+
+
+@pytest.mark.parametrize("argv, message", [(["--base-iters", "0"], "--base-iters must be >= 1, got 0"),
+                                           (["--seed", "-1"], "--seed must be >= 0, got -1"),
+                                           (["--tiny", "--long"], "not allowed with argument")])
+def test_experiment_command_line_rejects_bad_settings(argv, message, capsys):
+    from caffe_layers.cli.experiment import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

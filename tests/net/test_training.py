@@ -1,0 +1,145 @@
+"""caffe_layers.net.training.train on small synthetic patches, with the real Caffe."""
+import csv
+
+import numpy as np
+import pytest
+
+from caffe_layers.cli import train as train_cli
+from caffe_layers.net import training, unet
+
+from test_unet_templates import write_dataset
+
+PATCH, BATCH, WIDTH = 32, 4, 8
+
+
+def write_run(tmp_path, *, base_width=WIDTH, base_lr=3e-3, max_iter=40, snapshot=0, name="run"):
+    """Small train/val net + solver in ``tmp_path``; returns (solver path, train_val path)."""
+    list_file = tmp_path / "data" / "list.txt"
+    if not list_file.exists():
+        write_dataset(tmp_path / "data", n_images=4, size=64)
+    net_path = tmp_path / f"{name}_train_val.prototxt"
+    # fixed data seed, no augmentation: every fresh net sees the same first batch
+    net_path.write_text(unet.net_to_text(unet.unet_train_val(
+        str(list_file), str(list_file), centring="patchmean", batch_size=BATCH, patch_size=PATCH,
+        base_width=base_width, seed=7)))
+    solver_path = tmp_path / f"{name}_solver.prototxt"
+    solver_path.write_text(unet.solver_to_text(unet.solver(
+        str(net_path), base_lr=base_lr, max_iter=max_iter, snapshot_prefix=str(tmp_path / "snapshots" / name),
+        test_iter=2, test_interval=10, snapshot=snapshot, random_seed=1)))
+    return solver_path, net_path
+
+
+def test_a_few_iterations_lower_the_loss_and_log_csv(caffe, tmp_path):
+    solver_path, _ = write_run(tmp_path, max_iter=40)
+    log_path = tmp_path / "logs" / "train.csv"
+    result = training.train(solver_path, log_csv=log_path, progress=False)
+
+    assert result.iterations == 40 and [it for it, _ in result.losses] == list(range(40))
+    first, last = np.mean([loss for _, loss in result.losses[:5]]), np.mean([loss for _, loss in result.losses[-5:]])
+    assert last < 0.6 * first, (first, last)
+    assert [entry["iter"] for entry in result.validation] == [10, 20, 30, 40]
+    assert 0 <= result.validation[-1]["val_dice"] <= 1 and result.validation[-1]["val_loss"] > 0
+
+    rows = list(csv.DictReader(open(log_path)))
+    assert len(rows) == 40 and float(rows[0]["loss"]) == pytest.approx(result.losses[0][1])
+    assert {"val_loss", "val_dice", "val_accuracy"} <= set(rows[0])
+    assert rows[9]["val_dice"] != "" and rows[8]["val_dice"] == ""
+
+    # the final snapshot is always written
+    assert result.caffemodel.endswith("run_iter_40.caffemodel")
+    assert (tmp_path / "snapshots" / "run_iter_40.solverstate").is_file()
+
+
+def test_retraining_starts_from_the_saved_weights(caffe, tmp_path):
+    solver_path, net_path = write_run(tmp_path, max_iter=25)
+    first_run = training.train(solver_path, progress=False, validate_every=0)
+
+    # the saved model's loss on the first batch the data layer gives
+    saved = caffe.Net(str(net_path), caffe.TRAIN, weights=first_run.caffemodel)
+    saved_loss = float(saved.forward()["loss"])
+
+    retrained = training.train(solver_path, weights=first_run.caffemodel, max_iter=2, progress=False,
+                               validate_every=0)
+    assert retrained.first_loss == pytest.approx(saved_loss, rel=1e-5)
+    assert abs(first_run.first_loss - saved_loss) > 0.05  # a fresh net would not give this loss
+
+
+def test_resume_continues_from_the_solverstate(caffe, tmp_path):
+    solver_path, _ = write_run(tmp_path, max_iter=10, snapshot=5)
+    first = training.train(solver_path, max_iter=5, progress=False, validate_every=0)
+    assert first.solverstate.endswith("run_iter_5.solverstate")
+    resumed = training.train(solver_path, resume=first.solverstate, progress=False, validate_every=0)
+    assert [it for it, _ in resumed.losses] == list(range(5, 10))
+    assert resumed.iterations == 10 and resumed.caffemodel.endswith("run_iter_10.caffemodel")
+
+
+def test_missing_files_give_clear_errors(caffe, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope_solver.prototxt"):
+        training.train(tmp_path / "nope_solver.prototxt", progress=False)
+    solver_path, _ = write_run(tmp_path)
+    with pytest.raises(FileNotFoundError, match="nope.caffemodel"):
+        training.train(solver_path, weights=tmp_path / "nope.caffemodel", progress=False)
+    with pytest.raises(FileNotFoundError, match="nope.solverstate"):
+        training.train(solver_path, resume=tmp_path / "nope.solverstate", progress=False)
+
+    broken_net = tmp_path / "broken_solver.prototxt"
+    broken_net.write_text(f'net: "{tmp_path / "missing_net.prototxt"}"\nbase_lr: 0.01\n')
+    with pytest.raises(FileNotFoundError, match="missing_net.prototxt"):
+        training.train(broken_net, progress=False)
+    broken_text = tmp_path / "garbled_solver.prototxt"
+    broken_text.write_text("base_lr: fast\n")
+    with pytest.raises(ValueError, match="garbled_solver.prototxt"):
+        training.train(broken_text, progress=False)
+
+
+def test_mismatched_weights_are_refused_before_caffe_aborts(caffe, tmp_path):
+    solver_path, _ = write_run(tmp_path)
+    # same layer names, half the channels
+    narrow = tmp_path / "narrow_deploy.prototxt"
+    narrow.write_text(unet.net_to_text(unet.unet_deploy(centring="patchmean", base_width=WIDTH // 2)))
+    narrow_weights = tmp_path / "narrow.caffemodel"
+    caffe.Net(str(narrow), caffe.TEST).save(str(narrow_weights))
+    with pytest.raises(ValueError, match=r"does not fit the net: layer 'enc0_conv1' blob 0"):
+        training.train(solver_path, weights=narrow_weights, progress=False)
+
+    not_a_model = tmp_path / "notes.caffemodel"
+    not_a_model.write_bytes(b"\xff\xff\xff garbage")
+    with pytest.raises(ValueError, match="notes.caffemodel"):
+        training.train(solver_path, weights=not_a_model, progress=False)
+
+
+def test_console_entry(caffe, tmp_path, capsys):
+    solver_path, _ = write_run(tmp_path, max_iter=3)
+    log_path = tmp_path / "cli.csv"
+    assert train_cli.main(["--solver", str(solver_path), "--log", str(log_path), "--no-progress"]) == 0
+    assert len(list(csv.DictReader(open(log_path)))) == 3
+    assert "trained to iteration 3" in capsys.readouterr().out
+
+    assert train_cli.main(["--solver", str(tmp_path / "absent.prototxt")]) == 2
+    assert "absent.prototxt" in capsys.readouterr().err
+
+
+def test_a_few_iterations_on_real_he_patches_lower_the_loss(caffe, tmp_path):
+    """The template flow on real tissue: hgsc_nest patches -> AugmentationLayer -> per-patch
+    centring -> U-Net; the loss falls within a few dozen iterations."""
+    from caffe_layers import datasets
+    from caffe_layers.experiment import regions as prepare
+
+    rgb, instances = datasets.load_hgsc_nest()
+    crop = slice(0, 400)
+    regions = prepare.split_regions(400, gap=8)
+    lists = prepare.write_region_lists(rgb[crop, crop], datasets.nucleus_mask(instances)[crop, crop],
+                                       regions, tmp_path / "data")
+    net_path = tmp_path / "real_train_val.prototxt"
+    net_path.write_text(unet.net_to_text(unet.unet_train_val(
+        str(lists["train"]), str(lists["val"]), centring="patchmean", batch_size=BATCH, patch_size=PATCH,
+        base_width=WIDTH, augment_param_str=unet.DEFAULT_AUGMENT_PARAM_STR, seed=3)))
+    solver_path = tmp_path / "real_solver.prototxt"
+    solver_path.write_text(unet.solver_to_text(unet.solver(
+        str(net_path), base_lr=3e-3, max_iter=60, snapshot_prefix=str(tmp_path / "real"),
+        test_iter=2, test_interval=60, snapshot=0, random_seed=1)))
+    result = training.train(solver_path, progress=False)
+    losses = [loss for _, loss in result.losses]
+    first, last = np.mean(losses[:10]), np.mean(losses[-10:])
+    assert last < 0.75 * first, (first, last)
+    assert 0 < result.validation[-1]["val_dice"] <= 1
