@@ -8,6 +8,14 @@ without ever calling ``eval``; :func:`format_param_str` writes one back. The par
 value out of range, min above max) into a :class:`ParamError` that names the layer, the key,
 the offending value and what would have been allowed.
 
+Every input is handled in bounded time and memory: a param_str longer than
+:data:`MAX_PARAM_STR_CHARS` or nested deeper than :data:`MAX_PARAM_DEPTH` is refused, YAML
+anchors and aliases (which can expand a few hundred bytes into gigabytes) are refused, a key
+given twice is refused in every format, and the values quoted in error messages are cut to a
+few hundred characters before the message is built. Numbers must fit the computation: int
+parameters are 64-bit; float parameters must not exceed :data:`FLOAT32_MAX` in magnitude, and
+those that must not be 0 must not be below :data:`FLOAT32_TINY` either.
+
 All schemas live in this module: :data:`AUGMENT_SCHEMA` (the augmentation layer and
 :class:`caffe_layers.transforms.BatchAugmenter`) and :data:`PATCH_DATA_SCHEMA` (the patch data
 layer, whose ``augment`` entry is validated with :data:`AUGMENT_SCHEMA`).
@@ -29,7 +37,8 @@ import json
 import math
 import numbers
 import re
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -38,6 +47,13 @@ import yaml
 __all__ = [
     "ACCEPTED_FORMATS",
     "AUGMENT_SCHEMA",
+    "FLOAT32_MAX",
+    "FLOAT32_TINY",
+    "INT64_MAX",
+    "INT64_MIN",
+    "INT_MAX",
+    "MAX_PARAM_DEPTH",
+    "MAX_PARAM_STR_CHARS",
     "MEAN_SUBTRACT_SCHEMA",
     "PATCH_DATA_SCHEMA",
     "REQUIRED",
@@ -57,6 +73,31 @@ ACCEPTED_FORMATS = (
 
 # Longest param_str excerpt quoted in an error message; keeps messages readable.
 _MAX_QUOTED_CHARS = 200
+
+MAX_PARAM_STR_CHARS = 64 * 1024
+"""Longest accepted param_str, in characters (real ones are a few hundred)."""
+
+MAX_PARAM_DEPTH = 32
+"""Deepest accepted nesting of dicts and lists (a layer's parameters use 2 or 3 levels)."""
+
+# Longest decimal integer read from a param_str: Python's own limit for int('...') (a
+# decimal conversion is quadratic in the number of digits, hence the limit), fixed here so
+# the parser does not depend on sys.set_int_max_str_digits().
+_MAX_INT_DIGITS = 4300
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+"""Range of every int parameter unless its :class:`Param` declares a narrower one."""
+
+INT_MAX = 2**31 - 1
+"""Largest number of elements in a Caffe blob (``Blob::Reshape`` checks ``count <= INT_MAX``)."""
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+"""The layers compute in float32, so a float parameter's magnitude must not exceed
+``FLOAT32_MAX`` (it would become inf); a parameter that must not be 0 (e.g. ``> 0``) must also
+be at least ``FLOAT32_TINY``, float32's smallest normal number (a smaller one becomes 0 or a
+subnormal there). Where 0 is allowed, a tiny value is accepted: it acts like 0."""
 
 
 class ParamError(ValueError):
@@ -110,6 +151,153 @@ def _quote(text: str) -> str:
     return repr(text)
 
 
+def _clip(text: str, limit: int = _MAX_QUOTED_CHARS) -> str:
+    """``text`` cut to ``limit`` characters (plus ``...``), unquoted."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class _UnreadableInt:
+    """Stand-in for a decimal integer with more than :data:`_MAX_INT_DIGITS` digits.
+
+    The JSON and YAML readers return it instead of converting the digits (which Python
+    refuses, and which would take time quadratic in their number); the parser then rejects
+    it with a :class:`ParamError` naming the key. It never leaves :func:`parse_param_str`.
+    """
+
+    def __init__(self, text: str):
+        self.text = text
+        self.digits = len(text.lstrip("+-").replace("_", ""))
+
+    def __repr__(self) -> str:
+        return f"<int with {self.digits} digits>"
+
+
+class _DuplicateKeyDict(dict):
+    """A parsed mapping in which ``duplicate_key`` was given more than once.
+
+    Returned by the JSON and YAML readers so that the parser can name the dotted key; it
+    never leaves :func:`parse_param_str`.
+    """
+
+    duplicate_key: Any = None
+
+
+def _int_repr(value: int, limit: int) -> str:
+    # Never str() an int of thousands of digits: slow, and refused by Python above 4300.
+    if value.bit_length() <= 3 * limit:  # at most ~0.9 * limit digits
+        return repr(value)
+    digits = int(value.bit_length() * 0.30102999566398120) + 1
+    if 10 ** (digits - 1) > abs(value):
+        digits -= 1
+    return f"<{'negative ' if value < 0 else ''}int with {digits} digits>"
+
+
+def _repr_pieces(value: Any, limit: int, active: set) -> Iterator[str]:
+    """Pieces of ``repr(value)``, generated lazily so the caller can stop at a budget."""
+    if isinstance(value, (str, bytes, bytearray)):
+        yield repr(value[: limit + 1])
+    elif isinstance(value, bool) or value is None or isinstance(value, (float, complex)):
+        yield repr(value)
+    elif isinstance(value, int):
+        yield _int_repr(value, limit)
+    elif isinstance(value, (Mapping, list, tuple, set, frozenset)):
+        if id(value) in active:  # a container that contains itself, as repr() shows it
+            yield "{...}" if isinstance(value, Mapping) else "[...]"
+            return
+        active.add(id(value))
+        try:
+            if isinstance(value, Mapping):
+                opening, closing, items = "{", "}", value.items()
+            elif isinstance(value, list):
+                opening, closing, items = "[", "]", value
+            elif isinstance(value, tuple):
+                opening, closing, items = "(", ",)" if len(value) == 1 else ")", value
+            elif not value:
+                opening, closing, items = type(value).__name__ + "(", ")", ()
+            elif isinstance(value, frozenset):
+                opening, closing, items = "frozenset({", "})", value
+            else:
+                opening, closing, items = "{", "}", value
+            yield opening
+            for index, item in enumerate(items):
+                if index:
+                    yield ", "
+                if isinstance(value, Mapping):
+                    yield from _repr_pieces(item[0], limit, active)
+                    yield ": "
+                    yield from _repr_pieces(item[1], limit, active)
+                else:
+                    yield from _repr_pieces(item, limit, active)
+            yield closing
+        finally:
+            active.discard(id(value))
+    elif isinstance(value, np.ndarray) and value.size > 16:
+        yield f"<ndarray shape={value.shape} dtype={value.dtype}>"
+    else:
+        # Scalars from the parsers (datetime, Ellipsis, numpy numbers) have short reprs; any
+        # other object is cut below, and a repr that fails does not hide the real error.
+        try:
+            yield repr(value)[: limit + 1]
+        except Exception:  # noqa: BLE001 - a broken __repr__ of a caller's object
+            yield f"<{type(value).__name__} object>"
+
+
+def _short_repr(value: Any, limit: int = _MAX_QUOTED_CHARS) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, built within that budget.
+
+    Containers are walked only as far as the budget reaches, so a huge or deeply nested
+    value (or one that contains itself) costs no more than a small one; huge ints are shown
+    as ``<int with N digits>``.
+    """
+    pieces = []
+    length = 0
+    for piece in _repr_pieces(value, limit, set()):
+        pieces.append(piece)
+        length += len(piece)
+        if length > limit:
+            return "".join(pieces)[:limit] + "..."
+    return "".join(pieces)
+
+
+def _key_text(key: Any) -> str:
+    """A parsed key as text for a dotted key (non-string keys as their short repr)."""
+    return key if isinstance(key, str) else _short_repr(key)
+
+
+def _dotted(path: tuple) -> str:
+    """``('augment', 'x', _ListIndex(0))`` -> ``'augment.x[0]'``."""
+    text = ""
+    for part in path:
+        if isinstance(part, _ListIndex):
+            text += f"[{int(part)}]"
+        else:
+            text += ("." if text else "") + _key_text(part)
+    return text
+
+
+class _ListIndex(int):
+    """Position in a list or tuple, in a path (a dict key 0 is a plain int)."""
+
+
+def _too_deep(where: str, text: str) -> ParamError:
+    return ParamError(
+        f"{where} is nested too deeply: at most {MAX_PARAM_DEPTH} levels of dicts and lists "
+        f"are accepted; {_quote(text)}",
+        where=where,
+        value=text,
+    )
+
+
+def _duplicate(where: str, text: str, path: tuple) -> ParamError:
+    key = _dotted(path)
+    return ParamError(
+        f"duplicate key {_quote(key)} in {where}: each key may be given only once; {_quote(text)}",
+        where=where,
+        key=key,
+        value=text,
+    )
+
+
 class _Yaml12FloatLoader(yaml.SafeLoader):
     """SafeLoader that also reads ``1e-3`` as a float (PyYAML follows YAML 1.1, where a
     float needs a dot, so ``1e-3`` would silently become the string ``'1e-3'``)."""
@@ -126,6 +314,103 @@ _Yaml12FloatLoader.add_implicit_resolver(
         re.VERBOSE,
     ),
     list("-+0123456789."),
+)
+
+
+class _ParamYamlLoader(_Yaml12FloatLoader):
+    """The YAML reader of :func:`parse_param_str`: :class:`_Yaml12FloatLoader` that also
+
+    * refuses anchors and aliases (``&a`` / ``*a``): an alias makes the parsed value share
+      the aliased one, so a few hundred bytes can stand for a structure of billions of
+      elements that any walk over it -- e.g. quoting it in an error message -- expands;
+    * refuses nesting deeper than :data:`MAX_PARAM_DEPTH` (the composer is recursive);
+    * marks a mapping with a repeated key (PyYAML silently keeps the last value);
+    * reads a decimal integer of more than :data:`_MAX_INT_DIGITS` digits as an
+      :class:`_UnreadableInt` instead of failing (or spending quadratic time) on it.
+    """
+
+    def __init__(self, stream: str, where: str):
+        super().__init__(stream)
+        self.param_where = where
+        self.param_text = stream
+        self.param_depth = 0
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            kind, sigil = ("alias", "*") if isinstance(event, yaml.AliasEvent) else ("anchor", "&")
+            mark = event.start_mark
+            raise ParamError(
+                f"YAML anchors and aliases are not accepted in {self.param_where}: found the "
+                f"{kind} {_quote(sigil + str(event.anchor))} at line {mark.line + 1}, column "
+                f"{mark.column + 1}; write each value out in full",
+                where=self.param_where,
+                value=self.param_text,
+            )
+        collection = isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent))
+        if collection:
+            self.param_depth += 1
+            if self.param_depth > MAX_PARAM_DEPTH:
+                raise _too_deep(self.param_where, self.param_text)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            if collection:
+                self.param_depth -= 1
+
+    def _repeated_key(self, node: yaml.MappingNode) -> Any:
+        """The first scalar key given twice in ``node`` (or in a mapping merged into it with
+        ``<<``, each checked on its own: a key overriding a merged one is YAML's meaning of
+        ``<<``), or ``_NO_KEY``."""
+        pending = [node]
+        while pending:
+            mapping = pending.pop(0)
+            seen = set()
+            for key_node, value_node in mapping.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    merged = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+                    pending.extend(item for item in merged if isinstance(item, yaml.MappingNode))
+                    continue
+                if not isinstance(key_node, yaml.ScalarNode):
+                    continue  # a collection key: unhashable, PyYAML refuses it
+                key = self.construct_object(key_node)
+                try:
+                    if key in seen:
+                        return key
+                    seen.add(key)
+                except TypeError:
+                    continue
+        return _NO_KEY
+
+    def construct_checked_map(self, node):
+        repeated = self._repeated_key(node) if isinstance(node, yaml.MappingNode) else _NO_KEY
+        data: dict = {} if repeated is _NO_KEY else _DuplicateKeyDict()
+        if repeated is not _NO_KEY:
+            data.duplicate_key = repeated
+        yield data
+        data.update(self.construct_mapping(node))
+
+    def construct_checked_int(self, node):
+        text = str(self.construct_scalar(node))
+        digits = text.replace("_", "").lstrip("+-")
+        # Only base 10 is slow and limited (0x/0b/octal/sexagesimal convert in linear time).
+        if len(digits) > _MAX_INT_DIGITS and digits.isdigit() and not digits.startswith("0"):
+            return _UnreadableInt(text)
+        return super().construct_yaml_int(node)
+
+
+_ParamYamlLoader.add_constructor("tag:yaml.org,2002:map", _ParamYamlLoader.construct_checked_map)
+_ParamYamlLoader.add_constructor("tag:yaml.org,2002:int", _ParamYamlLoader.construct_checked_int)
+
+_NO_KEY = object()
+
+# Failures of a reader on text it cannot read; anything else is a bug and propagates.
+# PyYAML's constructors for explicit tags fail with plain exceptions on odd scalars:
+# KeyError ('!!bool x'), IndexError ('!!int ' with nothing after it), AttributeError
+# ('!!timestamp x'), ValueError, OverflowError (a sexagesimal '!!float' beyond float).
+_READ_ERRORS = (
+    ValueError, SyntaxError, TypeError, ArithmeticError, LookupError, AttributeError, MemoryError,
+    RecursionError, yaml.YAMLError,
 )
 
 
@@ -153,18 +438,34 @@ def parse_param_str(text: str | bytes | None, where: str = "param_str") -> dict:
     ------
     ParamError
         If the text parses in none of the formats, or parses to something other than a dict
-        with string keys.
+        with string keys; if it is longer than :data:`MAX_PARAM_STR_CHARS` characters or
+        nested deeper than :data:`MAX_PARAM_DEPTH`; if a dict has a key twice; if it uses
+        YAML anchors or aliases; if an integer has more than 4300 digits.
     """
     if text is None:
         return {}
-    if isinstance(text, bytes):
+    if isinstance(text, (bytes, bytearray)):
+        if len(text) > 4 * MAX_PARAM_STR_CHARS:  # cannot be short enough once decoded
+            raise ParamError(
+                f"{where} is too long: {len(text)} bytes; at most {MAX_PARAM_STR_CHARS} "
+                "characters are accepted",
+                where=where,
+                value=text,
+            )
         try:
-            text = text.decode("utf-8")
+            text = bytes(text).decode("utf-8")
         except UnicodeDecodeError as exc:
             raise ParamError(f"{where} is not valid UTF-8: {exc}", where=where, value=text) from exc
     if not isinstance(text, str):
         raise ParamError(
-            f"{where} must be a string, got {type(text).__name__} {text!r}; {ACCEPTED_FORMATS}",
+            f"{where} must be a string, got {type(text).__name__} {_short_repr(text)}; {ACCEPTED_FORMATS}",
+            where=where,
+            value=text,
+        )
+    if len(text) > MAX_PARAM_STR_CHARS:
+        raise ParamError(
+            f"{where} is too long: {len(text)} characters; at most {MAX_PARAM_STR_CHARS} are "
+            f"accepted; {_quote(text)}",
             where=where,
             value=text,
         )
@@ -173,20 +474,36 @@ def parse_param_str(text: str | bytes | None, where: str = "param_str") -> dict:
 
     parsed: Any
     errors = []
-    for parse in (json.loads, ast.literal_eval, _parse_yaml):
+    hints = []
+    stripped = text.strip()
+    for name, parse in (("json.loads", _parse_json), ("ast.literal_eval", _parse_literal),
+                        ("yaml.safe_load", _parse_yaml)):
         try:
-            parsed = parse(text.strip())
+            parsed = parse(stripped, where)
             break
-        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError, yaml.YAMLError) as exc:
-            errors.append(f"{parse.__name__}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+        except ParamError:
+            raise
+        except _READ_ERRORS as exc:
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            errors.append(f"{name}: {_clip(message)}")
+            if isinstance(exc, (RecursionError, MemoryError)) or "too many nested" in message:
+                hint = f"it is nested too deeply (at most {MAX_PARAM_DEPTH} levels of dicts and lists)"
+            elif "integer string conversion" in message:
+                hint = f"an integer in it has more than {_MAX_INT_DIGITS} digits"
+            else:
+                continue
+            if hint not in hints:
+                hints.append(hint)
     else:
         raise ParamError(
-            f"cannot parse {where} {_quote(text)}; {ACCEPTED_FORMATS} "
-            f"(YAML error: {errors[-1].split(': ', 1)[-1]})",
+            f"cannot parse {where} {_quote(text)}; "
+            + "".join(hint + "; " for hint in hints)
+            + f"{ACCEPTED_FORMATS} (YAML error: {errors[-1].split(': ', 1)[-1]})",
             where=where,
             value=text,
         )
 
+    _check_parsed(parsed, where, text)
     if not isinstance(parsed, dict):
         raise ParamError(
             f"{where} must be a dict of parameters, but {_quote(text)} is a "
@@ -197,24 +514,134 @@ def parse_param_str(text: str | bytes | None, where: str = "param_str") -> dict:
     bad_keys = [key for key in parsed if not isinstance(key, str)]
     if bad_keys:
         raise ParamError(
-            f"{where} keys must be strings, got key {bad_keys[0]!r} in {_quote(text)}",
+            f"{where} keys must be strings, got key {_short_repr(bad_keys[0])} in {_quote(text)}",
             where=where,
-            key=str(bad_keys[0]),
+            key=_key_text(bad_keys[0]),
             value=text,
         )
     return parsed
 
 
-def _parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Yaml12FloatLoader)  # noqa: S506 - SafeLoader subclass
+def _check_parsed(parsed: Any, where: str, text: str) -> None:
+    """Reject what a reader marked (repeated keys, unreadable ints) and too deep nesting.
+
+    Walks the parsed value without recursion, in the order of the text, so the first
+    problem in the text is the one reported, with its dotted key.
+    """
+    pending = [(parsed, 0, ())]
+    while pending:
+        value, depth, path = pending.pop()
+        if isinstance(value, _UnreadableInt):
+            key = _dotted(path)
+            what = f"invalid value for {_quote(key)} in {where}: {_clip(key)}=" if path else f"{where}: "
+            raise ParamError(
+                f"{what}{value!r} is too long to read; integers may have at most {_MAX_INT_DIGITS} digits",
+                where=where,
+                key=key or None,
+                value=value.text,
+            )
+        if not isinstance(value, (dict, list, tuple, set, frozenset)):
+            continue
+        depth += 1
+        if depth > MAX_PARAM_DEPTH:
+            raise _too_deep(where, text)
+        if isinstance(value, _DuplicateKeyDict):
+            raise _duplicate(where, text, path + (value.duplicate_key,))
+        if isinstance(value, dict):
+            children = []
+            for key, item in value.items():
+                if isinstance(key, _UnreadableInt):
+                    children.append((key, depth, path))
+                children.append((item, depth, path + (key,)))
+        elif isinstance(value, (list, tuple)):
+            children = [(item, depth, path + (_ListIndex(index),)) for index, item in enumerate(value)]
+        else:
+            children = [(item, depth, path) for item in value]
+        pending.extend(reversed(children))
 
 
-_parse_yaml.__name__ = "yaml.safe_load"
+def _parse_json(text: str, where: str) -> Any:
+    def pairs_to_dict(pairs):
+        result = {}
+        repeated = _NO_KEY
+        for key, value in pairs:
+            if key in result and repeated is _NO_KEY:
+                repeated = key
+            result[key] = value
+        if repeated is _NO_KEY:
+            return result
+        marked = _DuplicateKeyDict(result)
+        marked.duplicate_key = repeated
+        return marked
+
+    def to_int(digits: str):
+        if len(digits.lstrip("-")) > _MAX_INT_DIGITS:
+            return _UnreadableInt(digits)
+        return int(digits)
+
+    return json.loads(text, object_pairs_hook=pairs_to_dict, parse_int=to_int)
+
+
+_CONTAINER_NODES = (ast.Dict, ast.List, ast.Tuple, ast.Set)
+
+
+def _parse_literal(text: str, where: str) -> Any:
+    """``ast.literal_eval(text)``, refusing too deep nesting and keys given twice.
+
+    ``literal_eval`` itself recurses into containers and builds dicts that silently keep the
+    last of repeated keys, so the syntax tree is checked first, without recursion.
+    """
+    with warnings.catch_warnings():
+        # Text that is not Python at all (YAML, say) must not print "invalid escape sequence".
+        warnings.simplefilter("ignore", (SyntaxWarning, DeprecationWarning))
+        tree = ast.parse(text, mode="eval")
+    repeated_path = None
+    pending = [(tree.body, 0, ())]
+    while pending:
+        node, depth, path = pending.pop()
+        if isinstance(node, _CONTAINER_NODES):
+            depth += 1
+            if depth > MAX_PARAM_DEPTH:
+                raise _too_deep(where, text)
+        children = []
+        if isinstance(node, ast.Dict):
+            seen = set()
+            for key_node, value_node in zip(node.keys, node.values):
+                key = key_node.value if isinstance(key_node, ast.Constant) else _NO_KEY
+                if key is not _NO_KEY:
+                    if key in seen and repeated_path is None:
+                        repeated_path = path + (key,)
+                    seen.add(key)
+                if key_node is not None:
+                    children.append((key_node, depth, path))
+                children.append((value_node, depth, path + ("?" if key is _NO_KEY else key,)))
+        elif isinstance(node, (ast.List, ast.Tuple)):
+            children = [(item, depth, path + (_ListIndex(index),)) for index, item in enumerate(node.elts)]
+        else:
+            children = [(child, depth, path) for child in ast.iter_child_nodes(node)]
+        pending.extend(reversed(children))
+    value = ast.literal_eval(tree)
+    if repeated_path is not None:  # only now: the text is a Python literal
+        raise _duplicate(where, text, repeated_path)
+    return value
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    loader = _ParamYamlLoader(text, where)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
 
 _KINDS = ("bool", "int", "float", "str")
 
 
 def _format_number(value: float) -> str:
+    if value == INT64_MAX:
+        return "2**63-1"
+    if value == INT64_MIN:
+        return "-2**63"
     if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
         return str(int(value))
     return repr(value)
@@ -230,13 +657,16 @@ class Param:
         Key in the parameter dict.
     kind : {'bool', 'int', 'float', 'str'}
         Expected type. ``bool`` accepts only real booleans (not 1/0 or ``"yes"``); ``float``
-        also accepts ints; ``int`` also accepts integral floats such as ``8.0``.
+        also accepts ints; ``int`` also accepts integral floats such as ``8.0``. An ``int``
+        is limited to 64 bits (:data:`INT64_MIN` to :data:`INT64_MAX`, the default bounds);
+        a ``float`` to magnitudes up to :data:`FLOAT32_MAX`, and, if its range excludes 0,
+        from :data:`FLOAT32_TINY` (what float32 computation can hold).
     default : object
         Value used when the key is absent; :data:`REQUIRED` makes the key mandatory.
     optional : bool
         Whether None is an accepted value.
     min, max : float or None
-        Bounds for numeric kinds (None: unbounded).
+        Bounds for numeric kinds (None: unbounded for ``float``, the 64-bit range for ``int``).
     min_inclusive, max_inclusive : bool
         Whether the bounds themselves are allowed.
     choices : tuple or None
@@ -262,12 +692,29 @@ class Param:
             raise ValueError(f"Param {self.name!r}: kind must be one of {_KINDS}, got {self.kind!r}")
         if (self.min is not None or self.max is not None) and self.kind not in ("int", "float"):
             raise ValueError(f"Param {self.name!r}: min/max only apply to int and float")
+        if self.kind == "int":
+            if self.min is None:
+                object.__setattr__(self, "min", INT64_MIN)
+            if self.max is None:
+                object.__setattr__(self, "max", INT64_MAX)
+            if self.min < INT64_MIN or self.max > INT64_MAX:
+                raise ValueError(f"Param {self.name!r}: int bounds must lie within 64 bits")
+        if self.kind == "float":
+            for bound in (self.min, self.max):
+                if bound is not None and not abs(bound) <= FLOAT32_MAX:
+                    raise ValueError(f"Param {self.name!r}: float bounds must lie within float32")
         if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError(f"Param {self.name!r}: min {self.min} > max {self.max}")
         if self.choices is not None:
             object.__setattr__(self, "choices", tuple(self.choices))
         if self.default is not REQUIRED:
             self.check(self.default, where=f"schema default of {self.name!r}")
+
+    def check_zero_allowed(self) -> bool:
+        """Whether 0 lies in this numeric parameter's range (and choices)."""
+        below = self.min is not None and (self.min > 0 or (self.min == 0 and not self.min_inclusive))
+        above = self.max is not None and (self.max < 0 or (self.max == 0 and not self.max_inclusive))
+        return not (below or above) and (self.choices is None or 0 in self.choices)
 
     @property
     def required(self) -> bool:
@@ -312,7 +759,7 @@ class Param:
 
         def fail(problem: str) -> ParamError:
             return ParamError(
-                f"invalid value for {key!r} in {where}: {key}={value!r} {problem}",
+                f"invalid value for {_quote(key)} in {where}: {_clip(key)}={_short_repr(value)} {problem}",
                 where=where,
                 key=key,
                 value=value,
@@ -335,26 +782,38 @@ class Param:
         else:
             if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
                 raise fail(f"has type {type(value).__name__}; expected a {self.type_description()}")
-            if not math.isfinite(float(value)):
-                raise fail(f"is not finite; expected a finite {self.kind}")
-            if self.kind == "int":
-                if not isinstance(value, numbers.Integral) and not float(value).is_integer():
-                    raise fail("is not an integer; expected an int")
-                converted = int(value)
+            # ``number`` is exact: an int stays an int (float() of a huge int overflows), and
+            # Python compares ints with floats exactly, so the bounds below need no conversion.
+            if isinstance(value, numbers.Integral):
+                number: int | float = int(value)
             else:
-                converted = float(value)
-
-        if self.choices is not None and converted not in self.choices:
-            raise fail(f"is not allowed; expected {self.range_description()}")
-        if self.kind in ("int", "float"):
+                try:
+                    number = float(value)
+                except (OverflowError, ValueError):  # e.g. a Fraction beyond float
+                    raise fail(f"is out of range; expected a finite {self.kind}") from None
+                if not math.isfinite(number):
+                    raise fail(f"is not finite; expected a finite {self.kind}")
+                if self.kind == "int" and not number.is_integer():
+                    raise fail("is not an integer; expected an int")
             below = self.min is not None and (
-                converted < self.min or (converted == self.min and not self.min_inclusive)
+                number < self.min or (number == self.min and not self.min_inclusive)
             )
             above = self.max is not None and (
-                converted > self.max or (converted == self.max and not self.max_inclusive)
+                number > self.max or (number == self.max and not self.max_inclusive)
             )
             if below or above:
                 raise fail(f"is out of range; allowed range: {self.range_description()}")
+            if self.kind == "float" and abs(number) > FLOAT32_MAX:
+                raise fail(f"is out of range for float32 computation; allowed magnitudes: up to {FLOAT32_MAX:.8g}")
+            if self.kind == "float" and 0 < abs(number) < FLOAT32_TINY and not self.check_zero_allowed():
+                raise fail(
+                    "is out of range for float32 computation, where it would be 0 or subnormal; "
+                    f"allowed: {self.range_description()} and a magnitude of at least {FLOAT32_TINY:.8g}"
+                )
+            converted = int(number) if self.kind == "int" else float(number)
+
+        if self.choices is not None and converted not in self.choices:
+            raise fail(f"is not allowed; expected {self.range_description()}")
         return converted
 
 
@@ -373,6 +832,10 @@ class Schema:
         meaning "absent").
     name : str, optional
         Short name used by :meth:`describe`.
+    size_limits : iterable of (factors, limit, what)
+        Products that must not exceed ``limit``: ``factors`` are names of int parameters and
+        constant ints, ``what`` says what the product counts. E.g. ``(("batch_size", 3,
+        "patch_size", "patch_size"), INT_MAX, "elements in the N×3×P×P data blob")``.
     """
 
     def __init__(
@@ -381,6 +844,7 @@ class Schema:
         ordered_pairs: Iterable[tuple[str, str]] = (),
         nested: Mapping[str, Schema] | None = None,
         name: str = "",
+        size_limits: Iterable[tuple[tuple[str | int, ...], int, str]] = (),
     ):
         self.params: dict[str, Param] = {}
         for param in params:
@@ -396,6 +860,15 @@ class Schema:
             for key in (low, high):
                 if key not in self.params:
                     raise ValueError(f"ordered pair refers to unknown parameter {key!r}")
+        self.size_limits: tuple[tuple[tuple[str | int, ...], int, str], ...] = tuple(
+            (tuple(factors), int(limit), str(what)) for factors, limit, what in size_limits
+        )
+        for factors, _, _ in self.size_limits:
+            for factor in factors:
+                if isinstance(factor, str) and (factor not in self.params or self.params[factor].kind != "int"):
+                    raise ValueError(f"size limit refers to {factor!r}, not an int parameter")
+                if not isinstance(factor, (str, int)) or isinstance(factor, bool):
+                    raise ValueError(f"size limit factor {factor!r} is neither a name nor an int")
         self.name = name
 
     @property
@@ -434,9 +907,9 @@ class Schema:
         if raw is None:
             raw = {}
         if not isinstance(raw, Mapping):
-            what = f"{_prefix.rstrip('.')!r} in {where}" if _prefix else where
+            what = f"{_quote(_prefix.rstrip('.'))} in {where}" if _prefix else where
             raise ParamError(
-                f"{what} must be a dict of parameters, got {type(raw).__name__} {raw!r}",
+                f"{what} must be a dict of parameters, got {type(raw).__name__} {_short_repr(raw)}",
                 where=where,
                 key=_prefix.rstrip(".") or None,
                 value=raw,
@@ -477,17 +950,36 @@ class Schema:
                     key=_prefix + low,
                     value=low_value,
                 )
+
+        for factors, limit, what in self.size_limits:
+            values = [validated[factor] if isinstance(factor, str) else factor for factor in factors]
+            if any(value is None for value in values):
+                continue
+            product = math.prod(values)
+            if product > limit:
+                names = list(dict.fromkeys(factor for factor in factors if isinstance(factor, str)))
+                raise ParamError(
+                    f"invalid values in {where}: "
+                    + ", ".join(f"{_prefix}{name}={validated[name]!r}" for name in names)
+                    + f" give {'*'.join(map(str, values))} = {product} {what}; at most {limit} "
+                    "are possible",
+                    where=where,
+                    key=_prefix + names[0],
+                    value=validated[names[0]],
+                )
         return validated
 
     def _raise_unknown(self, key: Any, value: Any, where: str, prefix: str) -> None:
-        dotted = f"{prefix}{key}"
+        dotted = prefix + _key_text(key)
         valid = self.keys
-        close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
+        # A key much longer than every valid one has no close match (and a long one would
+        # only make difflib slower).
+        close = difflib.get_close_matches(_key_text(key)[:64], valid, n=1, cutoff=0.6)
         hint = f"; did you mean {prefix + close[0]!r}?" if close else ";"
         raise ParamError(
-            f"unknown key {dotted!r} in {where}{hint} valid keys: "
+            f"unknown key {_quote(dotted)} in {where}{hint} valid keys: "
             + ", ".join(prefix + k for k in valid)
-            + f" (got {dotted}={value!r})",
+            + f" (got {_clip(dotted)}={_short_repr(value)})",
             where=where,
             key=dotted,
             value=value,
@@ -515,12 +1007,28 @@ class Schema:
 
         lines = [line(header), "  ".join("-" * width for width in widths) + "  " + "-" * 11]
         lines.extend(line(row) for row in rows[1:])
-        if self.ordered_pairs or any(schema.ordered_pairs for schema in self.nested.values()):
-            pairs = [f"{low} <= {high}" for low, high in self.ordered_pairs]
-            for nested_name, schema in self.nested.items():
-                pairs += [f"{nested_name}.{low} <= {nested_name}.{high}" for low, high in schema.ordered_pairs]
+        pairs = [f"{low} <= {high}" for low, high in self.ordered_pairs]
+        pairs += [f"{' * '.join(map(str, factors))} <= {limit} ({what})" for factors, limit, what in self.size_limits]
+        for nested_name, schema in self.nested.items():
+            pairs += [f"{nested_name}.{low} <= {nested_name}.{high}" for low, high in schema.ordered_pairs]
+        if pairs:
             lines.append("constraints: " + "; ".join(pairs))
+        kinds = {param.kind for param in self._all_params()}
+        if "int" in kinds or "float" in kinds:
+            limits = []
+            if "int" in kinds:
+                limits.append("ints are 64-bit")
+            if "float" in kinds:
+                limits.append(f"float magnitudes are at most {FLOAT32_MAX:.8g}, and at least "
+                              f"{FLOAT32_TINY:.8g} where 0 is not allowed (float32)")
+            lines.append("number limits: " + "; ".join(limits))
         return "\n".join(line_.rstrip() for line_ in lines)
+
+    def _all_params(self) -> list[Param]:
+        params = list(self.params.values())
+        for schema in self.nested.values():
+            params.extend(schema._all_params())
+        return params
 
     def __repr__(self) -> str:
         return f"Schema(name={self.name!r}, keys={list(self.keys)!r})"
@@ -606,7 +1114,8 @@ AUGMENT_SCHEMA = Schema(
               doc="intensity of white in the input (optical density reference for hed)"),
         Param("channel_order", "str", "RGB", choices=("RGB", "BGR"),
               doc="channel order of the input images (hed needs to know which channel is red)"),
-        Param("seed", "int", None, optional=True, min=0, doc="random seed; None draws fresh entropy"),
+        Param("seed", "int", None, optional=True, min=0, max=INT64_MAX,
+              doc="random seed for numpy.random.default_rng, 0 to 2**63-1; None draws fresh entropy"),
         Param("test_augment", "bool", False, doc="also augment in the TEST phase"),
     ],
     ordered_pairs=[
@@ -624,13 +1133,19 @@ PATCH_DATA_SCHEMA = Schema(
         Param("source", "str", REQUIRED, doc="list file of image/label pairs"),
         Param("root", "str", None, optional=True,
               doc="base directory of relative paths in the list file (None: the list file's directory)"),
-        Param("batch_size", "int", 8, min=1, doc="samples per batch"),
-        Param("patch_size", "int", 128, min=1, doc="side of the square patches, pixels"),
+        Param("batch_size", "int", 8, min=1, max=4096,
+              doc="samples per batch (at most 4096, and batch_size*3*patch_size**2 <= INT_MAX)"),
+        Param("patch_size", "int", 128, min=1, max=8192,
+              doc="side of the square patches, pixels (at most 8192, and batch_size*3*patch_size**2 <= INT_MAX)"),
         Param("shuffle", "bool", True, doc="shuffle the list every epoch"),
-        Param("seed", "int", None, optional=True, min=0, doc="random seed; None draws fresh entropy"),
+        Param("seed", "int", None, optional=True, min=0, max=INT64_MAX,
+              doc="random seed for numpy.random.default_rng, 0 to 2**63-1; None draws fresh entropy"),
     ],
     nested={"augment": AUGMENT_SCHEMA},
     name="patch data",
+    # Caffe refuses a blob of more than INT_MAX elements; the data top is N×3×P×P.
+    size_limits=[(("batch_size", 3, "patch_size", "patch_size"), INT_MAX,
+                  "elements in the N×3×P×P data blob (Caffe's limit is INT_MAX)")],
 )
 """Parameters of the patch data layer; ``augment`` (None: no augmentation) uses :data:`AUGMENT_SCHEMA`."""
 

@@ -2,6 +2,11 @@
 
 import math
 import re
+import time
+from fractions import Fraction
+
+import numpy as np
+import yaml
 
 import pytest
 from hypothesis import given, settings
@@ -9,11 +14,18 @@ from hypothesis import strategies as st
 
 from caffe_layers.params import (
     AUGMENT_SCHEMA,
+    FLOAT32_MAX,
+    FLOAT32_TINY,
+    INT64_MAX,
+    INT_MAX,
+    MAX_PARAM_DEPTH,
+    MAX_PARAM_STR_CHARS,
     PATCH_DATA_SCHEMA,
     REQUIRED,
     Param,
     ParamError,
     Schema,
+    _short_repr,
     load_params,
     parse_param_str,
 )
@@ -223,7 +235,8 @@ def test_nested_augment_errors_name_the_dotted_key(augment_text, pattern):
 
 
 def test_batch_size_must_be_positive():
-    with pytest.raises(ParamError, match=r"batch_size=0 is out of range; allowed range: >= 1"):
+    # The range has an upper end since the blob-size limits (see test_patch_data_blob_limits).
+    with pytest.raises(ParamError, match=r"batch_size=0 is out of range; allowed range: \[1, 4096\]"):
         load_params("{source: a, batch_size: 0}", PATCH_DATA_SCHEMA)
 
 
@@ -279,3 +292,321 @@ def test_color_p_accepts_exactly_finite_numbers_in_unit_interval(value):
     else:
         with pytest.raises(ParamError, match="color_p"):
             AUGMENT_SCHEMA.validate({"color_p": value})
+
+
+# --- hostile and careless input ------------------------------------------------------------
+
+PATCH_WHERE = "PatchDataLayer param_str"
+# "Billion laughs": 9 levels of 9 aliases each stand for 9**9 (387 million) strings; PyYAML
+# builds it from shared lists in no time, and quoting the value in an error message used to
+# expand it to gigabytes.
+ALIAS_BOMB = "a: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(
+    f"{name}: &{name} [{','.join(['*' + previous] * 9)}]\n" for previous, name in zip("abcdefgh", "bcdefghi")
+)
+
+
+def test_alias_bomb_is_what_it_claims():
+    # The plain SafeLoader reads it (cheaply: the lists are shared) into 9**9 leaves.
+    assert len(ALIAS_BOMB) < 400
+    value = yaml.safe_load(ALIAS_BOMB)["i"]
+    for _ in range(8):
+        assert len(value) == 9
+        value = value[0]
+    assert value == ["x"] * 9
+
+
+def test_yaml_alias_bomb_is_rejected_quickly_with_a_short_message():
+    start = time.perf_counter()
+    with pytest.raises(ParamError, match="YAML anchors and aliases are not accepted") as info:
+        augment(ALIAS_BOMB)
+    elapsed = time.perf_counter() - start
+    message = str(info.value)
+    assert elapsed < 0.5, elapsed
+    assert len(message) < 1000
+    assert WHERE in message and info.value.where == WHERE
+    assert "'&a' at line 1, column 4" in message
+
+
+@pytest.mark.parametrize("text, found", [
+    ("rotate: &x true", "anchor '&x'"),
+    ("{a: &x 1, b: *x}", "anchor '&x'"),
+    ("rotate: *undefined", "alias '*undefined'"),
+    ("- &x a\n- *x", "anchor '&x'"),
+])
+def test_any_yaml_anchor_or_alias_is_rejected(text, found):
+    with pytest.raises(ParamError, match=f"not accepted in {WHERE}: found the {re.escape(found)}"):
+        parse_param_str(text, WHERE)
+
+
+def test_ampersand_and_star_in_values_are_not_aliases():
+    assert parse_param_str('{"source": "&a *b"}') == {"source": "&a *b"}
+    assert parse_param_str("source: 'a&b*c'") == {"source": "a&b*c"}
+
+
+@pytest.mark.parametrize("text", [
+    '{"rotate": true, "color": true, "rotate": false}',  # JSON
+    "{'rotate': True, 'color': True, 'rotate': False}",  # Python literal
+    "rotate: true\ncolor: true\nrotate: false\n",  # YAML block
+    "{rotate: true, color: true, rotate: false}",  # YAML flow
+    "{'rotate': True, 'rotate': x}",  # not a literal (x): read as YAML, still a repeat
+])
+def test_duplicate_keys_are_rejected_in_every_format(text):
+    with pytest.raises(ParamError, match=f"duplicate key 'rotate' in {WHERE}: each key may be given only once"
+                       ) as info:
+        parse_param_str(text, WHERE)
+    assert info.value.key == "rotate" and info.value.where == WHERE
+
+
+@pytest.mark.parametrize("text", [
+    '{"source": "a", "augment": {"flip": true, "flip": false}}',
+    "{'source': 'a', 'augment': {'flip': True, 'flip': False}}",
+    "source: a\naugment:\n  flip: true\n  flip: false\n",
+])
+def test_nested_duplicate_key_is_named_with_its_dotted_key(text):
+    with pytest.raises(ParamError, match=r"duplicate key 'augment\.flip'") as info:
+        load_params(text, PATCH_DATA_SCHEMA, PATCH_WHERE)
+    assert info.value.key == "augment.flip"
+
+
+def test_yaml_merge_key_override_is_not_a_duplicate():
+    # YAML's own meaning of '<<': a key of the mapping overrides a merged one.
+    assert parse_param_str("<<: {rotate: true, flip: true}\nrotate: false") == {"rotate": False, "flip": True}
+    with pytest.raises(ParamError, match="duplicate key 'rotate'"):
+        parse_param_str("<<: {rotate: true, rotate: false}")
+
+
+@pytest.mark.parametrize("text, key", [
+    ("color_a_max: 1e301", "color_a_max"),
+    ('{"color_b_min": -1e39}', "color_b_min"),
+    ("{'clip_max': 1e39}", "clip_max"),
+    ("hed_beta: 3.5e38", "hed_beta"),
+    ('{"color_b_max": ' + "9" * 400 + "}", "color_b_max"),  # an int, far beyond float32
+])
+def test_float_above_float32_max(text, key):
+    with pytest.raises(ParamError, match=rf"invalid value for '{key}' in {WHERE}: {key}=.* is out of range "
+                       r"for float32 computation; allowed magnitudes: up to 3\.4028235e\+38") as info:
+        augment(text)
+    assert info.value.key == key
+
+
+@pytest.mark.parametrize("text, key", [
+    ("max_value: 1e-300", "max_value"),
+    ('{"color_a_min": 1e-39, "color_a_max": 1}', "color_a_min"),
+    ("{'color_a_min': 5e-324, 'color_a_max': 1e-320}", "color_a_min"),
+])
+def test_float_that_must_not_be_0_below_float32_normal_range(text, key):
+    # float32 would make it 0 (or a subnormal): "> 0" would no longer hold in the computation.
+    with pytest.raises(ParamError, match=rf"invalid value for '{key}' in {WHERE}: {key}=.* is out of range "
+                       r"for float32 computation, where it would be 0 or subnormal; allowed: > 0 and a "
+                       r"magnitude of at least 1\.1754944e-38") as info:
+        augment(text)
+    assert info.value.key == key
+
+
+def test_tiny_float_where_0_is_allowed_is_accepted():
+    # It acts like 0, which is allowed (and BatchAugmenter callers pass such values).
+    params = AUGMENT_SCHEMA.validate({"clip_min": 1e-300, "color_b_max": 5e-324, "hed_beta": 1e-45, "color_p": 1e-200})
+    assert params["clip_min"] == 1e-300 and params["hed_beta"] == 1e-45
+    assert not AUGMENT_SCHEMA.params["max_value"].check_zero_allowed()
+    assert AUGMENT_SCHEMA.params["clip_min"].check_zero_allowed()
+
+
+def test_float32_range_limits_themselves_are_accepted():
+    params = AUGMENT_SCHEMA.validate({"color_b_min": -FLOAT32_MAX, "color_b_max": FLOAT32_MAX,
+                                      "max_value": FLOAT32_TINY, "clip_min": 0.0, "clip_max": 0.0})
+    assert params["color_b_max"] == FLOAT32_MAX == float(np.float32(params["color_b_max"]))
+    assert params["max_value"] == FLOAT32_TINY == float(np.float32(FLOAT32_TINY))
+    assert np.isfinite(np.float32(params["color_b_min"]))
+
+
+def test_a_bound_violation_is_reported_before_the_float32_range():
+    with pytest.raises(ParamError, match=r"color_a_min=-1e\+301 is out of range; allowed range: > 0"):
+        augment("color_a_min: -1e301")
+
+
+TEN_TO_4000 = "1" + "0" * 4000
+DIGITS_5000 = "7" * 5000
+
+
+@pytest.mark.parametrize("text, problem", [
+    ('{"seed": ' + TEN_TO_4000 + "}", r"seed=<int with 4001 digits> is out of range; allowed range: \[0, 2\*\*63-1\]"),
+    ("seed: " + TEN_TO_4000, r"seed=<int with 4001 digits> is out of range"),
+    ("{'seed': " + TEN_TO_4000 + ", 'rotate': True}", r"seed=<int with 4001 digits> is out of range"),
+    ('{"seed": ' + DIGITS_5000 + "}", r"seed=<int with 5000 digits> is too long to read; integers may have at most 4300"),
+    ("seed: " + DIGITS_5000, r"seed=<int with 5000 digits> is too long to read"),
+    ("{'seed': " + DIGITS_5000 + ", 'rotate': True}", r"seed=<int with 5000 digits> is too long to read"),
+    ('{"seed": 9223372036854775808}', r"seed=9223372036854775808 is out of range; allowed range: \[0, 2\*\*63-1\]"),
+    ('{"seed": 1e300}', r"seed=1e\+300 is out of range"),
+    ("{'seed': 0x" + "f" * 10000 + "}", r"seed=<int with 12042 digits> is out of range"),
+    ("color_b_min: " + TEN_TO_4000, r"color_b_min=<int with 4001 digits> is out of range for float32"),
+])
+def test_huge_integers_name_the_key(text, problem):
+    start = time.perf_counter()
+    with pytest.raises(ParamError, match=problem) as info:
+        augment(text)
+    assert time.perf_counter() - start < 1.0
+    assert info.value.key in ("seed", "color_b_min") and WHERE in str(info.value)
+    assert len(str(info.value)) < 400
+
+
+def test_huge_integer_in_nested_augment_names_the_dotted_key():
+    for value in (TEN_TO_4000, DIGITS_5000):
+        with pytest.raises(ParamError, match=r"invalid value for 'augment\.seed'") as info:
+            load_params('{"source": "a", "augment": {"seed": ' + value + "}}", PATCH_DATA_SCHEMA, PATCH_WHERE)
+        assert info.value.key == "augment.seed"
+
+
+def test_undecodable_integer_where_no_format_reads_the_text_says_so():
+    # A Python literal but for the digits ('a' 'b' is Python's string concatenation, not YAML).
+    text = "{'seed': " + DIGITS_5000 + ", 'source': 'a' 'b'}"
+    with pytest.raises(ParamError, match="an integer in it has more than 4300 digits"):
+        parse_param_str(text, WHERE)
+
+
+@pytest.mark.parametrize("value, keys", [
+    (10**400, ("seed", "color_b_min")),
+    (-(10**5000), ("seed", "color_b_min")),
+    (Fraction(10**400, 3), ("seed", "color_b_min")),
+    (2**64, ("seed",)),  # a fine float32 magnitude
+    (np.uint64(2**64 - 1), ("seed",)),
+], ids=["10**400", "-10**5000", "Fraction", "2**64", "uint64"])
+def test_validate_of_huge_python_numbers_raises_param_error_not_overflow(value, keys):
+    for key in keys:
+        with pytest.raises(ParamError, match=f"invalid value for '{key}'") as info:
+            AUGMENT_SCHEMA.validate({key: value})
+        assert len(str(info.value)) < 400
+
+
+def test_seed_fits_default_rng_and_says_so():
+    seed = AUGMENT_SCHEMA.params["seed"]
+    assert seed.range_description() == "[0, 2**63-1]"
+    assert augment(f'{{"seed": {INT64_MAX}}}')["seed"] == INT64_MAX
+    np.random.default_rng(INT64_MAX)  # accepted by numpy
+    assert PATCH_DATA_SCHEMA.params["seed"].range_description() == "[0, 2**63-1]"
+
+
+def test_int_params_are_64_bit_by_default():
+    param = Param("n", "int", 0)
+    assert param.range_description() == "[-2**63, 2**63-1]"
+    assert param.check(-(2**63)) == -(2**63)
+    with pytest.raises(ParamError, match=r"n=9223372036854775808 is out of range; allowed range: \[-2\*\*63, 2\*\*63-1\]"):
+        param.check(2**63)
+    with pytest.raises(ValueError):
+        Param("n", "int", 0, max=2**64)
+    with pytest.raises(ValueError):
+        Param("x", "float", 0.0, max=1e39)
+
+
+def test_patch_data_blob_limits():
+    def patch(text):
+        return load_params("{source: a, " + text + "}", PATCH_DATA_SCHEMA, PATCH_WHERE)
+
+    assert patch("batch_size: 4096, patch_size: 128")["batch_size"] == 4096
+    assert patch("batch_size: 10, patch_size: 8192")["patch_size"] == 8192  # 2013265920 elements
+    with pytest.raises(ParamError, match=r"batch_size=4097 is out of range; allowed range: \[1, 4096\]"):
+        patch("batch_size: 4097")
+    with pytest.raises(ParamError, match=r"patch_size=8193 is out of range; allowed range: \[1, 8192\]"):
+        patch("patch_size: 8193")
+    with pytest.raises(ParamError, match=re.escape(
+            f"invalid values in {PATCH_WHERE}: batch_size=11, patch_size=8192 give 11*3*8192*8192 = "
+            f"2214592512 elements in the N×3×P×P data blob (Caffe's limit is INT_MAX); at most {INT_MAX} "
+            "are possible")) as info:
+        patch("batch_size: 11, patch_size: 8192")
+    assert info.value.key == "batch_size"
+    with pytest.raises(ParamError, match=r"4096\*3\*8192\*8192 = 824633720832 elements"):
+        patch("batch_size: 4096, patch_size: 8192")
+    assert "batch_size * 3 * patch_size * patch_size <= 2147483647" in PATCH_DATA_SCHEMA.describe()
+    with pytest.raises(ValueError):
+        Schema([Param("x", "float", 1.0)], size_limits=[(("x",), 10, "things")])
+
+
+def test_describe_states_the_number_limits():
+    assert ("ints are 64-bit; float magnitudes are at most 3.4028235e+38, and at least 1.1754944e-38 where 0 "
+            "is not allowed (float32)") in AUGMENT_SCHEMA.describe()
+
+
+def _nested(depth, opening, closing, leaf="1"):
+    return opening * depth + leaf + closing * depth
+
+
+@pytest.mark.parametrize("text", [
+    '{"a": ' + _nested(MAX_PARAM_DEPTH, "[", "]") + "}",  # JSON, parses, then too deep
+    '{"a": ' + _nested(5000, "[", "]") + "}",  # JSON: RecursionError inside json
+    _nested(MAX_PARAM_DEPTH + 1, '{"a": ', "}"),
+    "{'a': (" + _nested(MAX_PARAM_DEPTH, "(", ",)") + ",)}",  # Python literal tuples
+    "{'a': " + _nested(199, "[", "]") + ", 'b': True}",  # just under Python's bracket limit
+    "{'a': " + _nested(20000, "[", "]") + ", 'b': True}",  # far over it
+    "a:\n" + "".join(" " * i + "- \n" for i in range(1, 60)),  # YAML block sequences
+    "- " * 30000,
+    "[" * 60000,
+])
+def test_deep_nesting_is_a_clear_param_error(text):
+    assert len(text) <= MAX_PARAM_STR_CHARS
+    start = time.perf_counter()
+    with pytest.raises(ParamError, match="nested too deeply") as info:
+        parse_param_str(text, WHERE)
+    assert time.perf_counter() - start < 2.0
+    assert WHERE in str(info.value) and len(str(info.value)) < 1000
+
+
+@pytest.mark.parametrize("make", [
+    lambda depth: '{"a": ' + _nested(depth - 1, "[", "]") + "}",
+    lambda depth: "{'a': " + _nested(depth - 1, "(", ",)") + "}",
+    lambda depth: "a:" + "".join("\n" + " " * i + "-" for i in range(1, depth)) + " 1",
+])
+def test_nesting_up_to_the_limit_is_accepted(make):
+    assert "a" in parse_param_str(make(MAX_PARAM_DEPTH))
+    with pytest.raises(ParamError, match="nested too deeply"):
+        parse_param_str(make(MAX_PARAM_DEPTH + 1))
+
+
+def test_too_long_input():
+    filler = '{"source": "' + "a" * (MAX_PARAM_STR_CHARS - 14) + '"}'
+    assert len(filler) == MAX_PARAM_STR_CHARS and parse_param_str(filler)["source"].startswith("aaa")
+    for text in (filler + " ", "rotate: true #" + "x" * MAX_PARAM_STR_CHARS, b"x" * (5 * MAX_PARAM_STR_CHARS)):
+        with pytest.raises(ParamError, match=f"{WHERE} is too long: .* at most {MAX_PARAM_STR_CHARS}") as info:
+            parse_param_str(text, WHERE)
+        assert len(str(info.value)) < 1000
+
+
+@pytest.mark.parametrize("value", [
+    0, -3, 1.5, float("nan"), "rotate", b"x", None, True, (), (1,), (1, 2), [], [1, [2, "a"]], {}, {"a": (1, None)},
+    set(), {3}, frozenset(), frozenset({1}), 1 + 2j, np.float64(0.25), np.int64(7), 10**50,
+])
+def test_short_repr_of_small_values_is_repr(value):
+    assert _short_repr(value) == repr(value)
+
+
+def test_short_repr_is_bounded_for_huge_values():
+    shared = ["x"] * 9
+    for _ in range(60):  # 9 * 2**60 leaves, a few hundred objects
+        shared = [shared, shared]
+    loop = []
+    loop.append(loop)
+    values = [shared, loop, {"k": loop}, "q" * 10**6, list(range(10**5)), 10**4000, -(7**20000),
+              {i: str(i) for i in range(10**4)}, np.zeros(10**6)]
+    for value in values:
+        start = time.perf_counter()
+        text = _short_repr(value, 100)
+        assert time.perf_counter() - start < 0.1
+        assert len(text) <= 103, text
+    assert _short_repr(loop) == "[[...]]"
+    assert _short_repr(10**4000) == "<int with 4001 digits>"
+    assert _short_repr("q" * 1000, 10) == "'qqqqqqqqq..."
+
+
+def test_messages_quote_values_and_keys_briefly():
+    cases = [
+        lambda: AUGMENT_SCHEMA.validate({"rotate": list(range(10**5))}),
+        lambda: AUGMENT_SCHEMA.validate({"k" * 10**5: 1}),
+        lambda: AUGMENT_SCHEMA.validate({"colour": "v" * 10**5}),
+        lambda: AUGMENT_SCHEMA.validate(list(range(10**5))),
+        lambda: PATCH_DATA_SCHEMA.validate({"source": "a", "augment": ["x"] * 10**5}),
+        lambda: parse_param_str(list(range(10**5))),
+        lambda: parse_param_str("{" + ", ".join(f"{i}: 1" for i in range(5000)) + "}"),
+        lambda: parse_param_str("? " + "1" * 4400 + "\n: 1"),
+    ]
+    for case in cases:
+        with pytest.raises(ParamError) as info:
+            case()
+        assert len(str(info.value)) < 1000, str(info.value)[:300]
