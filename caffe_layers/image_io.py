@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["IMAGE_SUFFIXES", "WRITE_FORMATS", "check_rgb", "find_images", "image_stem", "read_mask",
+__all__ = ["DEFAULT_MAX_PIXELS", "IMAGE_SUFFIXES", "WRITE_FORMATS", "max_pixels", "check_rgb", "find_images", "image_stem", "read_mask",
            "read_rgb", "write_atomic", "write_image"]
 
 #: File name endings (lower case) that :func:`read_rgb` and :func:`read_mask` accept.
@@ -42,6 +42,62 @@ _GREY_PIL_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N",
 
 
 # --------------------------------------------------------------------------- decoding
+
+#: Default of :func:`max_pixels`: 2**30 pixels (3 GiB as 8-bit RGB).
+DEFAULT_MAX_PIXELS = 1 << 30
+
+
+def max_pixels():
+    """Most pixels an image file may claim before it is decoded into memory.
+
+    ``CAFFE_STAIN_MAX_PIXELS`` in the environment overrides :data:`DEFAULT_MAX_PIXELS`. The
+    claimed size is checked from the file's header, before anything is allocated, so a small
+    file claiming 100000×100000 pixels is refused at once. Memory-mapped reads are not limited.
+    """
+    value = os.environ.get("CAFFE_STAIN_MAX_PIXELS")
+    if value is None:
+        return DEFAULT_MAX_PIXELS
+    try:
+        limit = int(value)
+    except ValueError:
+        raise ValueError(f"CAFFE_STAIN_MAX_PIXELS={value!r} is not an integer") from None
+    if limit < 1:
+        raise ValueError(f"CAFFE_STAIN_MAX_PIXELS={value!r} must be >= 1")
+    return limit
+
+
+class _TooLarge(ValueError):
+    """An image claims more pixels than :func:`max_pixels` (its message says so)."""
+
+
+def _check_claimed_size(path, what, shape):
+    height, width = (int(s) for s in tuple(shape)[:2]) if len(shape) >= 2 else (int(shape[0]) if shape else 1, 1)
+    limit = max_pixels()
+    if height * width > limit:
+        raise _TooLarge(f"{what} {path!r} claims {height}×{width} = {height * width} pixels, more than the "
+                         f"limit of {limit} (set CAFFE_STAIN_MAX_PIXELS to allow more)")
+
+
+def _read_npy(path, what, memmap):
+    """``np.load`` of an ``.npy``, its header (shape, dtype, length) checked before any allocation."""
+    with open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read_header(handle)
+        data_start = handle.tell()
+    if dtype.hasobject:
+        raise ValueError(f"{what} {path!r} holds Python objects (dtype {dtype}); expected numbers")
+    claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    available = os.path.getsize(path) - data_start
+    if claimed > available:
+        raise ValueError(f"{what} {path!r} is truncated: its header claims shape {shape} ({claimed} bytes), "
+                         f"the file holds {available}")
+    if not memmap:
+        _check_claimed_size(path, what, shape)
+    # allow_pickle=False: an image file must not be a way to run code.
+    return np.load(path, mmap_mode="r" if memmap else None, allow_pickle=False)
+
 
 def _read_tiff(path, memmap=False):
     """Level 0 of series 0 as an array (H×W×S, planar files moved to samples last)."""
@@ -56,15 +112,18 @@ def _read_tiff(path, memmap=False):
             except ValueError:
                 array = None
         if array is None:  # compressed, tiled or memmap not asked for: read it whole
+            spatial = [size for axis, size in zip(axes, level0.shape) if axis in "YX"]
+            _check_claimed_size(path, "image file", spatial or level0.shape)
             array = level0.asarray()
     if array.ndim == 3 and axes.startswith("S"):  # planar (samples first): C×H×W
         array = np.moveaxis(array, 0, -1)
     return array
 
 
-def _read_pil(path):
+def _read_pil(path, what="image"):
     from PIL import Image
     with Image.open(path) as image:
+        _check_claimed_size(path, what, (image.height, image.width))  # from the header, not decoded yet
         image.load()  # decode now: the file is closed on return
     return image
 
@@ -80,18 +139,19 @@ def _decode(path, what, memmap=False):
                          f"expected one of {', '.join(IMAGE_SUFFIXES)}")
     try:
         if ext == ".npy":
-            # allow_pickle=False: an image file must not be a way to run code.
-            return np.load(path, mmap_mode="r" if memmap else None, allow_pickle=False)
+            return _read_npy(path, what, memmap)
         if ext in _TIFF_SUFFIXES:
             try:
                 return _read_tiff(path, memmap=memmap)
+            except _TooLarge:
+                raise
             except Exception as tiff_error:  # noqa: BLE001 - Pillow may still decode it
                 try:
-                    return _read_pil(path)
+                    return _read_pil(path, what)
                 except Exception:  # noqa: BLE001 - report tifffile's reason, not Pillow's
                     raise tiff_error from None
-        return _read_pil(path)
-    except MemoryError:
+        return _read_pil(path, what)
+    except (MemoryError, _TooLarge):
         raise
     except Exception as error:  # noqa: BLE001 - any decoder failure: name the file
         raise ValueError(f"{what} {path!r} cannot be read: {error}") from error

@@ -18,6 +18,7 @@ import numpy as np
 from .image_io import check_rgb, read_mask, read_rgb
 
 __all__ = [
+    "MAX_LIST_BYTES",
     "read_pair_list",
     "load_pairs",
     "PatchSampler",
@@ -27,6 +28,9 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- list files
+
+#: Larger list files are refused unread (a million pairs fit in less).
+MAX_LIST_BYTES = 64 * 1024 * 1024
 
 def read_pair_list(list_file, root=None):
     """Read a list file of ``image_path mask_path`` pairs.
@@ -68,27 +72,37 @@ def read_pair_list(list_file, root=None):
                                 f"does not exist")
 
     pairs = []
-    with open(list_file, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            tokens = line.split()
-            # Cut at the first token starting with '#': full-line and trailing comments.
-            for i, token in enumerate(tokens):
-                if token.startswith("#"):
-                    tokens = tokens[:i]
-                    break
-            if not tokens:
-                continue
-            where = f"{list_file}:{number}"
-            if len(tokens) != 2:
-                raise ValueError(f"{where}: expected 2 whitespace-separated paths "
-                                 f"(image mask), got {len(tokens)}: {line.strip()!r}")
-            pair = []
-            for kind, token in zip(("image", "mask"), tokens):
-                path = os.path.join(root, os.path.expanduser(token))
-                if not os.path.isfile(path):
-                    raise FileNotFoundError(f"{where}: {kind} file {path!r} does not exist")
-                pair.append(path)
-            pairs.append(tuple(pair))
+    size = os.path.getsize(list_file)
+    if size > MAX_LIST_BYTES:
+        raise ValueError(f"list file {list_file!r} is {size} bytes; a list of image/mask pairs is far "
+                         f"smaller (limit {MAX_LIST_BYTES}): is it the right file?")
+    with open(list_file, "rb") as handle:
+        raw = handle.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"list file {list_file!r} is not a text file (not UTF-8 at byte {error.start}); "
+                         "expected lines of 'image mask' paths") from None
+    for number, line in enumerate(text.splitlines(), start=1):
+        tokens = line.split()
+        # Cut at the first token starting with '#': full-line and trailing comments.
+        for i, token in enumerate(tokens):
+            if token.startswith("#"):
+                tokens = tokens[:i]
+                break
+        if not tokens:
+            continue
+        where = f"{list_file}:{number}"
+        if len(tokens) != 2:
+            raise ValueError(f"{where}: expected 2 whitespace-separated paths "
+                             f"(image mask), got {len(tokens)}: {line.strip()!r}")
+        pair = []
+        for kind, token in zip(("image", "mask"), tokens):
+            path = os.path.join(root, os.path.expanduser(token))
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{where}: {kind} file {path!r} does not exist")
+            pair.append(path)
+        pairs.append(tuple(pair))
     if not pairs:
         raise ValueError(f"list file {list_file!r} holds no image/mask pairs "
                          f"(only blank lines or comments)")

@@ -47,15 +47,16 @@ def run(prog, body, interrupted=None):
     body : callable
         Does the work; returns an exit code or None (0).
     interrupted : callable, optional
-        Called on Ctrl-C; returns a sentence saying what was saved where (or None).
+        Called with the KeyboardInterrupt on Ctrl-C; returns a sentence saying what was saved
+        where (or None).
     """
     try:
         return body() or 0
     except USER_ERRORS as error:
         print(f"{prog}: error: {_one_line(error)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        note = interrupted() if interrupted is not None else None
+    except KeyboardInterrupt as interrupt:
+        note = interrupted(interrupt) if interrupted is not None else None
         print(f"{prog}: interrupted" + (f"; {note}" if note else ""), file=sys.stderr)
         return 130
 

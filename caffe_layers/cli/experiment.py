@@ -40,7 +40,7 @@ def main(argv=None):
     def body():
         run_experiment(args.out, settings, preset=args.preset)
 
-    return run(parser.prog, body, interrupted=lambda: f"files already written under {args.out} are complete")
+    return run(parser.prog, body, interrupted=lambda _: f"files already written under {args.out} are complete")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ import warnings
 from pathlib import Path
 
 from ..image_io import find_images, read_rgb, write_image
-from ..stain import MacenkoNormalizer, NoTissueWarning, ReinhardNormalizer, match_histograms
+from ..stain import MacenkoNormalizer, NoTissueWarning, ReinhardNormalizer, match_histograms, tissue_mask
+from ..stain.histogram import check_reference
 from . import UsageError, run
 
 __all__ = ["main"]
@@ -68,6 +69,14 @@ def _output_paths(inputs, files, output, protected, overwrite):
 
 def _normalizer(args, template):
     if args.method == "histmatch":
+        mask = tissue_mask(template, args.white_threshold) if args.ignore_white else None
+        if mask is not None and not mask.any():
+            raise UsageError(f"{args.template}: the template has no tissue (every pixel above "
+                             f"--white-threshold {args.white_threshold:g}); choose a template with tissue")
+        try:
+            check_reference(template, mask, name="the template")
+        except ValueError as error:
+            raise UsageError(f"{args.template}: {error}") from None
         return lambda image: match_histograms(image, template, ignore_white=args.ignore_white,
                                               nbins=args.nbins, white_threshold=args.white_threshold)
     if args.method == "reinhard":

@@ -33,7 +33,7 @@ def main(argv=None):
         for files in written:
             print(f"{files['name']}: {files['mask']}")
 
-    return run(parser.prog, body, interrupted=lambda: "outputs already written are complete; none is partial")
+    return run(parser.prog, body, interrupted=lambda _: "outputs already written are complete; none is partial")
 
 
 if __name__ == "__main__":

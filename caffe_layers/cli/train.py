@@ -41,10 +41,13 @@ def main(argv=None):
         if result.caffemodel:
             print(f"snapshot: {result.caffemodel} {result.solverstate}")
 
-    return run(parser.prog, body,
-               interrupted=lambda: "a snapshot was written at the iteration reached (see snapshot_prefix); "
-                                   "continue with --resume")
+    def saved(interrupt):
+        snapshot = getattr(interrupt, "snapshot", None)
+        if not snapshot:
+            return "no snapshot was written"
+        return f"saved {snapshot[0]} and {snapshot[1]}; continue with --resume {snapshot[1]}"
 
+    return run(parser.prog, body, interrupted=saved)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -80,4 +80,6 @@ def read_mean_binaryproto(path):
         mean = mean[0]
     if mean.ndim != 3:
         raise ValueError(f"mean file {path} holds a blob of shape {mean.shape}; expected 1×C×H×W or C×H×W")
+    if not np.isfinite(mean).all():
+        raise ValueError(f"mean file {path} holds NaN or infinite values")
     return mean.astype(np.float32)

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import caffe
 import numpy as np
-from caffe.proto import caffe_pb2
-from google.protobuf import text_format
+
+from .checks import check_net_param, check_weights_fit, layers_in_phase, read_net_prototxt
 
 __all__ = ["CaffeSegmenter", "prototxt_blobs", "use_cpu"]
 
@@ -14,19 +14,11 @@ def use_cpu():
     caffe.set_mode_cpu()
 
 
-def prototxt_blobs(path):
-    """(input blob names, all top names) of a deploy prototxt, parsed without building it.
-
-    Caffe aborts the whole process on a malformed net; checking first gives a clear error.
-    """
-    param = caffe_pb2.NetParameter()
-    try:
-        text_format.Merge(Path(path).read_text(), param)
-    except (text_format.ParseError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: not a valid Caffe prototxt: {error}") from None
+def prototxt_blobs(param):
+    """(input blob names, all top names) of a deploy ``NetParameter`` in the TEST phase."""
     inputs = set(param.input)
     tops = set(param.input)
-    for layer in list(param.layer) + list(param.layers):
+    for layer in layers_in_phase(param, caffe.TEST):
         tops.update(layer.top)
         if getattr(layer, "type", None) == "Input":
             inputs.update(layer.top)
@@ -56,14 +48,19 @@ class CaffeSegmenter:
                 raise FileNotFoundError(f"{what} not found: {path}")
         if weights.stat().st_size == 0:
             raise ValueError(f"weights file is empty: {weights}")
-        inputs, tops = prototxt_blobs(deploy_prototxt)
+        # Everything Caffe would abort on is checked first: the net, then the weights against it.
+        param = read_net_prototxt(deploy_prototxt)
+        check_net_param(param, str(deploy_prototxt), caffe.TEST)
+        inputs, tops = prototxt_blobs(param)
         if "data" not in inputs:
             raise ValueError(f"{deploy_prototxt}: the net has no input blob 'data' "
                              f"(inputs: {sorted(inputs) or 'none'})")
         if "prob" not in tops:
             raise ValueError(f"{deploy_prototxt}: the net has no output blob 'prob'")
         self.deploy_prototxt, self.weights = deploy_prototxt, weights
-        self.net = caffe.Net(str(deploy_prototxt), str(weights), caffe.TEST)
+        self.net = caffe.Net(str(deploy_prototxt), caffe.TEST)
+        check_weights_fit(self.net, weights)
+        self.net.copy_from(str(weights))
 
     def __call__(self, batch):
         """Forward ``batch`` ``(N, 3, h, w)`` float32; return ``prob`` ``(N, C, h, w)``."""

@@ -14,7 +14,11 @@ __all__ = ["segment_files"]
 def segment_files(segmenter, paths, out_dir, tile=DEFAULT_TILE, overlap=DEFAULT_OVERLAP,
                   threshold=DEFAULT_THRESHOLD, multiple=DEFAULT_MULTIPLE, prob_format="png", progress=True,
                   overwrite=False):
-    """Segment image files and write ``<name>_prob.png|npy``, ``_mask.png``, ``_overlay.png``.
+    """Segment image files and write ``<name>_prob.png|npy``, ``_pred.png``, ``_overlay.png``.
+
+    The predicted mask is ``<name>_pred.png``, never ``<name>_mask.png``: that is the name of
+    ground-truth masks (``caffe-stain-prepare`` writes them), which a run on a data folder
+    must not replace.
 
     Memory per image, besides the net and one tile: the image (memory-mapped when
     :func:`~caffe_layers.image_io.read_rgb` can, e.g. an uncompressed TIFF, so its pages are
@@ -57,7 +61,7 @@ def segment_files(segmenter, paths, out_dir, tile=DEFAULT_TILE, overlap=DEFAULT_
                          "would overwrite each other")
     out_dir = Path(out_dir)
     outputs = [out_dir / f"{name}{suffix}" for name in names
-               for suffix in (f"_prob.{prob_format}", "_mask.png", "_overlay.png")]
+               for suffix in (f"_prob.{prob_format}", "_pred.png", "_overlay.png")]
     inputs = {Path(p).resolve() for p in paths}
     for output in outputs:
         if output.resolve() in inputs:
@@ -96,7 +100,7 @@ def segment_files(segmenter, paths, out_dir, tile=DEFAULT_TILE, overlap=DEFAULT_
                         overwrite=overwrite)
         mask = prob > threshold
         del prob
-        files["mask"] = out_dir / f"{name}_mask.png"
+        files["mask"] = out_dir / f"{name}_pred.png"
         write_image(files["mask"], mask.astype(np.uint8) * 255, overwrite=overwrite)
         files["overlay"] = out_dir / f"{name}_overlay.png"
         write_image(files["overlay"], overlay(rgb, mask), overwrite=overwrite)

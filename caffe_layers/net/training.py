@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import math
 import os
 import sys
 import tempfile
@@ -28,13 +29,15 @@ from pathlib import Path
 import caffe
 import numpy as np
 from caffe.proto import caffe_pb2
-from google.protobuf import text_format
-from google.protobuf.message import DecodeError
 
 from ..metrics import confusion, dice_from_counts
+from .checks import (check_net_param, check_solver_param, check_solverstate_fits, check_weights_fit,
+                     layers_in_phase, read_net_prototxt, read_solver_prototxt)
 
 __all__ = [
     "TrainResult",
+    "TrainingDiverged",
+    "TrainingInterrupted",
     "check_solverstate_fits",
     "check_weights_fit",
     "read_solver_param",
@@ -42,10 +45,6 @@ __all__ = [
     "train",
     "validate_segmentation",
 ]
-
-# Solvers whose history holds two blobs per parameter (Adam: m and v; AdaDelta: two running means).
-_TWO_HISTORY_SOLVERS = ("Adam", "AdaDelta")
-
 
 @dataclasses.dataclass
 class TrainResult:
@@ -85,35 +84,13 @@ class TrainResult:
 
 
 def read_solver_param(solver_path):
-    """Parse a solver prototxt (pycaffe does not expose ``solver.param``).
-
-    Parameters
-    ----------
-    solver_path : str or Path
-
-    Returns
-    -------
-    caffe_pb2.SolverParameter
-
-    Raises
-    ------
-    FileNotFoundError
-        If the file is missing.
-    ValueError
-        If it is not a valid SolverParameter text.
-    """
-    solver_path = Path(solver_path)
-    if not solver_path.is_file():
-        raise FileNotFoundError(f"solver file not found: {solver_path}")
-    param = caffe_pb2.SolverParameter()
-    try:
-        text_format.Merge(solver_path.read_text(), param)
-    except text_format.ParseError as error:
-        raise ValueError(f"solver file {solver_path} is not a valid solver prototxt: {error}") from error
-    return param
+    """Parse a solver prototxt (pycaffe does not expose ``solver.param``); see :mod:`.checks`."""
+    return read_solver_prototxt(solver_path)
 
 
 def _check_solver_files(param, solver_path):
+    """The solver and every net it names, checked the way Caffe would read them."""
+    check_solver_param(param, str(solver_path))
     nets = [("net", param.net), ("train_net", param.train_net)] + [("test_net", path) for path in param.test_net]
     for field, path in nets:
         if path and not os.path.isfile(path):
@@ -121,129 +98,36 @@ def _check_solver_files(param, solver_path):
                                     f"(paths are relative to the working directory {os.getcwd()!r})")
     if not (param.net or param.train_net or param.HasField("net_param") or param.HasField("train_net_param")):
         raise ValueError(f"solver {solver_path} names no net (set 'net')")
+    train_net = param.net or param.train_net
+    if train_net:
+        net_param = read_net_prototxt(train_net)
+        check_net_param(net_param, train_net, caffe.TRAIN)
+        if len(param.test_iter) and not param.test_net:
+            check_net_param(net_param, train_net, caffe.TEST)
+            if not layers_in_phase(net_param, caffe.TEST):
+                raise ValueError(f"solver {solver_path} sets test_iter but {train_net} has no TEST-phase layers")
+    for path in param.test_net:
+        check_net_param(read_net_prototxt(path), path, caffe.TEST)
+    if len(param.test_iter) not in (0, max(1, len(param.test_net))):
+        raise ValueError(f"solver {solver_path}: {len(param.test_iter)} test_iter values for "
+                         f"{max(1, len(param.test_net))} test net(s)")
 
 
-def _read_net_param(weights_path):
-    weights_path = Path(weights_path)
-    if not weights_path.is_file():
-        raise FileNotFoundError(f"weights file not found: {weights_path}")
-    if weights_path.suffix == ".h5":
-        raise ValueError(f"weights file {weights_path}: only binary .caffemodel files are supported, not HDF5")
-    param = caffe_pb2.NetParameter()
-    try:
-        param.ParseFromString(weights_path.read_bytes())
-    except DecodeError as error:
-        raise ValueError(f"weights file {weights_path} is not a binary .caffemodel (NetParameter): {error}") from error
-    return param
+class TrainingDiverged(ValueError):
+    """The loss or the weights became NaN or infinite; nothing non-finite was saved."""
 
 
-def _blob_proto_shape(blob):
-    if blob.HasField("num") or blob.HasField("channels") or blob.HasField("height") or blob.HasField("width"):
-        return (blob.num, blob.channels, blob.height, blob.width)
-    return tuple(blob.shape.dim)
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`train`; ``snapshot`` is the ``(caffemodel, solverstate)`` saved, or None."""
+
+    def __init__(self, snapshot, iteration):
+        super().__init__(f"interrupted at iteration {iteration}")
+        self.snapshot = snapshot
+        self.iteration = iteration
 
 
-def _shapes_equal(target_shape, proto_shape, legacy):
-    if legacy:
-        # Caffe's Blob::ShapeEquals: a legacy 4-D proto matches the target padded with leading 1s.
-        return len(target_shape) <= 4 and (1,) * (4 - len(target_shape)) + tuple(target_shape) == proto_shape
-    return tuple(target_shape) == proto_shape
-
-
-def check_weights_fit(net, weights_path):
-    """Check that ``net.copy_from(weights_path)`` will not abort Caffe.
-
-    Caffe copies the layers of the file whose names are in the net and aborts the process if
-    such a layer's blobs differ in number or shape. This does the same matching in Python.
-
-    Parameters
-    ----------
-    net : caffe.Net
-    weights_path : str or Path
-        Binary ``.caffemodel``.
-
-    Returns
-    -------
-    list of str
-        Names of the layers that will be copied.
-
-    Raises
-    ------
-    FileNotFoundError
-        If the file is missing.
-    ValueError
-        If it is not a .caffemodel, shares no learnable layer with the net (nothing would be
-        loaded) or a layer's blobs do not fit; the message lists every mismatch.
-    """
-    source = _read_net_param(weights_path)
-    targets = {name: [tuple(blob.data.shape) for blob in blobs] for name, blobs in net.params.items()}
-    copied, problems = [], []
-    for layer in list(source.layer) + list(source.layers):  # .layers: V1-format models
-        if not layer.blobs or layer.name not in targets:
-            continue  # Caffe ignores layers the net does not have
-        target_shapes = targets[layer.name]
-        if len(layer.blobs) != len(target_shapes):
-            problems.append(f"layer {layer.name!r} has {len(layer.blobs)} blobs in the file but "
-                            f"{len(target_shapes)} in the net")
-            continue
-        for index, (blob, target_shape) in enumerate(zip(layer.blobs, target_shapes)):
-            legacy = any(blob.HasField(field) for field in ("num", "channels", "height", "width"))
-            if not _shapes_equal(target_shape, _blob_proto_shape(blob), legacy):
-                problems.append(f"layer {layer.name!r} blob {index}: file has shape "
-                                f"{_blob_proto_shape(blob)}, net has {target_shape}")
-        copied.append(layer.name)
-    if problems:
-        raise ValueError(f"weights file {weights_path} does not fit the net: " + "; ".join(problems))
-    if not copied:
-        raise ValueError(f"weights file {weights_path} shares no learnable layer with the net "
-                         f"(net layers: {', '.join(targets) or 'none'}); nothing would be loaded")
-    return copied
-
-
-def check_solverstate_fits(net, solverstate_path, solver_type="SGD"):
-    """Check that ``solver.restore(solverstate_path)`` will not abort Caffe.
-
-    Parameters
-    ----------
-    net : caffe.Net
-        The solver's training net.
-    solverstate_path : str or Path
-        Binary ``.solverstate`` (HDF5 states are only checked for existence).
-    solver_type : str
-        The solver's ``type``; Adam and AdaDelta keep two history blobs per parameter.
-
-    Raises
-    ------
-    FileNotFoundError
-        If the state or the ``.caffemodel`` it refers to (``learned_net``, a path relative
-        to the working directory) is missing.
-    ValueError
-        If the state is unreadable or its history or weights do not fit the net.
-    """
-    solverstate_path = Path(solverstate_path)
-    if not solverstate_path.is_file():
-        raise FileNotFoundError(f"solver state file not found: {solverstate_path}")
-    if solverstate_path.suffix == ".h5":
-        return
-    state = caffe_pb2.SolverState()
-    try:
-        state.ParseFromString(solverstate_path.read_bytes())
-    except DecodeError as error:
-        raise ValueError(f"{solverstate_path} is not a binary .solverstate: {error}") from error
-    if state.learned_net:
-        if not os.path.isfile(state.learned_net):
-            raise FileNotFoundError(f"solver state {solverstate_path} refers to weights {state.learned_net!r}, "
-                                    f"which do not exist (relative to {os.getcwd()!r})")
-        check_weights_fit(net, state.learned_net)
-    param_shapes = [tuple(blob.data.shape) for blobs in net.params.values() for blob in blobs]
-    per_param = 2 if solver_type in _TWO_HISTORY_SOLVERS else 1
-    history_shapes = [_blob_proto_shape(blob) for blob in state.history]
-    expected = param_shapes * per_param
-    if len(history_shapes) != len(expected) or any(
-            not _shapes_equal(target, shape, legacy=False) and not _shapes_equal(target, shape, legacy=True)
-            for target, shape in zip(expected, history_shapes)):
-        raise ValueError(f"solver state {solverstate_path} does not fit this {solver_type} solver's net: "
-                         f"{len(history_shapes)} history blobs, expected {len(expected)} of the net's shapes")
+def _weights_finite(net):
+    return all(np.isfinite(blob.data).all() for blobs in net.params.values() for blob in blobs)
 
 
 def snapshot_paths(param, iteration):
@@ -382,8 +266,13 @@ def train(solver_path, *, weights=None, resume=None, max_iter=None, log_csv=None
     FileNotFoundError
         For a missing solver, net, weights or solver-state file.
     ValueError
-        For an invalid solver file, weights that do not fit the net, or both ``weights``
-        and ``resume``.
+        For an invalid solver file or net (checked before Caffe reads them), weights that do
+        not fit the net, or both ``weights`` and ``resume``.
+    TrainingDiverged
+        At the first non-finite loss (or non-finite weights before a snapshot or validation);
+        no non-finite weights are written.
+    TrainingInterrupted
+        On Ctrl-C, after a snapshot of the iteration reached (its paths in ``snapshot``).
     """
     if weights is not None and resume is not None:
         raise ValueError("give either weights (start from a .caffemodel) or resume (a .solverstate), not both")
@@ -398,21 +287,20 @@ def train(solver_path, *, weights=None, resume=None, max_iter=None, log_csv=None
 
     if validate_every is None:
         validate_every = param.test_interval if len(param.test_iter) > 0 else 0
-    if validate_every:
-        # Our validation replaces Caffe's own test pass, which would run as well (and only
-        # print to the log).
-        param.test_interval = 2 ** 31 - 1
+    # Caffe's own test pass and snapshots are switched off in the solver it runs: this loop
+    # validates and snapshots itself, after checking that the weights are finite (a test pass
+    # over NaN scores corrupts the heap in Caffe's Accuracy layer, and a NaN snapshot is useless).
+    snapshot_every = param.snapshot
+    param.test_interval = 2 ** 31 - 1
+    param.snapshot = 0
 
-    if param.solver_mode == param.CPU:
-        caffe.set_mode_cpu()
-    else:
-        caffe.set_mode_gpu()
+    caffe.set_mode_cpu()  # check_solver_param refused GPU: this Caffe is CPU-only
     solver = _load_solver(param, seed, max_iter)
     if weights is not None:
         check_weights_fit(solver.net, weights)
         solver.net.copy_from(str(weights))
     if resume is not None:
-        check_solverstate_fits(solver.net, resume, param.type)
+        check_solverstate_fits(solver.net, resume, check_solver_param(param, str(solver_path)))
         solver.restore(str(resume))
 
     if validate_every and validate_fn is None:
@@ -433,17 +321,36 @@ def train(solver_path, *, weights=None, resume=None, max_iter=None, log_csv=None
         from tqdm import tqdm
 
         bar = tqdm(total=target, initial=solver.iter, unit="it", desc=Path(solver_path).stem, file=sys.stderr)
+
+    def snapshot():
+        nonlocal last_snapshot
+        if not param.snapshot_prefix:
+            return
+        if not _weights_finite(solver.net):
+            raise TrainingDiverged(f"the weights are NaN or infinite at iteration {solver.iter}; "
+                                   f"no snapshot written (last one: {last_snapshot and last_snapshot[0]})")
+        solver.snapshot()
+        last_snapshot = snapshot_paths(param, solver.iter)
+
     start = time.perf_counter()
     try:
         while solver.iter < target:
             iteration = solver.iter
             solver.step(1)
             loss = _loss_of(solver.net)
+            if not math.isfinite(loss):
+                raise TrainingDiverged(
+                    f"training diverged: the loss is {loss} at iteration {iteration} of {solver_path}; "
+                    f"stopped without saving the non-finite weights (last snapshot: "
+                    f"{last_snapshot[0] if last_snapshot else 'none'}); lower base_lr or check the data")
             losses.append((iteration, loss))
             row = {"iter": iteration, "loss": loss, "elapsed_s": round(time.perf_counter() - start, 3)}
-            if param.snapshot and solver.iter % param.snapshot == 0:
-                last_snapshot = snapshot_paths(param, solver.iter)  # written by Caffe inside step()
+            if snapshot_every and solver.iter % snapshot_every == 0:
+                snapshot()
             if validate_every and (solver.iter % validate_every == 0 or solver.iter == target):
+                if not _weights_finite(solver.net):
+                    raise TrainingDiverged(f"the weights are NaN or infinite at iteration {solver.iter}; "
+                                           "stopped before validating on them")
                 metrics = dict(validate_fn(solver))
                 validation.append({"iter": solver.iter, **metrics})
                 row.update(metrics)
@@ -458,16 +365,18 @@ def train(solver_path, *, weights=None, resume=None, max_iter=None, log_csv=None
                 bar.update(1)
     except KeyboardInterrupt:
         # Keep the work done so far; resume from this snapshot with resume=.
-        if param.snapshot_prefix:
-            solver.snapshot()
-        raise
+        if last_snapshot != snapshot_paths(param, solver.iter) and solver.iter > 0:
+            try:
+                snapshot()
+            except TrainingDiverged:
+                pass
+        raise TrainingInterrupted(last_snapshot, solver.iter) from None
     finally:
         if bar is not None:
             bar.close()
 
-    if param.snapshot_prefix and (last_snapshot is None or last_snapshot != snapshot_paths(param, solver.iter)):
-        solver.snapshot()
-        last_snapshot = snapshot_paths(param, solver.iter)
+    if last_snapshot is None or last_snapshot != snapshot_paths(param, solver.iter):
+        snapshot()
     caffemodel, solverstate = last_snapshot if last_snapshot else (None, None)
     return TrainResult(iterations=solver.iter, losses=losses, validation=validation, caffemodel=caffemodel,
                        solverstate=solverstate, log_csv=None if log_csv is None else str(log_csv))

@@ -187,13 +187,21 @@ def suggest_color_params(
     """
     if not (isinstance(margin, (int, float)) and math.isfinite(margin) and margin >= 0):
         raise ValueError(f"margin must be a finite number >= 0; got {margin!r}")
+    if margin > 10:
+        raise ValueError(f"margin must be at most 10 (a 1000 % widening); got {margin!r}")
     train = _named_images(train_images, "train")
     test = _named_images(test_images, "test")
 
     def tissue_means(group, name, image):
         image = check_rgb(image, f"{group} image {name!r}")
         mask = tissue_mask(image, white_threshold) if ignore_white else None
-        return masked_channel_means(image, mask, f"{group} image {name!r}")
+        means = masked_channel_means(image, mask, f"{group} image {name!r}")
+        if (means <= 0).any():
+            # A ratio of 0 would ask for an infinite contrast factor (1/0).
+            channel = "RGB"[int(np.flatnonzero(means <= 0)[0])]
+            raise ValueError(f"{group} image {name!r} has zero mean in channel {channel} (a black image?); "
+                             "its colour ratio is undefined")
+        return means
 
     ratios, offsets = _shift_table(
         [(name, tissue_means("train", name, image)) for name, image in train],

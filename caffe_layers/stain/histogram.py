@@ -12,15 +12,38 @@ import numpy as np
 from ..image_io import check_rgb
 from .tissue import NoTissueWarning, resolve_masks
 
-__all__ = ["match_histograms"]
+__all__ = ["MAX_NBINS", "check_reference", "match_histograms"]
+
+
+#: Most histogram bins: more than uint16 levels buys nothing and costs time linear in nbins.
+MAX_NBINS = 65536
 
 
 def _check_nbins(nbins):
     if nbins is None:
         return None
-    if isinstance(nbins, bool) or int(nbins) != nbins or nbins < 2:
-        raise ValueError(f"nbins must be an integer >= 2 or None; got {nbins!r}")
+    if isinstance(nbins, bool) or not isinstance(nbins, (int, np.integer)) or not 2 <= nbins <= MAX_NBINS:
+        raise ValueError(f"nbins must be an integer in [2, {MAX_NBINS}] or None; got {nbins!r}")
     return int(nbins)
+
+
+def check_reference(reference, reference_mask=None, name="reference"):
+    """Refuse a reference that cannot define a histogram to match: a flat channel.
+
+    :func:`match_histograms` maps every image to a uniform one for such a reference, as
+    scikit-image does; tools call this first to refuse a single-colour (or, when white is not
+    ignored, blank) template. ``reference_mask`` (bool, H×W) restricts the check to the pixels
+    used.
+    """
+    pixels = reference.reshape(-1, 3) if reference_mask is None else reference[reference_mask]
+    if pixels.size == 0:
+        return
+    low, high = pixels.min(axis=0), pixels.max(axis=0)
+    flat = np.flatnonzero(low == high)
+    if flat.size:
+        channels = ", ".join("RGB"[c] for c in flat)
+        raise ValueError(f"{name} is flat in channel {channels} (every pixel used has value "
+                         f"{low[flat[0]]!r}); matching to it would make that channel of every image uniform")
 
 
 def _quantised_reference(values, counts, nbins, low, high):

@@ -259,6 +259,15 @@ class BatchAugmenter:
             check_output("labels_out", labels_out, labels.shape)
 
         n, channels, height, width = images.shape
+        mixes_values = p["rotate_any"] or p["hed"] or p["color"]
+        if mixes_values and images.dtype.kind == "f" and images.size \
+                and not (np.isfinite(images.min()) and np.isfinite(images.max())):
+            # Interpolation, stain mixing and a*x+b would blend a NaN or inf into other values;
+            # flips and turns only move it. Two reductions, no temporary: NaN propagates
+            # through min/max, inf is caught directly.
+            bad = int(np.flatnonzero(~np.isfinite(images).reshape(n, -1).all(axis=1))[0])
+            raise ValueError(f"images contain NaN or infinite values (first in sample {bad} of the batch); "
+                             "augmenting them would give a non-finite loss")
         if draws is None:
             draws = self.draw(n, (channels, height, width))
         elif len(draws) != n or draws.a.shape[1] != channels:

@@ -97,7 +97,7 @@ def test_segment_cli(tiny_net, tmp_path, capsys):
     assert segment_main(args + [str(tmp_path / "one.png"), str(tmp_path / "two.tif")]) == 0
     for name in ("one", "two"):
         prob = np.asarray(Image.open(out / f"{name}_prob.png"))
-        mask = np.asarray(Image.open(out / f"{name}_mask.png"))
+        mask = np.asarray(Image.open(out / f"{name}_pred.png"))
         over = np.asarray(Image.open(out / f"{name}_overlay.png"))
         assert prob.shape == mask.shape == (45, 38) and prob.dtype == np.uint8
         assert over.shape == (45, 38, 3)
@@ -138,7 +138,7 @@ def test_segment_files_npy_is_written_through_a_memmap(tmp_path, monkeypatch):
     np.testing.assert_array_equal(prob, segment_tiled(box_predict(), rgb, 32, 8))
     mask = np.asarray(Image.open(files["mask"])) > 0
     assert np.array_equal(mask, prob > 0.5)
-    assert sorted(p.name for p in out_dir.iterdir()) == ["img_mask.png", "img_overlay.png",
+    assert sorted(p.name for p in out_dir.iterdir()) == ["img_overlay.png", "img_pred.png",
                                                          "img_prob.npy"]
 
     # A failing net leaves no (partial) probability file behind.

@@ -1,0 +1,366 @@
+"""Check what Caffe will read before Caffe reads it.
+
+Caffe reports most mistakes in a net, a solver or a weights file with a failed ``CHECK`` or a
+``LOG(FATAL)``, which aborts the whole Python process (SIGABRT, sometimes SIGFPE) with no
+exception to catch. Everything here raises a ``ValueError`` (``FileNotFoundError`` for a
+missing file) whose message names the file, the layer or field and the value, so the tools can
+refuse bad input before Caffe sees it. The checks cover the mistakes users make, not every
+``CHECK`` in Caffe.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import os
+from pathlib import Path
+
+import caffe
+import numpy as np
+from caffe.proto import caffe_pb2
+from google.protobuf import text_format
+from google.protobuf.message import DecodeError
+
+__all__ = [
+    "MAX_PROTOTXT_BYTES",
+    "check_net_param",
+    "check_solver_param",
+    "check_solverstate_fits",
+    "check_weights_fit",
+    "layers_in_phase",
+    "read_net_prototxt",
+    "read_solver_prototxt",
+    "read_weights",
+]
+
+#: Larger text prototxts are refused unread (a real net is a few hundred kilobytes at most).
+MAX_PROTOTXT_BYTES = 16 * 1024 * 1024
+
+SOLVER_TYPES = ("SGD", "Nesterov", "AdaGrad", "RMSProp", "AdaDelta", "Adam")
+# lr_policy -> the SolverParameter fields Caffe's Solver::GetLearningRate reads for it.
+LR_POLICIES = {"fixed": (), "step": ("gamma", "stepsize"), "exp": ("gamma",), "inv": ("gamma", "power"),
+               "multistep": ("gamma", "stepvalue"), "poly": ("power",), "sigmoid": ("gamma", "stepsize")}
+# Legacy solver_type enum -> type string (Caffe upgrades it the same way).
+_LEGACY_SOLVER_TYPES = {0: "SGD", 1: "Nesterov", 2: "AdaGrad", 3: "RMSProp", 4: "AdaDelta", 5: "Adam"}
+
+
+def _read_text(path, what):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    size = path.stat().st_size
+    if size > MAX_PROTOTXT_BYTES:
+        raise ValueError(f"{what} {path} is {size} bytes, more than a text prototxt can be "
+                         f"({MAX_PROTOTXT_BYTES} bytes); is it a binary file?")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{what} {path} is not a text prototxt (not UTF-8 at byte {error.start}); "
+                         "a binary .caffemodel or .binaryproto given in its place?") from None
+
+
+def _parse_text(path, message, what):
+    text = _read_text(path, what)
+    try:
+        text_format.Merge(text, message)
+    except text_format.ParseError as error:
+        raise ValueError(f"{what} {path} is not a valid prototxt: {error}") from None
+    return message
+
+
+def read_net_prototxt(path):
+    """Parse a net prototxt (V1 ``layers`` or V2 ``layer``) into a ``NetParameter``."""
+    return _parse_text(path, caffe_pb2.NetParameter(), "net prototxt")
+
+
+def read_solver_prototxt(path):
+    """Parse a solver prototxt into a ``SolverParameter``."""
+    return _parse_text(path, caffe_pb2.SolverParameter(), "solver prototxt")
+
+
+def _meets_rule(rule, phase):
+    # Phase is the only NetState field the project's nets use; levels and stages are ignored.
+    return not rule.HasField("phase") or rule.phase == phase
+
+
+def layers_in_phase(param, phase):
+    """The layers of ``param`` that a net built in ``phase`` (caffe.TRAIN/TEST) contains, in order."""
+    layers = list(param.layer) + list(param.layers)
+    kept = []
+    for layer in layers:
+        if layer.include:
+            if any(_meets_rule(rule, phase) for rule in layer.include):
+                kept.append(layer)
+        elif not any(_meets_rule(rule, phase) for rule in layer.exclude):
+            kept.append(layer)
+    return kept
+
+
+def _layer_type(layer):
+    if isinstance(layer, caffe_pb2.V1LayerParameter):
+        return None  # an enum: Caffe upgrades it; the parser already refused unknown names
+    return layer.type
+
+
+def _check_python_layer(layer, where):
+    module_name, class_name = layer.python_param.module, layer.python_param.layer
+    if not module_name or not class_name:
+        raise ValueError(f"{where}: Python layer {layer.name!r} needs python_param.module and .layer")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"{where}: Python layer {layer.name!r}: cannot import module {module_name!r} ({error}); "
+                         "is its folder on PYTHONPATH?") from None
+    if not isinstance(getattr(module, class_name, None), type):
+        raise ValueError(f"{where}: Python layer {layer.name!r}: module {module_name!r} has no layer class "
+                         f"{class_name!r}")
+
+
+def _check_data_source(layer, where):
+    """Files a data layer opens at setup (a missing one aborts Caffe)."""
+    sources = []
+    if layer.type == "Data":
+        source, backend = layer.data_param.source, layer.data_param.backend
+        marker = "data.mdb" if backend == caffe_pb2.DataParameter.LMDB else "CURRENT"
+        if not os.path.isdir(source) or not os.path.exists(os.path.join(source, marker)):
+            kind = "LMDB" if backend == caffe_pb2.DataParameter.LMDB else "LevelDB"
+            raise FileNotFoundError(f"{where}: layer {layer.name!r} reads the {kind} database {source!r}, "
+                                    f"which does not exist (no {marker}; relative to {os.getcwd()!r})")
+        if layer.data_param.batch_size < 1:
+            raise ValueError(f"{where}: layer {layer.name!r}: data_param.batch_size must be >= 1")
+    elif layer.type == "ImageData":
+        sources.append(layer.image_data_param.source)
+    elif layer.type == "HDF5Data":
+        sources.append(layer.hdf5_data_param.source)
+    for source in sources:
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"{where}: layer {layer.name!r} reads the list file {source!r}, which does "
+                                    f"not exist (relative to {os.getcwd()!r})")
+    if layer.HasField("transform_param") and layer.transform_param.mean_file:
+        if not os.path.isfile(layer.transform_param.mean_file):
+            raise FileNotFoundError(f"{where}: layer {layer.name!r}: mean_file "
+                                    f"{layer.transform_param.mean_file!r} does not exist")
+
+
+def check_net_param(param, where, phase=caffe.TEST):
+    """Refuse a net Caffe would abort on: unknown layer types, unknown bottoms, bad Python layers.
+
+    Parameters
+    ----------
+    param : caffe_pb2.NetParameter
+    where : str
+        The net's file name, for messages.
+    phase : caffe.TRAIN or caffe.TEST
+        The phase the net will be built in.
+
+    Raises
+    ------
+    ValueError, FileNotFoundError
+    """
+    registered = set(caffe.layer_type_list())
+    blobs = set(param.input)
+    for shape in param.input_shape:
+        if any(dim < 1 for dim in shape.dim):
+            raise ValueError(f"{where}: input shape {list(shape.dim)} has a dimension below 1")
+    layers = layers_in_phase(param, phase)
+    if not layers and not param.input:
+        raise ValueError(f"{where}: the net has no layers in the {'TRAIN' if phase == caffe.TRAIN else 'TEST'} phase")
+    for layer in layers:
+        kind = _layer_type(layer)
+        if kind is not None and kind not in registered:
+            raise ValueError(f"{where}: layer {layer.name!r} has unknown type {kind!r} (this Caffe knows "
+                             f"{len(registered)} types, e.g. Convolution, Pooling, InnerProduct, Python)")
+        for bottom in layer.bottom:
+            if bottom not in blobs:
+                raise ValueError(f"{where}: layer {layer.name!r} reads bottom {bottom!r}, which no earlier layer "
+                                 "produces in this phase")
+        if kind == "Python":
+            _check_python_layer(layer, where)
+        if kind == "Input":
+            for shape in layer.input_param.shape:
+                if any(dim < 1 for dim in shape.dim):
+                    raise ValueError(f"{where}: Input layer {layer.name!r} has shape {list(shape.dim)} with a "
+                                     "dimension below 1")
+        if kind in ("Data", "ImageData", "HDF5Data"):
+            _check_data_source(layer, where)
+        if kind in ("Convolution", "Deconvolution") and layer.convolution_param.num_output < 1:
+            raise ValueError(f"{where}: layer {layer.name!r}: convolution_param.num_output must be >= 1")
+        if kind == "InnerProduct" and layer.inner_product_param.num_output < 1:
+            raise ValueError(f"{where}: layer {layer.name!r}: inner_product_param.num_output must be >= 1")
+        blobs.update(layer.top)
+
+
+def _finite(value):
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def check_solver_param(param, where):
+    """Refuse a solver Caffe would abort on (type, lr_policy and its fields, mode, counts).
+
+    Parameters
+    ----------
+    param : caffe_pb2.SolverParameter
+    where : str
+        The solver's file name, for messages.
+    """
+    solver_type = param.type if param.HasField("type") else _LEGACY_SOLVER_TYPES.get(param.solver_type, "SGD")
+    if solver_type not in SOLVER_TYPES:
+        raise ValueError(f"{where}: unknown solver type {solver_type!r}; expected one of {', '.join(SOLVER_TYPES)}")
+    policy = param.lr_policy or "fixed"
+    if policy not in LR_POLICIES:
+        raise ValueError(f"{where}: unknown lr_policy {policy!r}; expected one of {', '.join(LR_POLICIES)}")
+    for field in LR_POLICIES[policy]:
+        if field == "stepvalue":
+            if not param.stepvalue:
+                raise ValueError(f"{where}: lr_policy \"multistep\" needs stepvalue entries")
+        elif not param.HasField(field):
+            raise ValueError(f"{where}: lr_policy {policy!r} needs {field}")
+    if policy in ("step", "sigmoid") and param.stepsize < 1:
+        raise ValueError(f"{where}: stepsize must be >= 1 for lr_policy {policy!r}, got {param.stepsize}")
+    # Caffe's default is GPU: only an explicit request is refused (the project always runs on the CPU).
+    if param.HasField("solver_mode") and param.solver_mode == caffe_pb2.SolverParameter.GPU:
+        raise ValueError(f"{where}: solver_mode GPU, but this Caffe is built CPU-only; use solver_mode: CPU")
+    for field in ("base_lr", "momentum", "weight_decay", "gamma", "power", "delta", "momentum2", "rms_decay"):
+        if param.HasField(field) and not _finite(getattr(param, field)):
+            raise ValueError(f"{where}: {field} must be a finite number, got {getattr(param, field)}")
+    if param.HasField("base_lr") and param.base_lr < 0:
+        raise ValueError(f"{where}: base_lr must be >= 0, got {param.base_lr}")
+    if param.max_iter < 0:
+        raise ValueError(f"{where}: max_iter must be >= 0, got {param.max_iter}")
+    for field in ("display", "snapshot", "test_interval"):
+        if getattr(param, field) < 0:
+            raise ValueError(f"{where}: {field} must be >= 0, got {getattr(param, field)}")
+    if param.iter_size < 1 or param.average_loss < 1:
+        raise ValueError(f"{where}: iter_size and average_loss must be >= 1")
+    if any(n < 0 for n in param.test_iter):
+        raise ValueError(f"{where}: test_iter must be >= 0")
+    return solver_type
+
+
+def read_weights(path):
+    """Parse a binary ``.caffemodel`` into a ``NetParameter`` (FileNotFoundError / ValueError)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".h5":
+        raise ValueError(f"weights file {path}: only binary .caffemodel files are supported, not HDF5")
+    param = caffe_pb2.NetParameter()
+    try:
+        param.ParseFromString(path.read_bytes())
+    except (DecodeError, RuntimeWarning) as error:
+        raise ValueError(f"weights file {path} is not a binary .caffemodel (NetParameter): {error}") from None
+    if not any(layer.blobs for layer in list(param.layer) + list(param.layers)):
+        raise ValueError(f"weights file {path} holds no learned layer (is it a .caffemodel?)")
+    return param
+
+
+def _blob_proto_shape(blob):
+    if blob.HasField("num") or blob.HasField("channels") or blob.HasField("height") or blob.HasField("width"):
+        return (blob.num, blob.channels, blob.height, blob.width)
+    return tuple(blob.shape.dim)
+
+
+def _shapes_equal(target_shape, proto_shape, legacy):
+    if legacy:
+        # Caffe's Blob::ShapeEquals: a legacy 4-D proto matches the target padded with leading 1s.
+        return len(target_shape) <= 4 and (1,) * (4 - len(target_shape)) + tuple(target_shape) == proto_shape
+    return tuple(target_shape) == proto_shape
+
+
+def _blob_values(blob):
+    return np.asarray(blob.data if len(blob.data) else blob.double_data)
+
+
+def check_weights_fit(net, weights_path):
+    """Check that ``net.copy_from(weights_path)`` will not abort Caffe nor load nothing.
+
+    Caffe copies the layers of the file whose names are in the net and aborts the process if
+    such a layer's blobs differ in number or shape. This does the same matching in Python,
+    and also refuses a file that shares no learnable layer with the net (Caffe would silently
+    keep the random initial weights) or holds non-finite values.
+
+    Parameters
+    ----------
+    net : caffe.Net
+    weights_path : str or Path
+        Binary ``.caffemodel``.
+
+    Returns
+    -------
+    list of str
+        Names of the layers that will be copied.
+    """
+    source = read_weights(weights_path)
+    targets = {name: [tuple(blob.data.shape) for blob in blobs] for name, blobs in net.params.items()}
+    copied, problems = [], []
+    for layer in list(source.layer) + list(source.layers):  # .layers: V1-format models
+        if not layer.blobs or layer.name not in targets:
+            continue  # Caffe ignores layers the net does not have
+        target_shapes = targets[layer.name]
+        if len(layer.blobs) != len(target_shapes):
+            problems.append(f"layer {layer.name!r} has {len(layer.blobs)} blobs in the file but "
+                            f"{len(target_shapes)} in the net")
+            continue
+        for index, (blob, target_shape) in enumerate(zip(layer.blobs, target_shapes)):
+            legacy = any(blob.HasField(field) for field in ("num", "channels", "height", "width"))
+            if not _shapes_equal(target_shape, _blob_proto_shape(blob), legacy):
+                problems.append(f"layer {layer.name!r} blob {index}: file has shape "
+                                f"{_blob_proto_shape(blob)}, net has {target_shape}")
+            elif not np.isfinite(_blob_values(blob)).all():
+                problems.append(f"layer {layer.name!r} blob {index} holds NaN or infinite values")
+        copied.append(layer.name)
+    if problems:
+        raise ValueError(f"weights file {weights_path} does not fit the net: " + "; ".join(problems))
+    if not copied:
+        raise ValueError(f"weights file {weights_path} shares no learnable layer with the net "
+                         f"(net layers: {', '.join(targets) or 'none'}); nothing would be loaded")
+    return copied
+
+
+# Solvers whose history holds two blobs per parameter (Adam: m and v; AdaDelta: two running means).
+_TWO_HISTORY_SOLVERS = ("Adam", "AdaDelta")
+
+
+def check_solverstate_fits(net, solverstate_path, solver_type="SGD"):
+    """Check that ``solver.restore(solverstate_path)`` will not abort Caffe.
+
+    Parameters
+    ----------
+    net : caffe.Net
+        The solver's training net.
+    solverstate_path : str or Path
+        Binary ``.solverstate`` (HDF5 states are only checked for existence).
+    solver_type : str
+        The solver's ``type``; Adam and AdaDelta keep two history blobs per parameter.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the state or the ``.caffemodel`` it refers to (``learned_net``, a path relative
+        to the working directory) is missing.
+    ValueError
+        If the state is unreadable or its history or weights do not fit the net.
+    """
+    solverstate_path = Path(solverstate_path)
+    if not solverstate_path.is_file():
+        raise FileNotFoundError(f"solver state file not found: {solverstate_path}")
+    if solverstate_path.suffix == ".h5":
+        return
+    state = caffe_pb2.SolverState()
+    try:
+        state.ParseFromString(solverstate_path.read_bytes())
+    except DecodeError as error:
+        raise ValueError(f"{solverstate_path} is not a binary .solverstate: {error}") from error
+    if state.learned_net:
+        if not os.path.isfile(state.learned_net):
+            raise FileNotFoundError(f"solver state {solverstate_path} refers to weights {state.learned_net!r}, "
+                                    f"which do not exist (relative to {os.getcwd()!r})")
+        check_weights_fit(net, state.learned_net)
+    param_shapes = [tuple(blob.data.shape) for blobs in net.params.values() for blob in blobs]
+    per_param = 2 if solver_type in _TWO_HISTORY_SOLVERS else 1
+    history_shapes = [_blob_proto_shape(blob) for blob in state.history]
+    expected = param_shapes * per_param
+    if len(history_shapes) != len(expected) or any(
+            not _shapes_equal(target, shape, legacy=False) and not _shapes_equal(target, shape, legacy=True)
+            for target, shape in zip(expected, history_shapes)):
+        raise ValueError(f"solver state {solverstate_path} does not fit this {solver_type} solver's net: "
+                         f"{len(history_shapes)} history blobs, expected {len(expected)} of the net's shapes")
