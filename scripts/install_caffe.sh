@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Build Caffe (CPU only, with Python layers) from PyPI's brocolli-caffe source distribution,
-# cache the build outside the repository, and set up the project's virtual environment:
+# Build Caffe (CPU only, with Python layers, LMDB and LevelDB; no OpenCV) from PyPI's
+# brocolli-caffe source distribution with the fixes in scripts/caffe_patches/, cache the build
+# outside the repository, and set up the project's virtual environment:
 #
 #   .venv/                 Python 3.11 venv with pycaffe, this package (pip install -e .) and
 #                          the test/script extras
@@ -18,10 +19,12 @@ SDIST_SHA256=c6410cc60bdd6db685d441b66be7df05410f8850ac88d6b75d48ef9b2315c08a
 CACHE_ROOT=${CAFFE_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/caffe-stain-augment}
 VENV=$REPO_ROOT/.venv
 JOBS=${JOBS:-$(nproc 2>/dev/null || echo 2)}
-APT_PACKAGES=(build-essential protobuf-compiler libprotobuf-dev libgoogle-glog-dev libgflags-dev
+APT_PACKAGES=(build-essential patch protobuf-compiler libprotobuf-dev libgoogle-glog-dev libgflags-dev
   libhdf5-dev libopenblas-dev libboost-system-dev libboost-filesystem-dev libboost-thread-dev
-  libboost-regex-dev libboost-python-dev)
+  libboost-regex-dev libboost-python-dev liblmdb-dev libleveldb-dev libsnappy-dev)
 LOG_DIR=$CACHE_ROOT/logs
+# Source fixes, applied in name order by patch_source; their contents are part of the cache key.
+PATCH_DIR=$REPO_ROOT/scripts/caffe_patches
 mkdir -p "$CACHE_ROOT" "$LOG_DIR"
 
 say() { printf '[install_caffe] %s\n' "$*"; }
@@ -74,22 +77,30 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import sys; assert sy
   run_step "create .venv" "$LOG_DIR/venv.log" "$PYTHON" -m venv "$VENV"
 fi
 VPY=$VENV/bin/python
-if ! "$VPY" -c 'import numpy, google.protobuf, skimage, scipy, six' 2>/dev/null; then
+# lmdb and plyvel write the LMDB / LevelDB Datum databases that Caffe's Data layer reads
+# (the tests write small ones with them).
+if ! "$VPY" -c 'import numpy, google.protobuf, skimage, scipy, six, lmdb, plyvel' 2>/dev/null; then
   run_step "pip install build requirements" "$LOG_DIR/pip-build.log" \
-    "$VPY" -m pip install --disable-pip-version-check "numpy>=1.24,<3" "protobuf>=3.20" scikit-image scipy six
+    "$VPY" -m pip install --disable-pip-version-check "numpy>=1.24,<3" "protobuf>=3.20" scikit-image scipy six \
+      "lmdb>=1.4" "plyvel>=1.5"
 fi
 NUMPY_INCLUDE=$("$VPY" -c 'import numpy; print(numpy.get_include())')
 NUMPY_MAJOR=$("$VPY" -c 'import numpy; print(numpy.__version__.split(".")[0])')
 
 # --- 4. Caffe, built once per (sdist, recipe, numpy major) and cached outside the repository
+# OpenCV stays off: only the ImageData/WindowData/VideoData layers, encoded Datums and the
+# convert_imageset/compute_image_mean tools need it (this project feeds images through Python
+# layers), while libopencv-dev would add 208 Debian packages (148 MB to download, 669 MB
+# installed) and the sources would need patching for OpenCV 4 (CV_LOAD_IMAGE_*, CV_CAP_PROP_*,
+# CV_FOURCC are gone).
 write_makefile_config() {
   local py_include
   py_include=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
   cat >Makefile.config <<EOF
 CPU_ONLY := 1
 USE_OPENCV := 0
-USE_LEVELDB := 0
-USE_LMDB := 0
+USE_LEVELDB := 1
+USE_LMDB := 1
 BLAS := open
 BLAS_INCLUDE := /usr/include/x86_64-linux-gnu/openblas-pthread
 WITH_PYTHON_LAYER := 1
@@ -119,25 +130,40 @@ patch_source() {
   sed -i 's/^from scipy.ndimage import zoom$/from scipy.ndimage import zoom\nfrom skimage.transform import resize/' python/caffe/io.py
   sed -i 's/as_grey=/as_gray=/' python/caffe/io.py
   grep -q 'from skimage.transform import resize' python/caffe/io.py || { echo "io.py patch did not apply"; return 1; }
+  local p
+  for p in "$PATCH_DIR"/*.patch; do
+    [ -e "$p" ] || continue
+    echo "applying $(basename "$p")"
+    patch -p1 --forward --batch --fuzz=0 <"$p" || { echo "$(basename "$p") patch did not apply"; return 1; }
+  done
+  # pycaffe's datum conversions without ndarray.tostring / binary np.fromstring (numpy 2).
+  grep -q 'datum.data = arr.tobytes()' python/caffe/io.py || { echo "01-io-numpy2 patch did not apply"; return 1; }
+  # A DataReader body per reader unless solvers of one multi-GPU run share it.
+  grep -q 'shares_body(param)' src/caffe/data_reader.cpp || { echo "02-data-reader-per-net patch did not apply"; return 1; }
+  # caffe train --weights=A[,B]: checked before the nets are built, then copied into them.
+  grep -q 'CopyLayers(solver.get(), weights)' tools/caffe.cpp || { echo "03-caffe-train-weights patch did not apply"; return 1; }
 }
 
 build_caffe() {
   local work=$CACHE_ROOT/build-$BUILD_KEY.partial dl=$CACHE_ROOT/downloads
+  # Each build key logs to a folder of its own: builds for other keys may run at the same time.
+  local logs=$LOG_DIR/build-$BUILD_KEY
+  mkdir -p "$logs"
   rm -rf "$work"; mkdir -p "$work" "$dl"
   local tarball=$dl/$SDIST_NAME-$SDIST_VERSION.tar.gz
   if [ ! -f "$tarball" ] || ! echo "$SDIST_SHA256  $tarball" | sha256sum -c --quiet 2>/dev/null; then
     rm -f "$tarball"
-    run_step "download $SDIST_NAME==$SDIST_VERSION sdist" "$LOG_DIR/download.log" \
+    run_step "download $SDIST_NAME==$SDIST_VERSION sdist" "$logs/download.log" \
       "$VPY" -m pip download --disable-pip-version-check --no-deps --no-binary :all:\
         "$SDIST_NAME==$SDIST_VERSION" -d "$dl"
   fi
   echo "$SDIST_SHA256  $tarball" | sha256sum -c --quiet \
     || die "sha256 of $tarball does not match $SDIST_SHA256"
   say "sdist sha256 verified"
-  run_step "extract" "$LOG_DIR/extract.log" tar -xzf "$tarball" -C "$work" --strip-components=1
-  (cd "$work" && run_step "patch source" "$LOG_DIR/patch.log" patch_source && write_makefile_config)
-  say "compiling Caffe with $JOBS jobs (about 6 minutes on 2 cores); log: $LOG_DIR/make.log"
-  (cd "$work" && run_step "make pycaffe + caffe tool" "$LOG_DIR/make.log" \
+  run_step "extract" "$logs/extract.log" tar -xzf "$tarball" -C "$work" --strip-components=1
+  (cd "$work" && run_step "patch source" "$logs/patch.log" patch_source && write_makefile_config)
+  say "compiling Caffe with $JOBS jobs (about 6 minutes on 2 cores); log: $logs/make.log"
+  (cd "$work" && run_step "make pycaffe + caffe tool" "$logs/make.log" \
     make -j"$JOBS" lib tools pycaffe)
   # Object files are not needed once linked; keep libraries, tools, headers and pycaffe.
   find "$work/.build_release" -name '*.o' -delete
@@ -146,9 +172,18 @@ build_caffe() {
   touch "$CAFFE_HOME/.complete"
 }
 
-# The key covers what decides the binaries: the sdist, the recipe (the functions above, so
-# editing a comment elsewhere does not force a rebuild) and numpy's major version (its C ABI).
-RECIPE_HASH=$(declare -f patch_source write_makefile_config build_caffe | sha256sum | cut -c1-12)
+# The key covers what decides the binaries: the sdist, the recipe (the functions above and the
+# patches in scripts/caffe_patches/, so editing a comment elsewhere in this script does not force
+# a rebuild) and numpy's major version (its C ABI).
+recipe() {
+  declare -f patch_source write_makefile_config build_caffe
+  local p
+  for p in "$PATCH_DIR"/*.patch; do
+    [ -e "$p" ] || continue
+    printf '%s\n' "$(basename "$p")"; cat "$p"
+  done
+}
+RECIPE_HASH=$(recipe | sha256sum | cut -c1-12)
 BUILD_KEY=${SDIST_SHA256:0:12}-$RECIPE_HASH-np$NUMPY_MAJOR
 CAFFE_HOME=$CACHE_ROOT/caffe-$BUILD_KEY
 
