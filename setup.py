@@ -37,7 +37,8 @@ setup(
     ],
     extras_require={
         "scripts": SCRIPT_REQUIRES,
-        "test": SCRIPT_REQUIRES + ["pytest>=7", "hypothesis>=6.80"],
+        # lmdb and plyvel write the LMDB / LevelDB databases the Caffe build's tests read back.
+        "test": SCRIPT_REQUIRES + ["pytest>=7", "hypothesis>=6.80", "lmdb>=1.4", "plyvel>=1.5"],
         # scripts/benchmark_augmentation.py compares against it when installed.
         "bench": SCRIPT_REQUIRES + ["albumentations>=1.4"],
     },

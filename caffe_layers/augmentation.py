@@ -44,10 +44,12 @@ class AugmentationLayer(caffe.Layer):
 
     def _check_shapes(self, bottom):
         # The core's checks, named for the layer: they run at setup and on every reshape.
+        for i in range(len(bottom)):
+            # An empty blob has no memory: touching .data would abort Caffe (CHECK data_).
+            if bottom[i].count == 0:
+                raise ValueError(f"AugmentationLayer: bottom {i} is empty (shape {tuple(bottom[i].shape)}); "
+                                 "a batch needs at least one sample")
         labels = bottom[1].data if len(bottom) == 2 else None
-        if bottom[0].data.ndim >= 1 and bottom[0].data.shape[0] < 1:
-            raise ValueError(f"AugmentationLayer: the image bottom has batch size 0 (shape "
-                             f"{tuple(bottom[0].data.shape)}); give at least one sample")
         try:
             check_batch(bottom[0].data, labels, need_rgb=bool(self.params["hed"]))
         except (TypeError, ValueError) as error:

@@ -37,8 +37,16 @@ DEFAULT_THRESHOLD = 0.5
 DEFAULT_MULTIPLE = 4
 """Default multiple of the net's input sides (``2**depth`` for the depth-2 U-Net templates)."""
 
-__all__ = ["DEFAULT_MULTIPLE", "DEFAULT_OVERLAP", "DEFAULT_THRESHOLD", "DEFAULT_TILE", "segment_tiled",
-           "tile_grid"]
+__all__ = ["DEFAULT_MULTIPLE", "DEFAULT_OVERLAP", "DEFAULT_THRESHOLD", "DEFAULT_TILE", "check_threshold",
+           "segment_tiled", "tile_grid"]
+
+
+def check_threshold(threshold):
+    """Return ``threshold`` as a float, or raise ValueError unless it is a probability in [0, 1)."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating, np.integer)) \
+            or not (math.isfinite(threshold) and 0 <= threshold < 1):
+        raise ValueError(f"threshold must be a probability in [0, 1); got {threshold!r}")
+    return float(threshold)
 
 
 def _pair(value, name):

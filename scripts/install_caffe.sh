@@ -142,6 +142,10 @@ patch_source() {
   grep -q 'shares_body(param)' src/caffe/data_reader.cpp || { echo "02-data-reader-per-net patch did not apply"; return 1; }
   # caffe train --weights=A[,B]: checked before the nets are built, then copied into them.
   grep -q 'CopyLayers(solver.get(), weights)' tools/caffe.cpp || { echo "03-caffe-train-weights patch did not apply"; return 1; }
+  # Max pooling lets a NaN win its window instead of leaving the mask at -1, from which
+  # Backward wrote before bottom_diff (heap corruption after a diverging run).
+  grep -q 'bottom_data\[index\] != bottom_data\[index\]' src/caffe/layers/pooling_layer.cpp \
+    || { echo "04-max-pooling-nan patch did not apply"; return 1; }
 }
 
 build_caffe() {

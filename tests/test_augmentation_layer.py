@@ -421,3 +421,8 @@ def test_caffe_tool_seed_param_str_train_augments_test_identity(run_caffe_tool, 
     np.testing.assert_array_equal(aug, data)  # TEST: the exact identity
     np.testing.assert_array_equal(aug_label, label)
     assert _outputs(log, "Test", "diff") == [0.0] and all(v > 0 for v in _outputs(log, "Train", "diff"))
+
+
+def test_empty_batch_is_refused_at_setup(caffe, tmp_path):
+    with pytest.raises(ValueError, match=r"AugmentationLayer: bottom 0 is empty \(shape \(0, 3,"):
+        make_net(caffe, tmp_path, '{"rotate": true}', image_shape=(0, C, H, W), label_shape=(0, 1, H, W))

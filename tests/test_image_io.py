@@ -2,6 +2,8 @@
 import numpy as np
 import pytest
 import tifffile
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from caffe_layers import image_io
@@ -250,3 +252,62 @@ def test_read_mask_shape_check_and_errors(tmp_path):
     np.save(tmp_path / "text.npy", np.array([["a", "b"], ["c", "d"]]))
     with pytest.raises(ValueError, match=r"text\.npy.*non-numeric"):
         read_mask(tmp_path / "text.npy")
+
+
+# --------------------------------------------------------------------------- hostile files
+
+def test_claimed_size_is_checked_before_allocating(tmp_path, monkeypatch):
+    """A small file claiming a huge image is refused from its header, for every format."""
+    import tifffile
+
+    monkeypatch.setenv("CAFFE_STAIN_MAX_PIXELS", "1000")
+    image = random_image(0, 40, 40)  # 1600 pixels > 1000
+    Image.fromarray(image).save(tmp_path / "big.png")
+    tifffile.imwrite(tmp_path / "big.tif", image, compression="zlib")
+    np.save(tmp_path / "big.npy", image)
+    for name in ("big.png", "big.tif", "big.npy"):
+        with pytest.raises(ValueError, match=r"claims 40×40 = 1600 pixels, more than the limit of 1000"):
+            read_rgb(tmp_path / name)
+    np.testing.assert_array_equal(read_rgb(tmp_path / "big.npy", memmap=True), image)  # no allocation
+    monkeypatch.setenv("CAFFE_STAIN_MAX_PIXELS", "many")
+    with pytest.raises(ValueError, match="CAFFE_STAIN_MAX_PIXELS='many' is not an integer"):
+        read_rgb(tmp_path / "big.png")
+
+
+def test_npy_header_claiming_more_than_the_file_holds(tmp_path):
+    path = tmp_path / "liar.npy"
+    with open(path, "wb") as handle:
+        np.lib.format.write_array_header_1_0(handle, {"descr": "|u1", "fortran_order": False,
+                                                      "shape": (100000, 100000, 3)})
+        handle.write(b"\0" * 100)
+    with pytest.raises(ValueError, match=r"liar\.npy' is truncated: its header claims shape \(100000, 100000, 3\)"):
+        read_rgb(path)
+    objects = tmp_path / "objects.npy"
+    np.save(objects, np.array([[{"a": 1}]], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="holds Python objects"):
+        read_rgb(objects)
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF")
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from([".png", ".jpg", ".tif", ".npy"]), st.binary(max_size=600), st.integers(0, 400))
+def test_random_and_truncated_bytes_give_a_clear_error(tmp_path_factory, suffix, noise, cut):
+    """Any bytes (random, or a real file cut short) give an image or a ValueError naming the file."""
+    folder = tmp_path_factory.mktemp("fuzz")
+    real = folder / f"real{suffix}"
+    image = random_image(1, 12, 9)
+    if suffix == ".npy":
+        np.save(real, image)
+    else:
+        Image.fromarray(image).save(real)
+    for name, data in (("noise", noise), ("cut", real.read_bytes()[:cut]),
+                       ("spliced", real.read_bytes()[:cut] + noise)):
+        path = folder / f"{name}{suffix}"
+        path.write_bytes(data)
+        for reader in (read_rgb, read_mask):
+            try:
+                result = reader(path)
+            except ValueError as error:
+                assert str(path) in str(error) or path.name in str(error)
+            else:
+                assert isinstance(result, np.ndarray) and result.ndim in (2, 3)

@@ -11,12 +11,11 @@ the exit code:
 
 Library modules never import argparse; only this package does.
 """
-import math
 import os
 import sys
 
 from ..datasets import DataPackageMissing
-from ..tiling import DEFAULT_MULTIPLE, DEFAULT_OVERLAP, DEFAULT_THRESHOLD, DEFAULT_TILE
+from ..tiling import DEFAULT_MULTIPLE, DEFAULT_OVERLAP, DEFAULT_THRESHOLD, DEFAULT_TILE, check_threshold
 
 __all__ = ["USER_ERRORS", "UsageError", "add_tiling_arguments", "check_tiling_arguments", "run"]
 
@@ -79,7 +78,9 @@ def check_tiling_arguments(args):
         raise UsageError(f"--tile must be in [1, 16384]; got {args.tile}")
     if not 0 <= args.overlap < args.tile:
         raise UsageError(f"--overlap must be in [0, --tile); got {args.overlap} with --tile {args.tile}")
-    if not (math.isfinite(args.threshold) and 0 <= args.threshold < 1):
-        raise UsageError(f"--threshold must be a probability in [0, 1); got {args.threshold}")
+    try:
+        check_threshold(args.threshold)
+    except ValueError:
+        raise UsageError(f"--threshold must be a probability in [0, 1); got {args.threshold}") from None
     if not 1 <= args.multiple <= 1024:
         raise UsageError(f"--multiple must be in [1, 1024]; got {args.multiple}")

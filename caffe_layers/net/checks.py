@@ -205,7 +205,10 @@ def check_solver_param(param, where):
     solver_type = param.type if param.HasField("type") else _LEGACY_SOLVER_TYPES.get(param.solver_type, "SGD")
     if solver_type not in SOLVER_TYPES:
         raise ValueError(f"{where}: unknown solver type {solver_type!r}; expected one of {', '.join(SOLVER_TYPES)}")
-    policy = param.lr_policy or "fixed"
+    if not param.lr_policy:
+        # Caffe has no default: an unset policy aborts at the first iteration.
+        raise ValueError(f'{where}: no lr_policy; set one, e.g. lr_policy: "fixed"')
+    policy = param.lr_policy
     if policy not in LR_POLICIES:
         raise ValueError(f"{where}: unknown lr_policy {policy!r}; expected one of {', '.join(LR_POLICIES)}")
     for field in LR_POLICIES[policy]:

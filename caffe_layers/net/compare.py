@@ -26,7 +26,8 @@ import numpy as np
 from .. import metrics
 from ..reports import save_comparison_figure, write_summary, write_table
 from ..stain import match_histograms
-from ..tiling import DEFAULT_MULTIPLE, DEFAULT_OVERLAP, DEFAULT_THRESHOLD, DEFAULT_TILE, segment_tiled
+from ..tiling import (DEFAULT_MULTIPLE, DEFAULT_OVERLAP, DEFAULT_THRESHOLD, DEFAULT_TILE, check_threshold,
+                      segment_tiled)
 from .predictor import CaffeSegmenter
 
 __all__ = ["ModelSpec", "compare_models"]
@@ -93,6 +94,7 @@ def compare_models(models, images, out_dir, template_rgb=None, conditions=None, 
         ``images_segmented``, ``pixels`` and the pooled counts; ``per_image`` scores; and
         the paths written under ``files``.
     """
+    threshold = check_threshold(threshold)
     names = [m.name for m in models]
     if not models:
         raise ValueError("compare_models needs at least one model")

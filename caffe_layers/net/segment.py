@@ -6,7 +6,8 @@ import numpy as np
 
 from ..image_io import image_stem, read_rgb, write_image
 from ..reports import overlay
-from ..tiling import DEFAULT_MULTIPLE, DEFAULT_OVERLAP, DEFAULT_THRESHOLD, DEFAULT_TILE, segment_tiled
+from ..tiling import (DEFAULT_MULTIPLE, DEFAULT_OVERLAP, DEFAULT_THRESHOLD, DEFAULT_TILE, check_threshold,
+                      segment_tiled)
 
 __all__ = ["segment_files"]
 
@@ -52,6 +53,7 @@ def segment_files(segmenter, paths, out_dir, tile=DEFAULT_TILE, overlap=DEFAULT_
     list of dict
         Per image: ``name`` and the written paths.
     """
+    threshold = check_threshold(threshold)
     if prob_format not in ("png", "npy"):
         raise ValueError(f"prob_format must be 'png' or 'npy', got {prob_format!r}")
     names = [image_stem(p) for p in paths]

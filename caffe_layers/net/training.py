@@ -90,7 +90,6 @@ def read_solver_param(solver_path):
 
 def _check_solver_files(param, solver_path):
     """The solver and every net it names, checked the way Caffe would read them."""
-    check_solver_param(param, str(solver_path))
     nets = [("net", param.net), ("train_net", param.train_net)] + [("test_net", path) for path in param.test_net]
     for field, path in nets:
         if path and not os.path.isfile(path):
@@ -98,6 +97,7 @@ def _check_solver_files(param, solver_path):
                                     f"(paths are relative to the working directory {os.getcwd()!r})")
     if not (param.net or param.train_net or param.HasField("net_param") or param.HasField("train_net_param")):
         raise ValueError(f"solver {solver_path} names no net (set 'net')")
+    check_solver_param(param, str(solver_path))
     train_net = param.net or param.train_net
     if train_net:
         net_param = read_net_prototxt(train_net)

@@ -50,3 +50,39 @@ def test_bad_values_are_refused_before_any_work(caffe, command, args, tmp_path):
 def test_help_runs(caffe, command, tmp_path):
     result = _run(command, ["--help"], tmp_path)
     assert result.returncode == 0 and f"caffe-stain-{command}" in result.stdout, result.stderr
+
+
+def test_ctrl_c_in_train_says_which_snapshot_was_saved(caffe, tmp_path):
+    import signal
+    import textwrap
+    import time
+
+    (tmp_path / "net.prototxt").write_text(textwrap.dedent("""
+        layer { name: "data" type: "DummyData" top: "data" top: "label"
+          dummy_data_param { data_filler { type: "uniform" min: 0 max: 255 } data_filler { type: "constant" value: 1 }
+            shape { dim: 4 dim: 3 dim: 64 dim: 64 } shape { dim: 4 dim: 1 dim: 64 dim: 64 } } }
+        layer { name: "conv" type: "Convolution" bottom: "data" top: "score"
+          convolution_param { num_output: 2 kernel_size: 3 pad: 1 weight_filler { type: "xavier" } } }
+        layer { name: "loss" type: "SoftmaxWithLoss" bottom: "score" bottom: "label" top: "loss" }
+        """))
+    (tmp_path / "solver.prototxt").write_text('net: "net.prototxt"\nbase_lr: 1e-6\nlr_policy: "fixed"\nmax_iter: 1000000\n'
+                                              'solver_mode: CPU\nsnapshot_prefix: "snap/run"\n')
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), GLOG_minloglevel="2")
+    process = subprocess.Popen([sys.executable, "-m", "caffe_layers.cli.train", "--solver", "solver.prototxt",
+                                "--no-progress"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "snap").is_dir() and time.monotonic() < deadline:  # made before training
+            time.sleep(0.2)
+        time.sleep(1.5)  # a few iterations
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith("caffe-stain-train: interrupted; saved snap/run_iter_"), line
+    saved = line.split("saved ")[1].split(" and ")[0]
+    assert (tmp_path / saved).is_file() and "--resume" in line

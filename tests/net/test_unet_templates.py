@@ -301,3 +301,12 @@ def test_caffe_tool_trains_committed_net_and_deploy_loads_the_weights(caffe, run
     deploy = caffe.Net(str(PROTOTXT / "unet_patchmean_deploy.prototxt"), caffe.TEST, weights=str(weights))
     prob = deploy.forward()["prob"]
     assert prob.shape == (1, 2, 96, 96)
+
+
+def test_non_finite_mean_file_is_refused(caffe, tmp_path):
+    path = tmp_path / "nan.binaryproto"
+    meanfile.write_mean_binaryproto(path, np.full((3, 4, 4), np.nan, np.float32))
+    with pytest.raises(ValueError, match=r"nan\.binaryproto holds NaN or infinite values"):
+        meanfile.read_mean_binaryproto(path)
+    with pytest.raises(FileExistsError, match="already exists"):
+        meanfile.write_mean_binaryproto(path, np.zeros((3, 4, 4), np.float32))

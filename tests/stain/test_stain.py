@@ -2,6 +2,7 @@
 
 import ast
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -593,3 +594,52 @@ def test_estimate_cli_hed(tmp_path, capsys, hgsc):
     assert len(report["hed_ratios"]["test:test.png"]) == 3
     combined = load_params(report["param_str"], AUGMENT_SCHEMA, "x")
     assert combined["hed_alpha"] == report["params"]["hed_alpha"] and "color_a_max" in report["params"]
+
+
+# --------------------------------------------------------------------------- #
+# hostile input to the stain tools
+# --------------------------------------------------------------------------- #
+def test_normalize_cli_refuses_degenerate_histogram_templates(tmp_path, capsys, hgsc):
+    source = _save(tmp_path / "in.png", hgsc[:60, :60])
+    single = _save(tmp_path / "single.png", np.full((30, 30, 3), (150, 80, 140), np.uint8))
+    blank = _save(tmp_path / "blank.png", white())
+    for template, extra, message in ((single, [], "flat in channel R, G, B"),
+                                     (blank, [], "flat in channel R, G, B"),
+                                     (blank, ["--ignore-white"], "no tissue")):
+        output = tmp_path / "out.png"
+        code = normalize_cli.main([source, "--template", template, "--output", str(output), *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and Path(template).name in err and message in err, err
+        assert not output.exists()
+
+
+def test_normalize_cli_bounds_nbins_and_never_writes_over_inputs(tmp_path, capsys, hgsc):
+    source = _save(tmp_path / "in.png", hgsc[:60, :60])
+    template = _save(tmp_path / "t.png", hgsc[100:160, :60])
+    code = normalize_cli.main([source, "--template", template, "--output", str(tmp_path / "o.png"),
+                               "--nbins", "1000000000"])
+    assert code == 2 and "--nbins must be in [2, 65536]" in capsys.readouterr().err
+    before = Path(source).read_bytes()
+    code = normalize_cli.main([source, "--template", template, "--output", source, "--overwrite"])
+    assert code == 2 and "would replace an input image or the template" in capsys.readouterr().err
+    assert Path(source).read_bytes() == before
+    # Formats follow the extension: a .jpg output holds JPEG bytes, an unknown one is refused.
+    assert normalize_cli.main([source, "--template", template, "--output", str(tmp_path / "o.jpg")]) == 0
+    assert (tmp_path / "o.jpg").read_bytes()[:3] == b"\xff\xd8\xff"
+    capsys.readouterr()
+    assert normalize_cli.main([source, "--template", template, "--output", str(tmp_path / "o.gif")]) == 2
+    assert "cannot write images with extension '.gif'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"nbins must be an integer in \[2, 65536\]"):
+        stain.match_histograms(hgsc[:10, :10], hgsc[10:20, :10], nbins=10 ** 9)
+
+
+def test_estimate_cli_refuses_a_black_test_image_and_a_huge_margin(tmp_path, capsys, hgsc):
+    train = _save(tmp_path / "train.png", hgsc[:100, :100])
+    black = _save(tmp_path / "black.png", np.zeros((20, 20, 3), np.uint8))
+    code = estimate_cli.main(["--train", train, "--test", black])
+    err = capsys.readouterr().err
+    assert code == 2 and "black.png" in err and "zero mean in channel R" in err and "Traceback" not in err
+    code = estimate_cli.main(["--train", train, "--test", train, "--margin", "1e308"])
+    assert code == 2 and "--margin must be a number in [0, 10]" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="margin must be at most 10"):
+        stain.suggest_color_params([hgsc[:50, :50]], [hgsc[50:100, :50]], margin=1e308)

@@ -658,3 +658,18 @@ def test_in_place_colour_helpers_match_numpy(layout, low, high):
     scale_shift_in_place(plane, a, b)
     np.testing.assert_array_equal(plane, expected)
     np.testing.assert_array_equal(planes[0], base[0])  # only that plane is touched
+
+
+@pytest.mark.parametrize("switch", ["hed", "rotate_any", "color"])
+def test_non_finite_pixels_are_refused_when_values_are_mixed(switch):
+    images, labels = make_batch(3)
+    images = images.astype(np.float32)
+    images[1, 0, 2, 2] = np.nan
+    with pytest.raises(ValueError, match=r"NaN or infinite values \(first in sample 1 of the batch\)"):
+        BatchAugmenter(seed=0, **{switch: True})(images, labels)
+    images[1, 0, 2, 2] = np.inf
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        BatchAugmenter(seed=0, **{switch: True})(images, labels)
+    # Flips and turns only move values: a NaN stays one NaN in its own sample.
+    moved, _ = BatchAugmenter(seed=0, flip=True, rotate=True)(images, labels)
+    assert np.isinf(moved[1]).sum() == 1 and np.isfinite(np.delete(moved, 1, axis=0)).all()
