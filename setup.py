@@ -15,6 +15,7 @@ SCRIPT_REQUIRES = [
     "imagecodecs>=2023.1",
     "protobuf>=3.20",
     "six",
+    "lmdb>=1.4",  # writes the Datum LMDBs of caffe-stain-lmdb (Caffe itself reads them)
 ]
 README = Path(__file__).with_name("README.md")
 
@@ -47,7 +48,7 @@ setup(
         "console_scripts": [
             f"caffe-stain-{command} = caffe_layers.cli.{command}:main"
             for command in ("experiment", "prepare", "train", "segment", "compare", "meanfile", "normalize",
-                            "estimate")
+                            "estimate", "lmdb")
         ],
     },
     classifiers=[

@@ -5,5 +5,6 @@
 * :mod:`~caffe_layers.net.meanfile` -- Caffe mean files (``.binaryproto``);
 * :mod:`~caffe_layers.net.predictor` -- a deploy net as a ``predict`` callable;
 * :mod:`~caffe_layers.net.segment` -- segment image files and write the results;
-* :mod:`~caffe_layers.net.compare` -- compare models on the same images.
+* :mod:`~caffe_layers.net.compare` -- compare models on the same images;
+* :mod:`~caffe_layers.net.lmdb_datasets` -- Datum LMDBs for Caffe's ``Data`` layer.
 """
