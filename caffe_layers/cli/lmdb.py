@@ -95,7 +95,7 @@ def main(argv=None):
         for summary in summaries:
             print(summary)
 
-    return run(PROG, body, interrupted=lambda: f"nothing was written to {args.output} "
+    return run(PROG, body, interrupted=lambda _: f"nothing was written to {args.output} "
                                                f"(the partial build was removed)")
 
 

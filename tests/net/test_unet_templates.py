@@ -220,7 +220,7 @@ layer {{ name: "data" type: "MemoryData" top: "data" top: "label"
 
 def test_mean_file_is_accepted_by_caffe_transform_param(caffe, tmp_path):
     # Caffe's DataTransformer reads transform_param.mean_file in C++ when a data layer is set
-    # up (this build has no LMDB/OpenCV, so MemoryData is the data layer that can host it);
+    # up (MemoryData hosts it here: no database or OpenCV needed);
     # a bad file aborts the process, hence the subprocess.
     good, bad = tmp_path / "mean.binaryproto", tmp_path / "bad.binaryproto"
     meanfile.write_mean_binaryproto(good, np.full((3, 8, 6), 10, np.float32))
