@@ -55,6 +55,7 @@ __all__ = [
     "MAX_PARAM_DEPTH",
     "MAX_PARAM_STR_CHARS",
     "MEAN_SUBTRACT_SCHEMA",
+    "MODEL_CARD_SCHEMA",
     "PATCH_DATA_SCHEMA",
     "REQUIRED",
     "Param",
@@ -634,7 +635,9 @@ def _parse_yaml(text: str, where: str) -> Any:
         loader.dispose()
 
 
-_KINDS = ("bool", "int", "float", "str")
+_KINDS = ("bool", "int", "float", "str", "floats")
+#: Most items a ``floats`` parameter (a list of numbers, e.g. per-channel means) may hold.
+MAX_FLOATS_ITEMS = 64
 
 
 def _format_number(value: float) -> str:
@@ -690,8 +693,8 @@ class Param:
         # Catch schema mistakes when the module is imported, not when a user hits them.
         if self.kind not in _KINDS:
             raise ValueError(f"Param {self.name!r}: kind must be one of {_KINDS}, got {self.kind!r}")
-        if (self.min is not None or self.max is not None) and self.kind not in ("int", "float"):
-            raise ValueError(f"Param {self.name!r}: min/max only apply to int and float")
+        if (self.min is not None or self.max is not None) and self.kind not in ("int", "float", "floats"):
+            raise ValueError(f"Param {self.name!r}: min/max only apply to int, float and floats")
         if self.kind == "int":
             if self.min is None:
                 object.__setattr__(self, "min", INT64_MIN)
@@ -699,7 +702,7 @@ class Param:
                 object.__setattr__(self, "max", INT64_MAX)
             if self.min < INT64_MIN or self.max > INT64_MAX:
                 raise ValueError(f"Param {self.name!r}: int bounds must lie within 64 bits")
-        if self.kind == "float":
+        if self.kind in ("float", "floats"):
             for bound in (self.min, self.max):
                 if bound is not None and not abs(bound) <= FLOAT32_MAX:
                     raise ValueError(f"Param {self.name!r}: float bounds must lie within float32")
@@ -723,7 +726,8 @@ class Param:
 
     def type_description(self) -> str:
         """Type as shown to users, e.g. ``'float'`` or ``'int or None'``."""
-        return f"{self.kind} or None" if self.optional else self.kind
+        kind = "list of floats" if self.kind == "floats" else self.kind
+        return f"{kind} or None" if self.optional else kind
 
     def range_description(self) -> str:
         """Allowed values as shown to users, e.g. ``'[0, 1]'``, ``'> 0'`` or ``'any'``."""
@@ -769,6 +773,14 @@ class Param:
             if self.optional:
                 return None
             raise fail(f"is not allowed; expected a {self.kind}")
+
+        if self.kind == "floats":
+            if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+                raise fail(f"has type {type(value).__name__}; expected a list of numbers, e.g. [104, 117, 123]")
+            if not 1 <= len(value) <= MAX_FLOATS_ITEMS:
+                raise fail(f"has {len(value)} items; expected 1 to {MAX_FLOATS_ITEMS}")
+            item = dataclasses.replace(self, kind="float", default=REQUIRED, optional=False)
+            return tuple(item.check(entry, where, f"{key}[{index}]") for index, entry in enumerate(value))
 
         if self.kind == "bool":
             # 1/0 and "yes" are rejected on purpose: in old param_strs they were typos as often as not.
@@ -1154,3 +1166,29 @@ MEAN_SUBTRACT_SCHEMA = Schema(
     name="mean subtract",
 )
 """Parameters of :class:`~caffe_layers.mean_subtract.MeanSubtractLayer`."""
+
+MODEL_CARD_SCHEMA = Schema(
+    [
+        Param("input_blob", "str", "data", doc="the deploy net's input blob"),
+        Param("channel_order", "str", "RGB", choices=("RGB", "BGR"),
+              doc="channel order the net was trained on (Caffe's OpenCV-based tools and DIGITS: BGR)"),
+        Param("raw_scale", "float", 1.0, min=0.0, min_inclusive=False,
+              doc="step 1: pixel values 0-255 are multiplied by this (1/255 for a net trained on 0-1 images)"),
+        Param("mean_file", "str", None, optional=True,
+              doc="step 2: a .binaryproto mean (net channel order, raw-scaled units) subtracted; "
+                  "relative to the card's folder"),
+        Param("mean_value", "floats", None, optional=True, min=-1e6, max=1e6,
+              doc="step 2, or: per-channel means (net channel order, raw-scaled units) subtracted"),
+        Param("input_scale", "float", 1.0, min=0.0, min_inclusive=False,
+              doc="step 3: multiplied last (transform_param { scale } after its mean)"),
+        Param("output_blob", "str", "prob", doc="the blob holding the class map or class scores"),
+        Param("output", "str", "probabilities", choices=("probabilities", "scores"),
+              doc="probabilities (a softmax) or raw scores (a softmax over channels is applied)"),
+        Param("foreground_class", "int", 1, min=0, max=1023, doc="output channel of the nucleus class"),
+        Param("patch_classifier", "bool", False,
+              doc="the net maps a P×P patch (its input size) to class scores for the centre pixel"),
+        Param("size_multiple", "int", 1, min=1, max=1024, doc="input sides must be multiples of this"),
+    ],
+    name="model card",
+)
+"""Keys of a model card: how to feed a deploy net and read its output (see :mod:`caffe_layers.model_card`)."""

@@ -38,7 +38,7 @@ DEFAULT_MULTIPLE = 4
 """Default multiple of the net's input sides (``2**depth`` for the depth-2 U-Net templates)."""
 
 __all__ = ["DEFAULT_MULTIPLE", "DEFAULT_OVERLAP", "DEFAULT_THRESHOLD", "DEFAULT_TILE", "check_threshold",
-           "segment_tiled", "tile_grid"]
+           "dihedral_tta", "segment_tiled", "tile_grid"]
 
 
 def check_threshold(threshold):
@@ -146,7 +146,7 @@ def _read_tile(image, y0, y1, x0, x1):
 
 
 def segment_tiled(predict, rgb, tile=DEFAULT_TILE, overlap=DEFAULT_OVERLAP, multiple=DEFAULT_MULTIPLE,
-                  progress=False, out=None):
+                  progress=False, out=None, batch_size=1):
     """Nucleus probability map of an image, predicted tile by tile.
 
     Tiles are streamed: each one is read from ``rgb``, predicted and written into the output
@@ -161,8 +161,9 @@ def segment_tiled(predict, rgb, tile=DEFAULT_TILE, overlap=DEFAULT_OVERLAP, mult
     Parameters
     ----------
     predict : callable
-        ``predict(batch)`` with ``batch`` a ``(1, 3, h, w)`` float32 array (RGB, 0–255),
-        returning ``(1, C, h, w)`` probabilities, ``C >= 2``; channel 1 is nucleus.
+        ``predict(batch)`` with ``batch`` an ``(n, 3, h, w)`` float32 array (RGB, 0–255,
+        ``n <= batch_size``), returning ``(n, C, h, w)`` probabilities, ``C >= 2``; channel 1
+        is nucleus.
     rgb : (H, W, 3) array
         Image (uint8 usually; extra channels such as alpha are ignored). May be a
         ``np.memmap`` or a tifffile memmap.
@@ -178,6 +179,8 @@ def segment_tiled(predict, rgb, tile=DEFAULT_TILE, overlap=DEFAULT_OVERLAP, mult
         Show a tqdm progress bar over tiles (a string is used as its label).
     out : (H, W) float32 array, optional
         Where to write the result, e.g. a ``np.memmap``.
+    batch_size : int
+        Tiles per ``predict`` call (all tiles have the same shape); memory grows with it.
 
     Returns
     -------
@@ -186,6 +189,8 @@ def segment_tiled(predict, rgb, tile=DEFAULT_TILE, overlap=DEFAULT_OVERLAP, mult
     """
     check_rgb(rgb, "image", alpha=True, finite=False)
     height, width = rgb.shape[:2]
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     multiple = int(multiple)
     if multiple < 1:
         raise ValueError(f"multiple must be >= 1, got {multiple}")
@@ -212,21 +217,51 @@ def segment_tiled(predict, rgb, tile=DEFAULT_TILE, overlap=DEFAULT_OVERLAP, mult
         from tqdm import tqdm
         bar = tqdm(total=len(origins), unit="tile",
                    desc=progress if isinstance(progress, str) else None)
+    # Tiles that write something, in groups of batch_size: all have the same shape.
+    useful = [(int(y), int(x)) for y, x in origins
+              if keep_y[int(y)][1] > keep_y[int(y)][0] and keep_x[int(x)][1] > keep_x[int(x)][0]]
+    if bar is not None:
+        bar.update(len(origins) - len(useful))  # tiles entirely in the padding
     try:
-        for y, x in origins:
-            (ky0, ky1), (kx0, kx1) = keep_y[int(y)], keep_x[int(x)]
-            if ky1 <= ky0 or kx1 <= kx0:  # tile entirely in the padding
-                continue
-            batch = _read_tile(rgb, y, y + tile_h, x, x + tile_w)
+        for start in range(0, len(useful), batch_size):
+            group = useful[start:start + batch_size]
+            batch = np.concatenate([_read_tile(rgb, y, y + tile_h, x, x + tile_w) for y, x in group])
             prob = np.asarray(predict(batch))
-            if prob.ndim != 4 or prob.shape[0] != 1 or prob.shape[1] < 2 \
+            if prob.ndim != 4 or prob.shape[0] != len(group) or prob.shape[1] < 2 \
                     or prob.shape[2:] != batch.shape[2:]:
                 raise ValueError(f"predict returned shape {prob.shape} for input "
-                                 f"{batch.shape}; expected (1, 2, {tile_h}, {tile_w})")
-            out[ky0:ky1, kx0:kx1] = prob[0, 1, ky0 - y:ky1 - y, kx0 - x:kx1 - x]
+                                 f"{batch.shape}; expected ({len(group)}, 2, {tile_h}, {tile_w})")
+            for index, (y, x) in enumerate(group):
+                (ky0, ky1), (kx0, kx1) = keep_y[y], keep_x[x]
+                out[ky0:ky1, kx0:kx1] = prob[index, 1, ky0 - y:ky1 - y, kx0 - x:kx1 - x]
             if bar is not None:
-                bar.update()
+                bar.update(len(group))
     finally:
         if bar is not None:
             bar.close()
     return out
+
+
+_DIHEDRAL = [(k, flip) for flip in (False, True) for k in range(4)]
+
+
+def dihedral_tta(predict):
+    """Test-time augmentation: ``predict`` averaged over the 8 rotations/flips of each batch.
+
+    Each view is mapped back before averaging, so the result is aligned with the input.
+    Non-square tiles take the 4 views that keep their shape (0/180 degrees, with and without
+    a flip).
+    """
+    def averaged(batch):
+        square = batch.shape[2] == batch.shape[3]
+        views = [(k, flip) for k, flip in _DIHEDRAL if square or k % 2 == 0]
+        total = None
+        for k, flip in views:
+            view = batch[..., ::-1] if flip else batch
+            prob = np.asarray(predict(np.ascontiguousarray(np.rot90(view, k, axes=(2, 3)))), dtype=np.float64)
+            prob = np.rot90(prob, -k, axes=(2, 3))
+            prob = prob[..., ::-1] if flip else prob
+            total = prob if total is None else total + prob
+        return (total / len(views)).astype(np.float32)
+
+    return averaged

@@ -15,9 +15,10 @@ import os
 import sys
 
 from ..datasets import DataPackageMissing
-from ..tiling import DEFAULT_MULTIPLE, DEFAULT_OVERLAP, DEFAULT_THRESHOLD, DEFAULT_TILE, check_threshold
+from ..tiling import DEFAULT_OVERLAP, DEFAULT_THRESHOLD, DEFAULT_TILE, check_threshold
 
-__all__ = ["USER_ERRORS", "UsageError", "add_tiling_arguments", "check_tiling_arguments", "run"]
+__all__ = ["CARD_FLAGS", "USER_ERRORS", "UsageError", "add_model_card_arguments", "add_tiling_arguments",
+           "check_tiling_arguments", "effective_overlap", "model_card_from_args", "run"]
 
 # Before anything imports caffe: keep Caffe's log to warnings and errors unless asked.
 os.environ.setdefault("GLOG_minloglevel", "1")
@@ -65,11 +66,13 @@ def add_tiling_arguments(parser):
     parser.add_argument("--tile", type=int, default=DEFAULT_TILE, help=f"tile side in pixels (default {DEFAULT_TILE})")
     parser.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP,
                         help="overlap of neighbouring tiles in pixels, at least twice the net's "
-                             f"receptive-field radius (default {DEFAULT_OVERLAP})")
+                             f"receptive-field radius (default {DEFAULT_OVERLAP}; widened to the context a "
+                             "valid-convolution, strided or patch-classifier net needs)")
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                         help=f"probability above which a pixel is nucleus, in [0, 1) (default {DEFAULT_THRESHOLD})")
-    parser.add_argument("--multiple", type=int, default=DEFAULT_MULTIPLE,
-                        help=f"net input sizes must be multiples of this, 2**depth (default {DEFAULT_MULTIPLE})")
+    parser.add_argument("--batch-tiles", type=int, default=4, help="tiles per forward pass (default 4)")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation: average over the 8 rotations/flips of each tile")
 
 
 def check_tiling_arguments(args):
@@ -82,5 +85,54 @@ def check_tiling_arguments(args):
         check_threshold(args.threshold)
     except ValueError:
         raise UsageError(f"--threshold must be a probability in [0, 1); got {args.threshold}") from None
-    if not 1 <= args.multiple <= 1024:
-        raise UsageError(f"--multiple must be in [1, 1024]; got {args.multiple}")
+    if not 1 <= args.batch_tiles <= 256:
+        raise UsageError(f"--batch-tiles must be in [1, 256]; got {args.batch_tiles}")
+    if getattr(args, "size_multiple", None) is not None and not 1 <= args.size_multiple <= 1024:
+        raise UsageError(f"--size-multiple must be in [1, 1024]; got {args.size_multiple}")
+
+
+#: Model-card keys that are also flags (``--input-blob`` ...), with their argparse options.
+CARD_FLAGS = {
+    "input_blob": dict(help="input blob of the deploy net (card default: data)"),
+    "channel_order": dict(choices=("RGB", "BGR"), help="channel order the net was trained on (default RGB)"),
+    "raw_scale": dict(type=float, help="pixels 0-255 are multiplied by this first (e.g. 0.00392156862745098)"),
+    "mean_file": dict(help=".binaryproto mean subtracted next (net channel order, raw-scaled units)"),
+    "mean_value": dict(type=float, nargs="+", help="per-channel means subtracted next, e.g. 104 117 123"),
+    "input_scale": dict(type=float, help="multiplied last, after the mean (transform_param { scale })"),
+    "output_blob": dict(help="blob with the class map or scores (card default: prob)"),
+    "output": dict(choices=("probabilities", "scores"), help="scores get a softmax over channels"),
+    "foreground_class": dict(type=int, help="output channel of the nucleus class (default 1)"),
+    "patch_classifier": dict(action="store_const", const=True,
+                             help="the net labels the centre pixel of a P×P patch (its input size)"),
+    "size_multiple": dict(type=int, help="net input sides must be multiples of this (default 1)"),
+}
+
+
+def add_model_card_arguments(parser):
+    """``--card`` and one flag per model-card key; flags override the card."""
+    group = parser.add_argument_group("model card (how to feed the net and read its output; flags override --card)")
+    group.add_argument("--card", help="YAML/JSON model card of the deploy net")
+    for key, options in CARD_FLAGS.items():
+        flags = ["--" + key.replace("_", "-")] + (["--multiple"] if key == "size_multiple" else [])
+        group.add_argument(*flags, dest=key, default=None, **options)
+
+
+def model_card_from_args(args):
+    """The :class:`~caffe_layers.model_card.ModelCard` of ``--card`` with the flags on top."""
+    from ..model_card import load_model_card
+
+    return load_model_card(args.card, **{key: getattr(args, key) for key in CARD_FLAGS})
+
+
+def effective_overlap(args, predictor, prog):
+    """``--overlap``, widened (with a note on stderr) to twice the context the net needs."""
+    context = getattr(predictor, "context", None)
+    if context is None or args.overlap >= 2 * context:
+        return args.overlap
+    overlap = 2 * context
+    if overlap >= args.tile:
+        raise UsageError(f"the net needs {context} pixels of context per side: --tile {args.tile} is too small "
+                         f"for an overlap of {overlap}; use --tile {4 * overlap} or more")
+    print(f"{prog}: overlap widened from {args.overlap} to {overlap} pixels (the net's {predictor.geometry} "
+          f"geometry needs {context} pixels of context per side)", file=sys.stderr)
+    return overlap

@@ -5,7 +5,8 @@ from pathlib import Path
 
 from ..image_io import read_mask, read_rgb
 from ..net.compare import ModelSpec, compare_models
-from . import add_tiling_arguments, check_tiling_arguments, run
+from ..model_card import load_model_card
+from . import UsageError, add_tiling_arguments, check_tiling_arguments, run
 
 __all__ = ["main"]
 
@@ -32,20 +33,30 @@ def main(argv=None):
         prog="caffe-stain-compare",
         description="Segment images with several Caffe nets, optionally after histogram "
                     "matching to a template, and write pooled scores, tables and figures.")
-    parser.add_argument("--model", nargs=3, action="append", required=True,
-                        metavar=("NAME", "DEPLOY", "WEIGHTS"))
+    parser.add_argument("--model", nargs="+", action="append", required=True,
+                        metavar="NAME DEPLOY WEIGHTS [CARD]",
+                        help="a model: its name, deploy prototxt, weights and optionally its YAML/JSON model card")
     parser.add_argument("--image", action=_ImageAction, required=True, help="RGB image")
     parser.add_argument("--mask", action=_ImageAction,
                         help="ground truth of the preceding --image (nucleus > 0)")
     parser.add_argument("--template", help="RGB template for histogram matching")
     parser.add_argument("--out", required=True, help="output directory")
     add_tiling_arguments(parser)
+    parser.add_argument("--multiple", dest="size_multiple", type=int, default=None,
+                        help="input sides must be multiples of this, for models without a card (default 1)")
     parser.add_argument("--no-figures", action="store_true")
     args = parser.parse_args(argv)
 
     def body():
         check_tiling_arguments(args)
-        models = [ModelSpec(name, Path(deploy), Path(weights)) for name, deploy, weights in args.model]
+        models = []
+        for entry in args.model:
+            if len(entry) not in (3, 4):
+                raise UsageError(f"--model takes NAME DEPLOY WEIGHTS [CARD], got {len(entry)} values: {' '.join(entry)}")
+            name, deploy, weights = entry[:3]
+            card = load_model_card(entry[3] if len(entry) == 4 else None,
+                                   size_multiple=None if len(entry) == 4 else args.size_multiple)
+            models.append(ModelSpec(name, Path(deploy), Path(weights), card))
         images = []
         for image_path, mask_path in args.entries:
             rgb = read_rgb(image_path, memmap=True)  # large uncompressed TIFFs stay on disk
@@ -54,7 +65,7 @@ def main(argv=None):
         template = None if args.template is None else read_rgb(args.template)
         summary = compare_models(models, images, args.out, template_rgb=template,
                                  tile=args.tile, overlap=args.overlap, threshold=args.threshold,
-                                 multiple=args.multiple, figures=not args.no_figures)
+                                 figures=not args.no_figures, tta=args.tta, batch_size=args.batch_tiles)
         print((Path(args.out) / summary["files"]["table_md"]).read_text(), end="")
 
     return run(parser.prog, body)

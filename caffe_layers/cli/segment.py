@@ -4,7 +4,9 @@ import sys
 
 from ..net.predictor import CaffeSegmenter
 from ..net.segment import segment_files
-from . import add_tiling_arguments, check_tiling_arguments, run
+from ..tiling import dihedral_tta
+from . import (add_model_card_arguments, add_tiling_arguments, check_tiling_arguments, effective_overlap,
+               model_card_from_args, run)
 
 __all__ = ["main"]
 
@@ -15,21 +17,26 @@ def main(argv=None):
         prog="caffe-stain-segment",
         description="Segment nuclei in RGB images with a Caffe deploy net, tile by tile.")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="RGB images (PNG, TIFF, ...)")
-    parser.add_argument("--model", required=True, help="deploy prototxt (input 'data', output 'prob')")
+    parser.add_argument("--model", required=True, help="deploy prototxt (its conventions: --card or the flags below)")
     parser.add_argument("--weights", required=True, help=".caffemodel")
     parser.add_argument("--out", required=True, help="output directory")
     add_tiling_arguments(parser)
-    parser.add_argument("--prob-format", choices=("png", "npy"), default="png")
+    add_model_card_arguments(parser)
+    parser.add_argument("--prob-format", choices=("png", "npy"), default="png",
+                        help="nucleus probability as a uint8 PNG or as a float32 .npy of the image's size")
     parser.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
     def body():
         check_tiling_arguments(args)
-        segmenter = CaffeSegmenter(args.model, args.weights)
-        written = segment_files(segmenter, args.images, args.out, tile=args.tile, overlap=args.overlap,
-                                threshold=args.threshold, multiple=args.multiple, prob_format=args.prob_format,
-                                progress=not args.no_progress, overwrite=args.overwrite)
+        card = model_card_from_args(args)
+        segmenter = CaffeSegmenter(args.model, args.weights, card)
+        overlap = effective_overlap(args, segmenter, parser.prog)
+        predict = dihedral_tta(segmenter) if args.tta else segmenter
+        written = segment_files(predict, args.images, args.out, tile=args.tile, overlap=overlap,
+                                threshold=args.threshold, multiple=card.size_multiple, prob_format=args.prob_format,
+                                progress=not args.no_progress, overwrite=args.overwrite, batch_size=args.batch_tiles)
         for files in written:
             print(f"{files['name']}: {files['mask']}")
 

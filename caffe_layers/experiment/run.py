@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import sys
 import time
@@ -48,9 +47,10 @@ from ..stain import (
     suggest_color_params,
     suggest_hed_params,
 )
-from ..tiling import segment_tiled
+from ..model_card import load_model_card, write_model_card
+from ..tiling import dihedral_tta, segment_tiled
 from .regions import prepare_data
-from .settings import BASELINE, HISTMATCH, INPUT_CONVENTION, MODELS, Settings
+from .settings import BASELINE, HISTMATCH, INPUT_CONVENTION, MODELS, TTA_MODELS, Settings
 
 __all__ = ["run_experiment"]
 
@@ -101,7 +101,8 @@ def _train_model(log, name, centring, augment_param_str, lists, mean_file, setti
 
 
 def _export_model(name, centring, weights, mean_file, settings, out_dir):
-    """Deploy prototxt + weights (+ mean file) of a model under ``out_dir/models/<name>``."""
+    """A self-contained model folder ``out_dir/models/<name>``: deploy prototxt, weights, model
+    card (and mean file, named relative to the folder: the tools resolve it from there)."""
     folder = out_dir / "models" / name.replace("+", "_")
     folder.mkdir(parents=True, exist_ok=True)
     deployed_mean = None
@@ -110,12 +111,13 @@ def _export_model(name, centring, weights, mean_file, settings, out_dir):
         shutil.copyfile(mean_file, deployed_mean)
     side = settings.tile
     deploy = unet_deploy(centring=centring, depth=settings.depth, base_width=settings.base_width,
-                         # Caffe resolves it against the working directory of the process.
-                         mean_file=_relative_to(deployed_mean, os.getcwd()) if deployed_mean else None,
-                         input_shape=(1, 3, side, side))
+                         mean_file="mean.binaryproto" if deployed_mean else None, input_shape=(1, 3, side, side))
     (folder / "deploy.prototxt").write_text(net_to_text(deploy))
     shutil.copyfile(weights, folder / "weights.caffemodel")
-    return folder / "deploy.prototxt", folder / "weights.caffemodel", deployed_mean
+    card = folder / "model_card.yaml"
+    write_model_card(card, dict(size_multiple=2 ** settings.depth), overwrite=True,
+                     comment=f"{name}: RGB 0-255 in, softmax 'prob' out, nucleus = channel 1 (the defaults)")
+    return folder / "deploy.prototxt", folder / "weights.caffemodel", deployed_mean, card
 
 
 def _estimate_record(estimate):
@@ -192,13 +194,27 @@ def run_experiment(out_dir="results", settings=Settings(), preset="custom"):
 
     exported = {name: _export_model(name, centring, trained[name], mean_file, settings, out_dir)
                 for name, centring, _ in MODELS}
-    predictors = {name: CaffeSegmenter(deploy, weights) for name, (deploy, weights, _) in exported.items()}
+    cards = {name: load_model_card(card) for name, (_, _, _, card) in exported.items()}
+    predictors = {name: CaffeSegmenter(deploy, weights, cards[name])
+                  for name, (deploy, weights, _, _) in exported.items()}
     multiple = 2 ** settings.depth
 
-    def segment(model, image):
-        prob = segment_tiled(predictors[model], image, tile=settings.tile, overlap=settings.overlap,
-                             multiple=multiple)
+    def segment(model, image, tta=False):
+        predict = dihedral_tta(predictors[model]) if tta else predictors[model]
+        prob = segment_tiled(predict, image, tile=settings.tile, overlap=settings.overlap,
+                             multiple=cards[model].size_multiple, batch_size=settings.batch_tiles)
         return prob > settings.threshold
+
+    # Table rows: row name -> (model, histogram-matched input, test-time augmentation).
+    table_rows = {name: (name, False, False) for name, _, _ in MODELS}
+    table_rows[HISTMATCH] = (BASELINE, True, False)
+    if settings.tta:
+        for model in TTA_MODELS:
+            table_rows[f"{model}+tta"] = (model, False, True)
+
+    def segment_row(row, image, matched):
+        model, histmatch, tta = table_rows[row]
+        return segment(model, matched if histmatch else image, tta)
 
     validation = {name: {} for name, _, _ in MODELS}
     for condition, shifted_val in val_conditions.items():
@@ -208,14 +224,13 @@ def run_experiment(out_dir="results", settings=Settings(), preset="custom"):
         f"{m} " + " ".join(f"{v:.2f}" for v in validation[m].values()) for m in validation))
 
     log("segmenting the held-out band under every condition")
-    model_names = [name for name, _, _ in MODELS] + [HISTMATCH]
+    model_names = list(table_rows)
     results = {name: {} for name in model_names}
     rows, masks = [], {}
     for condition, image in conditions.items():
         matched = match_histograms(image, train_rgb, ignore_white=True)
         for model in model_names:
-            shown = matched if model == HISTMATCH else image
-            mask = segment(BASELINE if model == HISTMATCH else model, shown)
+            mask = segment_row(model, image, matched)
             masks[model, condition] = mask
             scores = metrics.pool_scores([metrics.segmentation_scores(mask, test_truth)])
             results[model][condition] = scores
@@ -242,7 +257,7 @@ def run_experiment(out_dir="results", settings=Settings(), preset="custom"):
         tissue_fraction = {}
         panels = [(name, image)]
         for model in model_names:
-            mask = segment(BASELINE if model == HISTMATCH else model, matched if model == HISTMATCH else image)
+            mask = segment_row(model, image, matched)
             tissue_fraction[model] = float(mask.mean())
             panels.append((f"{model}\nnucleus {100 * mask.mean():.1f} %", overlay(image, mask)))
         save_comparison_figure(figures / f"example_{name}.png", panels, panel_size=3.0)
@@ -268,12 +283,15 @@ def run_experiment(out_dir="results", settings=Settings(), preset="custom"):
         models={name: dict(centring=centring, augmented=augmented,
                            deploy=_relative_to(exported[name][0], out_dir), weights=_relative_to(exported[name][1], out_dir),
                            mean_file=_relative_to(exported[name][2], out_dir) if exported[name][2] else None,
+                           model_card=_relative_to(exported[name][3], out_dir),
                            input=dict(INPUT_CONVENTION, size_multiple=multiple),
                            training=dict(first_loss=training_logs[name].first_loss,
                                          last_loss=training_logs[name].last_loss,
                                          validation=training_logs[name].validation[-1:] or None))
                 for name, centring, augmented in MODELS},
         histmatch=dict(model=BASELINE, template="train band", ignore_white=True),
+        rows={row: dict(model=model, histogram_matched=histmatch, tta=tta)
+              for row, (model, histmatch, tta) in table_rows.items()},
         results=results,
         validation_dice=validation,
         examples=examples,

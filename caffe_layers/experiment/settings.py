@@ -3,7 +3,7 @@ import dataclasses
 
 from ..tiling import DEFAULT_OVERLAP, DEFAULT_THRESHOLD, DEFAULT_TILE
 
-__all__ = ["BASELINE", "HISTMATCH", "INPUT_CONVENTION", "MODELS", "PRESETS", "Settings"]
+__all__ = ["BASELINE", "HISTMATCH", "INPUT_CONVENTION", "MODELS", "PRESETS", "TTA_MODELS", "Settings"]
 
 MODELS = (  # (name, centring, augmented)
     ("meanfile", "meanfile", False),
@@ -13,6 +13,8 @@ MODELS = (  # (name, centring, augmented)
 )
 BASELINE = "meanfile"
 HISTMATCH = "meanfile+histmatch"  # the baseline on histogram-matched input
+# Models also scored with test-time augmentation (8 rotations/flips averaged): rows "<model>+tta".
+TTA_MODELS = ("meanfile", "patchmean+aug")
 INPUT_CONVENTION = {"blob": "data", "layout": "N×3×H×W float32", "channel_order": "RGB",
                     "value_range": [0, 255], "output": "prob: N×2×H×W softmax, channel 1 = nucleus",
                     "size_multiple": None}
@@ -38,6 +40,8 @@ class Settings:
     tile: int = DEFAULT_TILE
     overlap: int = DEFAULT_OVERLAP  # wider than the U-Net's receptive field (~47 px): tiles agree with one pass
     threshold: float = DEFAULT_THRESHOLD
+    tta: bool = True  # add the TTA_MODELS rows
+    batch_tiles: int = 4  # tiles per forward pass
     crop: int = 0  # >0: use only the top-left crop×crop of the slide (for tiny runs)
     example_size: int = 512  # side of the centre crop of each real differently stained image
 

@@ -26,8 +26,9 @@ import numpy as np
 from .. import metrics
 from ..reports import save_comparison_figure, write_summary, write_table
 from ..stain import match_histograms
+from ..model_card import ModelCard
 from ..tiling import (DEFAULT_MULTIPLE, DEFAULT_OVERLAP, DEFAULT_THRESHOLD, DEFAULT_TILE, check_threshold,
-                      segment_tiled)
+                      dihedral_tta, segment_tiled)
 from .predictor import CaffeSegmenter
 
 __all__ = ["ModelSpec", "compare_models"]
@@ -35,11 +36,12 @@ __all__ = ["ModelSpec", "compare_models"]
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A named Caffe deploy net and its weights."""
+    """A named Caffe deploy net, its weights and (optionally) its model card."""
 
     name: str
     deploy: Path
     weights: Path
+    card: ModelCard | None = None
 
 
 _SCORE_KEYS = ("dice", "iou", "object_f1", "precision", "recall")
@@ -61,7 +63,7 @@ def _safe_name(text):
 
 def compare_models(models, images, out_dir, template_rgb=None, conditions=None, tile=DEFAULT_TILE,
                    overlap=DEFAULT_OVERLAP, threshold=DEFAULT_THRESHOLD, multiple=DEFAULT_MULTIPLE,
-                   figures=True, progress=False, predictors=None):
+                   figures=True, progress=False, predictors=None, tta=False, batch_size=1):
     """Segment images with several models and conditions; score and write the comparison.
 
     Parameters
@@ -85,6 +87,10 @@ def compare_models(models, images, out_dir, template_rgb=None, conditions=None, 
     predictors : dict of str -> callable, optional
         Ready ``predict`` callables by model name, used instead of loading that model's
         deploy/weights (e.g. nets already in memory).
+    tta : bool
+        Average each model over the 8 rotations/flips of every tile.
+    batch_size : int
+        Tiles per forward pass.
 
     Returns
     -------
@@ -110,7 +116,15 @@ def compare_models(models, images, out_dir, template_rgb=None, conditions=None, 
     predictors = dict(predictors or {})
     for model in models:
         if model.name not in predictors:
-            predictors[model.name] = CaffeSegmenter(model.deploy, model.weights)
+            predictors[model.name] = CaffeSegmenter(model.deploy, model.weights, model.card)
+    # Each model tiles with its card's size multiple and at least twice the context it needs.
+    tiling = {}
+    for model in models:
+        context = getattr(predictors[model.name], "context", None)
+        tiling[model.name] = dict(multiple=model.card.size_multiple if model.card else multiple,
+                                  overlap=max(overlap, 2 * context) if context else overlap)
+        if tta:
+            predictors[model.name] = dihedral_tta(predictors[model.name])
 
     per_image = []
     figure_paths = []
@@ -126,8 +140,8 @@ def compare_models(models, images, out_dir, template_rgb=None, conditions=None, 
             panels = [(f"{image_name} ({condition})", shown),
                       ("ground truth", None if truth is None else truth)]
             for model_name in names:
-                prob = segment_tiled(predictors[model_name], shown, tile=tile, overlap=overlap,
-                                     multiple=multiple, progress=progress)
+                prob = segment_tiled(predictors[model_name], shown, tile=tile, progress=progress,
+                                     batch_size=batch_size, **tiling[model_name])
                 mask = prob > threshold
                 segmented[model_name, condition] += 1
                 label = model_name
@@ -157,9 +171,10 @@ def compare_models(models, images, out_dir, template_rgb=None, conditions=None, 
 
     md_path, csv_path = write_table(rows, out_dir)
     summary = dict(
-        models=[dict(name=m.name, deploy=str(m.deploy), weights=str(m.weights)) for m in models],
+        models=[dict(name=m.name, deploy=str(m.deploy), weights=str(m.weights),
+                     card=None if m.card is None else m.card.source, **tiling[m.name]) for m in models],
         conditions=list(conditions),
-        settings=dict(tile=tile, overlap=overlap, threshold=threshold, multiple=multiple,
+        settings=dict(tile=tile, overlap=overlap, threshold=threshold, multiple=multiple, tta=tta,
                       pooling="sum of pixel/object counts over images"),
         results=results,
         per_image=per_image,

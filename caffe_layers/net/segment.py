@@ -14,7 +14,7 @@ __all__ = ["segment_files"]
 
 def segment_files(segmenter, paths, out_dir, tile=DEFAULT_TILE, overlap=DEFAULT_OVERLAP,
                   threshold=DEFAULT_THRESHOLD, multiple=DEFAULT_MULTIPLE, prob_format="png", progress=True,
-                  overwrite=False):
+                  overwrite=False, batch_size=1):
     """Segment image files and write ``<name>_prob.png|npy``, ``_pred.png``, ``_overlay.png``.
 
     The predicted mask is ``<name>_pred.png``, never ``<name>_mask.png``: that is the name of
@@ -47,6 +47,8 @@ def segment_files(segmenter, paths, out_dir, tile=DEFAULT_TILE, overlap=DEFAULT_
     progress : bool
     overwrite : bool
         Replace outputs that already exist (default: refuse before segmenting anything).
+    batch_size : int
+        Tiles per forward pass.
 
     Returns
     -------
@@ -84,7 +86,8 @@ def segment_files(segmenter, paths, out_dir, tile=DEFAULT_TILE, overlap=DEFAULT_
                                              shape=tuple(rgb.shape[:2]))
             try:
                 segment_tiled(segmenter, rgb, tile=tile, overlap=overlap, multiple=multiple,
-                              progress=name if progress else False, out=prob)
+                              progress=name if progress else False, out=prob,
+                              batch_size=batch_size)
                 prob.flush()
             except BaseException:
                 del prob
@@ -96,7 +99,7 @@ def segment_files(segmenter, paths, out_dir, tile=DEFAULT_TILE, overlap=DEFAULT_
             os.replace(partial, files["prob"])
         else:
             prob = segment_tiled(segmenter, rgb, tile=tile, overlap=overlap, multiple=multiple,
-                                 progress=name if progress else False)
+                                 progress=name if progress else False, batch_size=batch_size)
             files["prob"] = out_dir / f"{name}_prob.png"
             write_image(files["prob"], np.round(np.clip(prob, 0, 1) * 255).astype(np.uint8),
                         overwrite=overwrite)

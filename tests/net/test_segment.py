@@ -93,7 +93,7 @@ def test_segment_cli(tiny_net, tmp_path, capsys):
     tifffile.imwrite(tmp_path / "two.tif", rgb)
     out = tmp_path / "out"
     args = ["--model", str(deploy), "--weights", str(weights), "--out", str(out),
-            "--tile", "16", "--overlap", "4", "--no-progress"]
+            "--tile", "16", "--overlap", "4", "--multiple", "4", "--no-progress"]
     assert segment_main(args + [str(tmp_path / "one.png"), str(tmp_path / "two.tif")]) == 0
     for name in ("one", "two"):
         prob = np.asarray(Image.open(out / f"{name}_prob.png"))
