@@ -19,7 +19,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = REPO_ROOT / "caffe_layers"
 LAYERS = ["augmentation", "data", "mean_subtract"]
 # Commands whose work is Caffe's (they import caffe_layers.net).
-CAFFE_COMMANDS = ["cli.compare", "cli.experiment", "cli.meanfile", "cli.prepare", "cli.segment", "cli.train"]
+CAFFE_COMMANDS = ["cli.compare", "cli.experiment", "cli.meanfile", "cli.prepare", "cli.retrofit", "cli.segment",
+                  "cli.train"]
 
 
 def _modules():
@@ -126,7 +127,7 @@ def test_console_scripts_are_cli_modules():
     setup = (REPO_ROOT / "setup.py").read_text()
     commands = re.search(r'for command in \(([^)]*)\)', setup).group(1)
     names = re.findall(r'"([a-z]+)"', commands)
-    assert len(names) == 8
+    assert len(names) == 9
     modules = _modules()
     for name in names:
         path, tree = modules[f"cli.{name}"]

@@ -16,6 +16,7 @@ USER_ERRORS = {
     "compare": ["--model", "m", "absent.prototxt", "absent.caffemodel", "--image", "absent.png", "--out", "o"],
     "train": ["--solver", "absent_solver.prototxt", "--no-progress"],
     "meanfile": ["--list", "absent.txt", "--output", "mean.binaryproto"],
+    "retrofit": ["absent.prototxt", "--param-str", "{}", "--out", "out.prototxt"],
 }
 
 
@@ -46,7 +47,7 @@ def test_bad_values_are_refused_before_any_work(caffe, command, args, tmp_path):
 
 
 @pytest.mark.parametrize("command", ["compare", "estimate", "experiment", "meanfile", "normalize", "prepare",
-                                     "segment", "train"])
+                                     "retrofit", "segment", "train"])
 def test_help_runs(caffe, command, tmp_path):
     result = _run(command, ["--help"], tmp_path)
     assert result.returncode == 0 and f"caffe-stain-{command}" in result.stdout, result.stderr
