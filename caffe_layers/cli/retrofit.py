@@ -64,7 +64,8 @@ def main(argv=None):
         print(f"{args.net} -> {args.out}" + (f"; {args.deploy} -> {args.deploy_out}" if args.deploy else ""))
         for line in result.lines:
             print(line)
-        print(f"wrote {args.out}" + (f" and {args.deploy_out}" if args.deploy_out else ""))
+        print(f"wrote {args.out}" + (f" and {args.deploy_out}" if args.deploy_out else "")
+              + f"; point your solver's net: at {args.out} (your .caffemodel loads into it as it is)")
 
     return run(parser.prog, body)
 

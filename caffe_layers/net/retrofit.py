@@ -544,8 +544,17 @@ class _Inputs:
     others: list  # (top, layer index) left alone
 
 
-def _top_role(top, layer):
-    """'label', 'image' or None (unknown) for a data layer's top, from names alone."""
+def _is_loss(layer):
+    return layer.type.endswith("Loss") or layer.type == "Accuracy"
+
+
+def _loss_fed(layers, state, phase):
+    """Blobs that a loss (or Accuracy) layer of ``phase`` reads: labels, or predictions."""
+    return {blob for layer in layers if state.active(layer, phase) and _is_loss(layer) for blob in layer.bottom}
+
+
+def _top_role(top, layer, loss_fed):
+    """'label', 'image' or None (unknown) for a data layer's top: from names, else from use."""
     words = _tokens(top)
     if words & _LABEL_WORDS:
         return "label"
@@ -557,6 +566,8 @@ def _top_role(top, layer):
             return "label"
         if context & _IMAGE_WORDS:
             return "image"
+    if top in loss_fed:  # a data top read by a loss is a label (e.g. SIFT Flow's "sem" and "geo")
+        return "label"
     return None
 
 
@@ -570,7 +581,8 @@ def _find_inputs(layers, state, phase, where, image_top=None, label_top=None):
     if not produced:
         return None
     phase_name = _PHASES[phase]
-    roles = {top: _top_role(top, layers[index]) for top, index in produced.items()}
+    loss_fed = _loss_fed(layers, state, phase)
+    roles = {top: _top_role(top, layers[index], loss_fed) for top, index in produced.items()}
 
     def where_top(top):
         return f"top {top!r} of {_describe(layers[produced[top]], state)}"
@@ -1114,6 +1126,11 @@ def retrofit(net, param_str=None, *, centring="keep", input_range=255, label="au
     if kind == "other" and geometry:
         raise ValueError(f"{where}: label top {label_name!r} is not the image's size, so the geometric augmentation "
                          "(rotate/flip/rotate_any) would misalign it; turn those off or feed a full-size label")
+    second_labels = [top for top, _ in inputs.others if top in _loss_fed(layers, state, train)]
+    if second_labels and geometry:
+        raise ValueError(f"{where}: data top(s) {', '.join(map(repr, second_labels))} also feed a loss, but the "
+                         f"AugmentationLayer carries one label ({label_name!r}) with the image: rotate/flip/rotate_any "
+                         "would misalign the other; turn the geometric augmentation off (colour and hed only)")
 
     # ---- notes about the data layers as they are
     for phase in _PHASES:

@@ -437,6 +437,10 @@ def test_no_data_layer_is_refused():
                           'data_param { source: "db" batch_size: 1 } }')
     with pytest.raises(ValueError, match="DIGITS all-in-one"):
         rf.retrofit(staged, PARAM)
+    memory = rf.parse_net('layer { name: "mem" type: "MemoryData" top: "data" top: "label" '
+                          'memory_data_param { batch_size: 1 channels: 3 height: 8 width: 8 } }')
+    with pytest.raises(ValueError, match="layer 'mem' \\(MemoryData, TRAIN and TEST\\).*not supported"):
+        rf.retrofit(memory, PARAM)
 
 
 def test_two_candidate_image_tops_are_refused_and_can_be_named():
@@ -461,6 +465,25 @@ def test_ambiguous_label_tops_and_unknown_label_kinds_are_refused():
         rf.retrofit(net, PARAM, label_top="mask")
     result = rf.retrofit(net, PARAM, label_top="mask", label="spatial")
     assert list(augmentation(result.net).bottom) == ["data", "mask"]
+
+
+def test_two_label_maps_with_plain_names_are_found_by_their_losses():
+    """SIFT Flow FCN style: tops data, sem, geo; a loss each."""
+    net = rf.parse_net(textwrap.dedent('''
+        layer { name: "data" type: "Python" top: "data" top: "sem" top: "geo"
+                python_param { module: "siftflow_layers" layer: "SIFTFlowSegDataLayer" param_str: "{}" } }
+        layer { name: "score" type: "Convolution" bottom: "data" top: "score_sem"
+                convolution_param { num_output: 33 kernel_size: 1 } }
+        layer { name: "score_geo" type: "Convolution" bottom: "data" top: "score_geo"
+                convolution_param { num_output: 3 kernel_size: 1 } }
+        layer { name: "loss" type: "SoftmaxWithLoss" bottom: "score_sem" bottom: "sem" top: "loss" }
+        layer { name: "loss_geo" type: "SoftmaxWithLoss" bottom: "score_geo" bottom: "geo" top: "loss_geo" }'''))
+    with pytest.raises(ValueError, match="ambiguous label tops.*'sem'.*'geo'"):
+        rf.retrofit(net, PARAM)
+    with pytest.raises(ValueError, match="'geo' also feed a loss.*carries one label \\('sem'\\)"):
+        rf.retrofit(net, PARAM, label_top="sem")
+    result = rf.retrofit(net, '{"color": True}', label_top="sem")
+    assert list(augmentation(result.net).bottom) == ["data", "sem"]
 
 
 def test_an_augmentation_layer_away_from_the_data_is_refused():
@@ -697,6 +720,44 @@ def test_test_phase_data_equals_the_old_transform_param(caffe, tmp_path, name, c
         np.testing.assert_array_equal(got, expected)
 
 
+V2_DEPLOY = textwrap.dedent('''
+    layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 16 dim: 16 } } }
+    layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+            convolution_param { num_output: 6 pad: 1 kernel_size: 3 } }
+    layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+    layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1" pooling_param { pool: AVE global_pooling: true } }
+    layer { name: "fc" type: "InnerProduct" bottom: "pool1" top: "fc" inner_product_param { num_output: 3 } }
+    layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }''')
+
+
+@pytest.mark.parametrize("name, size, output", [("digits_v1_classifier", 28, "ip2"), ("v2_data_scale_meanvalue", 16, "fc")])
+def test_patchmean_deploy_net_computes_what_the_train_net_computes_in_test(caffe, tmp_path, name, size, output):
+    deploy = load("digits_v1_classifier_deploy") if name == "digits_v1_classifier" else rf.parse_net(V2_DEPLOY)
+    result = retro(name, centring="patchmean", deploy=deploy)
+    train_path = write_net(tmp_path / "train.prototxt",
+                           _input_swapped(result.net, {"data": (1, 3, size, size), "label": (1,)}))
+    deploy_path = write_net(tmp_path / "deploy.prototxt", result.deploy)
+    np.save(tmp_path / "raw.npy", np.random.default_rng(4).integers(0, 256, (1, 3, size, size)).astype(np.float32))
+    out = run_caffe(tmp_path, f'''
+    train = net({train_path!r}, "TEST")
+    rng = np.random.default_rng(0)
+    for blobs in train.params.values():
+        for blob in blobs:
+            blob.data[...] = rng.normal(size=blob.data.shape)
+    train.save("trained.caffemodel")
+    outputs = []
+    for n in (train, net({deploy_path!r}, "TEST", weights="trained.caffemodel")):
+        n.blobs["data"].data[...] = np.load("raw.npy")
+        n.forward()
+        outputs.append(n.blobs[{output!r}].data.copy())
+    centred = n.blobs["data"].data  # the deploy net's input after its own centring (in place)
+    done(equal=bool(np.array_equal(*outputs)), channel_means=np.abs(centred.mean(axis=(2, 3))).max().item(),
+         deploy_layers=list(n._layer_names))
+    ''')
+    assert out["equal"] and out["channel_means"] < 1e-4
+    assert out["deploy_layers"][:2] == ["input" if name == "digits_v1_classifier" else "data", "data_centre"]
+
+
 # =========================================================================== with LMDB
 
 def _write_lmdb(path, arrays, labels=None):
@@ -835,7 +896,7 @@ def test_cli_prints_every_change(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert code == 0 and out.is_file()
     assert "+ layer 'augment'" in printed and "+ layer 'data_mean' (Bias, TRAIN and TEST)" in printed
-    assert "removed mean_value from transform_param" in printed and printed.strip().endswith(f"wrote {out}")
+    assert "removed mean_value from transform_param" in printed and f"wrote {out}; point your solver" in printed
 
 
 def test_cli_errors_are_one_line_and_write_nothing(tmp_path, capsys, monkeypatch):
