@@ -637,7 +637,7 @@ def test_python_data_layers_build_and_the_label_follows_the_image(caffe, tmp_pat
             n.forward()
             results[key + phase] = float(n.blobs["loss"].data)
     n = net({paths["voc"]!r}, "TRAIN")
-    moved = consistent = 0
+    consistent = 0
     for _ in range(5):
         n.forward()
         image, label = n.blobs["data"].data, n.blobs["label"].data
