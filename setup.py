@@ -48,7 +48,7 @@ setup(
         "console_scripts": [
             f"caffe-stain-{command} = caffe_layers.cli.{command}:main"
             for command in ("experiment", "prepare", "train", "segment", "compare", "meanfile", "normalize",
-                            "estimate", "lmdb")
+                            "estimate", "lmdb", "retrofit")
         ],
     },
     classifiers=[

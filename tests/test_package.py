@@ -19,7 +19,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = REPO_ROOT / "caffe_layers"
 LAYERS = ["augmentation", "data", "mean_subtract"]
 # Commands whose work is Caffe's (they import caffe_layers.net).
-CAFFE_COMMANDS = ["cli.compare", "cli.experiment", "cli.lmdb", "cli.meanfile", "cli.prepare", "cli.segment",
+CAFFE_COMMANDS = ["cli.compare", "cli.experiment", "cli.lmdb", "cli.meanfile", "cli.prepare", "cli.retrofit",
+                  "cli.segment",
                   "cli.train"]
 
 
@@ -127,7 +128,7 @@ def test_console_scripts_are_cli_modules():
     setup = (REPO_ROOT / "setup.py").read_text()
     commands = re.search(r'for command in \(([^)]*)\)', setup).group(1)
     names = re.findall(r'"([a-z]+)"', commands)
-    assert len(names) == 9
+    assert len(names) == 10
     modules = _modules()
     for name in names:
         path, tree = modules[f"cli.{name}"]

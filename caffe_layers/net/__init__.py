@@ -6,5 +6,7 @@
 * :mod:`~caffe_layers.net.predictor` -- a deploy net as a ``predict`` callable;
 * :mod:`~caffe_layers.net.segment` -- segment image files and write the results;
 * :mod:`~caffe_layers.net.compare` -- compare models on the same images;
-* :mod:`~caffe_layers.net.lmdb_datasets` -- Datum LMDBs for Caffe's ``Data`` layer.
+* :mod:`~caffe_layers.net.lmdb_datasets` -- Datum LMDBs for Caffe's ``Data`` layer;
+* :mod:`~caffe_layers.net.retrofit` -- rewrite a user's train_val prototxt to train with the
+  AugmentationLayer (and upgrade V0/V1 nets as Caffe does).
 """

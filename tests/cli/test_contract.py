@@ -17,6 +17,7 @@ USER_ERRORS = {
     "train": ["--solver", "absent_solver.prototxt", "--no-progress"],
     "meanfile": ["--list", "absent.txt", "--output", "mean.binaryproto"],
     "lmdb": ["segmentation", "--list", "absent.txt", "--output", "train_db"],
+    "retrofit": ["absent.prototxt", "--param-str", "{}", "--out", "out.prototxt"],
 }
 
 
@@ -47,7 +48,7 @@ def test_bad_values_are_refused_before_any_work(caffe, command, args, tmp_path):
 
 
 @pytest.mark.parametrize("command", ["compare", "estimate", "experiment", "lmdb", "meanfile", "normalize",
-                                     "prepare", "segment", "train"])
+                                     "prepare", "retrofit", "segment", "train"])
 def test_help_runs(caffe, command, tmp_path):
     result = _run(command, ["--help"], tmp_path)
     assert result.returncode == 0 and f"caffe-stain-{command}" in result.stdout, result.stderr
