@@ -194,17 +194,27 @@ def overlay(rgb, mask, color=(0, 255, 0), mode="outline", alpha=0.4):
     return result
 
 
-def write_dice_table(path, results, conditions, model_names):
-    """Markdown Dice matrix: models × conditions, plus shift mean and retention."""
+def write_dice_table(path, results, conditions, model_names, seen=None):
+    """Markdown Dice matrix: models × conditions, the mean over shifts and its share of in-domain.
+
+    With ``seen`` (condition -> whether the augmentation range estimate saw it), the shifts the
+    estimate saw and those it never saw get separate means and columns marked ``(unseen)``.
+    """
     shifts = [c for c in conditions if c != "in_domain"]
-    header = ["model", *conditions, "mean over shifts", "shift / in-domain"]
+    groups = {"shifts": shifts} if seen is None else {
+        "seen shifts": [c for c in shifts if seen[c]], "unseen conditions": [c for c in shifts if not seen[c]]}
+    groups = {name: members for name, members in groups.items() if members}
+    names = [c if seen is None or c == "in_domain" or seen[c] else f"{c} (unseen)" for c in conditions]
+    header = ["model", *names, *(f"mean over {group}" for group in groups),
+              *(f"{group} / in-domain" for group in groups)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for model in model_names:
         dice = [results[model][c]["dice"] for c in conditions]
-        shift_mean = float(np.mean([results[model][c]["dice"] for c in shifts]))
-        retention = shift_mean / results[model]["in_domain"]["dice"] if results[model]["in_domain"]["dice"] else 0.0
-        lines.append("| " + " | ".join([model, *(f"{d:.3f}" for d in dice), f"{shift_mean:.3f}",
-                                        f"{100 * retention:.1f} %"]) + " |")
+        means = [float(np.mean([results[model][c]["dice"] for c in members])) for members in groups.values()]
+        in_domain = results[model]["in_domain"]["dice"]
+        shares = [f"{100 * mean / in_domain:.1f} %" if in_domain else "n/a" for mean in means]
+        lines.append("| " + " | ".join([model, *(f"{d:.3f}" for d in dice), *(f"{m:.3f}" for m in means), *shares])
+                     + " |")
     return _write_text(path, "\n".join(lines) + "\n")
 
 

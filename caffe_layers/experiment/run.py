@@ -40,6 +40,8 @@ from ..reports import (
     write_table,
 )
 from ..stain import (
+    MacenkoNormalizer,
+    ReinhardNormalizer,
     channel_mean_ratios,
     make_stain_shifts,
     match_histograms,
@@ -50,7 +52,7 @@ from ..stain import (
 from ..model_card import load_model_card, write_model_card
 from ..tiling import dihedral_tta, segment_tiled
 from .regions import prepare_data
-from .settings import BASELINE, HISTMATCH, INPUT_CONVENTION, MODELS, TTA_MODELS, Settings
+from .settings import BASELINE, INPUT_CONVENTION, MODELS, TTA_MODELS, Settings
 
 __all__ = ["run_experiment"]
 
@@ -158,6 +160,7 @@ def run_experiment(out_dir="results", settings=Settings(), preset="custom"):
 
     log("making stain-shifted versions of the held-out band")
     conditions, shift_settings = make_stain_shifts(test_rgb, train_rgb)
+    seen = {name: name != "in_domain" for name in conditions}  # the synthetic shifts: the estimate saw them
     # The same shifts on the validation band: the colour range is estimated there, and the
     # models are checked there, so no choice ever looks at the held-out band.
     val_rgb, val_truth = rgb[regions["val"]], truth_full[regions["val"]] > 0
@@ -165,6 +168,17 @@ def run_experiment(out_dir="results", settings=Settings(), preset="custom"):
                       shift_stains(val_rgb, shift["alpha"], shift["beta"])
                       for name, shift in shift_settings.items()}
     shifted = {k: v for k, v in val_conditions.items() if k != "in_domain"}
+    # Conditions the estimate never saw: the held-out band re-stained to each real, differently
+    # stained packaged image by Macenko stain-vector transfer, which changes hue as labs do.
+    stained_examples = datasets.load_stained_examples()
+    for name, example in stained_examples.items():
+        condition = f"macenko_to_{name}"
+        conditions[condition] = MacenkoNormalizer().fit(example).transform(test_rgb)
+        shift_settings[condition] = dict(
+            transfer="Macenko stain vectors and concentration scale of the packaged image", image=name,
+            mean_ratios_vs_train=channel_mean_ratios(conditions[condition], train_rgb, ignore_white=True)
+            .round(4).tolist())
+        seen[condition] = False
     estimate = suggest_color_params({"train": train_rgb}, shifted, margin=settings.color_margin)
     augment = {"rotate": True, "flip": True, **estimate.params}
     log(f"estimated colour range: {estimate.param_str}")
@@ -205,16 +219,22 @@ def run_experiment(out_dir="results", settings=Settings(), preset="custom"):
                              multiple=cards[model].size_multiple, batch_size=settings.batch_tiles)
         return prob > settings.threshold
 
-    # Table rows: row name -> (model, histogram-matched input, test-time augmentation).
-    table_rows = {name: (name, False, False) for name, _, _ in MODELS}
-    table_rows[HISTMATCH] = (BASELINE, True, False)
+    # Table rows: row name -> (model, test-time normaliser or None, test-time augmentation). The
+    # normalisers are fitted once, on the training band: "normalise at test time" rows beside
+    # the "augment at train time" ones.
+    normalizers = {"histmatch": lambda image: match_histograms(image, train_rgb, ignore_white=True),
+                   "reinhard": ReinhardNormalizer().fit(train_rgb).transform,
+                   "macenko": MacenkoNormalizer().fit(train_rgb).transform}
+    table_rows = {name: (name, None, False) for name, _, _ in MODELS}
+    for normalizer in normalizers:
+        table_rows[f"{BASELINE}+{normalizer}"] = (BASELINE, normalizer, False)
     if settings.tta:
         for model in TTA_MODELS:
-            table_rows[f"{model}+tta"] = (model, False, True)
+            table_rows[f"{model}+tta"] = (model, None, True)
 
-    def segment_row(row, image, matched):
-        model, histmatch, tta = table_rows[row]
-        return segment(model, matched if histmatch else image, tta)
+    def segment_row(row, image, normalised):
+        model, normalizer, tta = table_rows[row]
+        return segment(model, image if normalizer is None else normalised[normalizer], tta)
 
     validation = {name: {} for name, _, _ in MODELS}
     for condition, shifted_val in val_conditions.items():
@@ -228,9 +248,9 @@ def run_experiment(out_dir="results", settings=Settings(), preset="custom"):
     results = {name: {} for name in model_names}
     rows, masks = [], {}
     for condition, image in conditions.items():
-        matched = match_histograms(image, train_rgb, ignore_white=True)
+        normalised = {name: normalize(image) for name, normalize in normalizers.items()}
         for model in model_names:
-            mask = segment_row(model, image, matched)
+            mask = segment_row(model, image, normalised)
             masks[model, condition] = mask
             scores = metrics.pool_scores([metrics.segmentation_scores(mask, test_truth)])
             results[model][condition] = scores
@@ -251,13 +271,13 @@ def run_experiment(out_dir="results", settings=Settings(), preset="custom"):
 
     log("segmenting the differently stained packaged images (no ground truth)")
     examples = {}
-    for name, image in datasets.load_stained_examples().items():
+    for name, image in stained_examples.items():
         image = _centre_crop(image, settings.example_size)
-        matched = match_histograms(image, train_rgb, ignore_white=True)
+        normalised = {name_: normalize(image) for name_, normalize in normalizers.items()}
         tissue_fraction = {}
         panels = [(name, image)]
         for model in model_names:
-            mask = segment_row(model, image, matched)
+            mask = segment_row(model, image, normalised)
             tissue_fraction[model] = float(mask.mean())
             panels.append((f"{model}\nnucleus {100 * mask.mean():.1f} %", overlay(image, mask)))
         save_comparison_figure(figures / f"example_{name}.png", panels, panel_size=3.0)
@@ -267,7 +287,7 @@ def run_experiment(out_dir="results", settings=Settings(), preset="custom"):
 
     condition_names = list(conditions)
     write_table(rows, out_dir, stem="metrics")
-    write_dice_table(out_dir / "table.md", results, condition_names, model_names)
+    write_dice_table(out_dir / "table.md", results, condition_names, model_names, seen=seen)
     summary = dict(
         description="Nucleus segmentation Dice on the held-out band of histolytics hgsc_nest under stain shifts",
         preset=preset,
@@ -290,8 +310,9 @@ def run_experiment(out_dir="results", settings=Settings(), preset="custom"):
                                          validation=training_logs[name].validation[-1:] or None))
                 for name, centring, augmented in MODELS},
         histmatch=dict(model=BASELINE, template="train band", ignore_white=True),
-        rows={row: dict(model=model, histogram_matched=histmatch, tta=tta)
-              for row, (model, histmatch, tta) in table_rows.items()},
+        rows={row: dict(model=model, test_time_normaliser=normalizer, tta=tta)
+              for row, (model, normalizer, tta) in table_rows.items()},
+        conditions={name: dict(seen_by_estimate=seen[name]) for name in conditions},
         results=results,
         validation_dice=validation,
         examples=examples,

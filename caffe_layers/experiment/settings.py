@@ -12,7 +12,7 @@ MODELS = (  # (name, centring, augmented)
     ("patchmean+aug", "patchmean", True),
 )
 BASELINE = "meanfile"
-HISTMATCH = "meanfile+histmatch"  # the baseline on histogram-matched input
+HISTMATCH = "meanfile+histmatch"  # the baseline on histogram-matched input (rows "meanfile+<normaliser>")
 # Models also scored with test-time augmentation (8 rotations/flips averaged): rows "<model>+tta".
 TTA_MODELS = ("meanfile", "patchmean+aug")
 INPUT_CONVENTION = {"blob": "data", "layout": "N×3×H×W float32", "channel_order": "RGB",
