@@ -19,6 +19,7 @@ from .image_io import check_rgb, read_mask, read_rgb
 
 __all__ = [
     "MAX_LIST_BYTES",
+    "list_file_lines",
     "read_pair_list",
     "load_pairs",
     "PatchSampler",
@@ -31,6 +32,53 @@ __all__ = [
 
 #: Larger list files are refused unread (a million pairs fit in less).
 MAX_LIST_BYTES = 64 * 1024 * 1024
+
+def list_file_lines(list_file, root=None):
+    """The entries of a list file, by the project's one set of list-file rules.
+
+    One entry per line, whitespace-separated (so paths cannot contain spaces); blank lines and
+    comments are skipped (a comment starts at a token beginning with ``#``, at the start of a
+    line or after the fields); relative paths are meant against ``root``, by default the list
+    file's directory. The file must be UTF-8 text of at most :data:`MAX_LIST_BYTES`.
+
+    Returns
+    -------
+    list_file : str
+    root : str
+    lines : list of (str, list of str, str)
+        ``(where, tokens, line)`` per entry: ``where`` is ``"<file>:<line number>"``.
+    """
+    list_file = os.fspath(list_file)
+    if not os.path.isfile(list_file):
+        raise FileNotFoundError(f"list file {list_file!r} does not exist (or is not a file)")
+    if root is None:
+        root = os.path.dirname(os.path.abspath(list_file))
+    root = os.path.expanduser(os.fspath(root))
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"root directory {root!r} for list file {list_file!r} "
+                                f"does not exist")
+    size = os.path.getsize(list_file)
+    if size > MAX_LIST_BYTES:
+        raise ValueError(f"list file {list_file!r} is {size} bytes; a list file is far smaller "
+                         f"(limit {MAX_LIST_BYTES}): is it the right file?")
+    with open(list_file, "rb") as handle:
+        raw = handle.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"list file {list_file!r} is not a text file (not UTF-8 at byte {error.start})") from None
+    lines = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        tokens = line.split()
+        # Cut at the first token starting with '#': full-line and trailing comments.
+        for i, token in enumerate(tokens):
+            if token.startswith("#"):
+                tokens = tokens[:i]
+                break
+        if tokens:
+            lines.append((f"{list_file}:{number}", tokens, line))
+    return list_file, root, lines
+
 
 def read_pair_list(list_file, root=None):
     """Read a list file of ``image_path mask_path`` pairs.
@@ -61,38 +109,9 @@ def read_pair_list(list_file, root=None):
     ValueError
         If a line does not hold exactly two paths, or the list holds no pairs.
     """
-    list_file = os.fspath(list_file)
-    if not os.path.isfile(list_file):
-        raise FileNotFoundError(f"list file {list_file!r} does not exist (or is not a file)")
-    if root is None:
-        root = os.path.dirname(os.path.abspath(list_file))
-    root = os.path.expanduser(os.fspath(root))
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"root directory {root!r} for list file {list_file!r} "
-                                f"does not exist")
-
+    list_file, root, lines = list_file_lines(list_file, root)
     pairs = []
-    size = os.path.getsize(list_file)
-    if size > MAX_LIST_BYTES:
-        raise ValueError(f"list file {list_file!r} is {size} bytes; a list of image/mask pairs is far "
-                         f"smaller (limit {MAX_LIST_BYTES}): is it the right file?")
-    with open(list_file, "rb") as handle:
-        raw = handle.read()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"list file {list_file!r} is not a text file (not UTF-8 at byte {error.start}); "
-                         "expected lines of 'image mask' paths") from None
-    for number, line in enumerate(text.splitlines(), start=1):
-        tokens = line.split()
-        # Cut at the first token starting with '#': full-line and trailing comments.
-        for i, token in enumerate(tokens):
-            if token.startswith("#"):
-                tokens = tokens[:i]
-                break
-        if not tokens:
-            continue
-        where = f"{list_file}:{number}"
+    for where, tokens, line in lines:
         if len(tokens) != 2:
             raise ValueError(f"{where}: expected 2 whitespace-separated paths "
                              f"(image mask), got {len(tokens)}: {line.strip()!r}")

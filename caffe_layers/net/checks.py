@@ -29,6 +29,7 @@ __all__ = [
     "layers_in_phase",
     "read_net_prototxt",
     "read_solver_prototxt",
+    "read_text_file",
     "read_weights",
 ]
 
@@ -43,7 +44,8 @@ LR_POLICIES = {"fixed": (), "step": ("gamma", "stepsize"), "exp": ("gamma",), "i
 _LEGACY_SOLVER_TYPES = {0: "SGD", 1: "Nesterov", 2: "AdaGrad", 3: "RMSProp", 4: "AdaDelta", 5: "Adam"}
 
 
-def _read_text(path, what):
+def read_text_file(path, what):
+    """A prototxt's text: FileNotFoundError if missing, ValueError if too large or not UTF-8."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
@@ -59,7 +61,7 @@ def _read_text(path, what):
 
 
 def _parse_text(path, message, what):
-    text = _read_text(path, what)
+    text = read_text_file(path, what)
     try:
         text_format.Merge(text, message)
     except text_format.ParseError as error:

@@ -45,6 +45,7 @@ import numpy as np
 from caffe.proto import caffe_pb2
 
 from ..image_io import find_images, read_mask, read_rgb, write_atomic
+from ..patches import list_file_lines
 
 __all__ = ["CHANNEL_ORDERS", "LABELS_FILE", "SEGMENTATION_PARTS", "LMDBSummary", "check_output",
            "class_folder_items", "datum_to_array", "image_datum", "iter_datums", "read_label_list",
@@ -136,33 +137,19 @@ def read_label_list(list_file, root=None):
     items : list of (str, int)
         ``(image_path, label)`` in file order; labels are integers >= 0.
     """
-    list_file = os.fspath(list_file)
-    if not os.path.isfile(list_file):
-        raise FileNotFoundError(f"list file {list_file!r} does not exist (or is not a file)")
-    root = os.path.dirname(os.path.abspath(list_file)) if root is None else os.path.expanduser(os.fspath(root))
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"root directory {root!r} for list file {list_file!r} does not exist")
+    list_file, root, lines = list_file_lines(list_file, root)
     items = []
-    with open(list_file, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            tokens = line.split()
-            for i, token in enumerate(tokens):
-                if token.startswith("#"):
-                    tokens = tokens[:i]
-                    break
-            if not tokens:
-                continue
-            where = f"{list_file}:{number}"
-            if len(tokens) != 2:
-                raise ValueError(f"{where}: expected 'image_path label' (2 whitespace-separated fields), "
-                                 f"got {len(tokens)}: {line.strip()!r}")
-            path, label = tokens
-            if not (label.isascii() and label.isdigit()) or not int(label) < 2 ** 31:  # int32 in the Datum; no sign
-                raise ValueError(f"{where}: label {label!r} is not an integer in [0, 2**31)")
-            path = os.path.join(root, os.path.expanduser(path))
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{where}: image file {path!r} does not exist")
-            items.append((path, int(label)))
+    for where, tokens, line in lines:
+        if len(tokens) != 2:
+            raise ValueError(f"{where}: expected 'image_path label' (2 whitespace-separated fields), "
+                             f"got {len(tokens)}: {line.strip()!r}")
+        path, label = tokens
+        if not (label.isascii() and label.isdigit()) or not int(label) < 2 ** 31:  # int32 in the Datum; no sign
+            raise ValueError(f"{where}: label {label!r} is not an integer in [0, 2**31)")
+        path = os.path.join(root, os.path.expanduser(path))
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{where}: image file {path!r} does not exist")
+        items.append((path, int(label)))
     if not items:
         raise ValueError(f"list file {list_file!r} holds no 'image label' lines (only blank lines or comments)")
     return items

@@ -53,6 +53,7 @@ from google.protobuf import text_format
 
 from ..image_io import write_atomic
 from ..params import AUGMENT_SCHEMA, PATCH_DATA_SCHEMA, ParamError, parse_param_str
+from .checks import read_text_file
 
 __all__ = [
     "AUGMENTATION_LAYER",
@@ -147,13 +148,7 @@ def read_net(path):
         ``notes`` says which upgrades were applied.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"net prototxt {str(path)!r} does not exist (or is not a file)")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not a text prototxt ({error})") from None
-    return upgrade_net(parse_net(text, str(path)), where=str(path))
+    return upgrade_net(parse_net(read_text_file(path, "net prototxt"), str(path)), where=str(path))
 
 
 def upgrade_net(net, where="net"):
