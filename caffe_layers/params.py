@@ -1122,6 +1122,9 @@ AUGMENT_SCHEMA = Schema(
               doc="stain scale alpha ~ U[1-hed_alpha, 1+hed_alpha] per sample and stain"),
         Param("hed_beta", "float", 0.01, min=0.0, doc="stain shift beta ~ U[-hed_beta, hed_beta] per sample and stain"),
         _probability("hed_p", "probability that a sample gets the stain jitter"),
+        Param("stain_angle", "float", 0.0, min=0.0, max=30.0,
+              doc="hue jitter with hed: turn the H and E optical-density vectors by U[-stain_angle, "
+                  "stain_angle] degrees each, per sample, in their plane (0: off)"),
         Param("max_value", "float", 255.0, min=0.0, min_inclusive=False,
               doc="intensity of white in the input (optical density reference for hed)"),
         Param("channel_order", "str", "RGB", choices=("RGB", "BGR"),

@@ -610,3 +610,17 @@ def test_messages_quote_values_and_keys_briefly():
         with pytest.raises(ParamError) as info:
             case()
         assert len(str(info.value)) < 1000, str(info.value)[:300]
+
+
+def test_stain_angle_key_default_range_and_nesting():
+    param = AUGMENT_SCHEMA.params["stain_angle"]
+    assert param.default == 0.0 and param.range_description() == "[0, 30]"
+    assert "stain_angle" in AUGMENT_SCHEMA.describe()
+    assert load_params('{"hed": True, "stain_angle": 4}', AUGMENT_SCHEMA, WHERE)["stain_angle"] == 4.0
+    for bad, problem in ((-0.5, "stain_angle"), (45, "stain_angle"), (True, "stain_angle")):
+        with pytest.raises(ParamError, match=problem):
+            AUGMENT_SCHEMA.validate({"stain_angle": bad}, WHERE)
+    nested = PATCH_DATA_SCHEMA.validate({"source": "a.txt", "augment": {"stain_angle": 3}}, WHERE)
+    assert nested["augment"]["stain_angle"] == 3.0
+    with pytest.raises(ParamError, match="augment.stain_angle"):
+        PATCH_DATA_SCHEMA.validate({"source": "a.txt", "augment": {"stain_angle": 31}}, WHERE)

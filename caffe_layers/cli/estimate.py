@@ -1,15 +1,18 @@
 """``caffe-stain-estimate``: the colour shift between train and test H&E images, as a param_str.
 
-With ``--hed`` it also suggests the stain-space (``hed_alpha``) jitter range.
+With ``--hed`` it also suggests the stain-space (``hed_alpha``) jitter range and the hue jitter
+``stain_angle`` (from the angles between the groups' Macenko stain vectors).
 """
 import argparse
 import json
 import math
 import sys
 
+import numpy as np
+
 from ..image_io import find_images, read_rgb
 from ..params import format_param_str
-from ..stain import suggest_color_params, suggest_hed_params, tissue_mask
+from ..stain import suggest_color_params, suggest_hed_params, suggest_stain_angle, tissue_mask
 from . import UsageError, run
 
 __all__ = ["main"]
@@ -32,7 +35,8 @@ def _parser():
                         help="also suggest an additive color_b range")
     parser.add_argument("--hed", action="store_true",
                         help="also estimate the haematoxylin/eosin concentration shift and suggest "
-                        "hed_alpha; the param_str then holds both the color and the hed keys")
+                        "hed_alpha, and the angle between the groups' stain vectors (Macenko, on their "
+                        "tissue) and suggest stain_angle; the param_str then holds the color and the hed keys")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
@@ -50,8 +54,12 @@ def main(argv=None):
 
     With ``--hed`` it also prints the tissue's haematoxylin/eosin/DAB concentration ratios
     (:func:`caffe_layers.stain.suggest_hed_params`) and the suggested ``hed_alpha`` range,
-    and the final param_str holds the colour keys followed by the hed keys. In ``--json``
-    mode ``params``/``param_str`` are then the combined ones and ``hed_ratios`` is added.
+    the angles between the train and test stain vectors
+    (:func:`caffe_layers.stain.suggest_stain_angle`) and the suggested ``stain_angle``, and the
+    final param_str holds the colour keys followed by the hed keys. In ``--json`` mode
+    ``params``/``param_str`` are then the combined ones and ``hed_ratios`` is added. When the
+    stain vectors of a group cannot be fitted (too little tissue, one stain colour) a warning
+    says so and ``stain_angle`` is left out.
     """
     parser = _parser()
     args = parser.parse_args(argv)
@@ -77,13 +85,19 @@ def main(argv=None):
             ignore_white=args.ignore_white, include_offset=args.include_offset,
             white_threshold=args.white_threshold,
         )
-        params, hed = dict(estimate.params), None
+        params, hed, hue = dict(estimate.params), None, None
         if args.hed:
             hed = suggest_hed_params(
                 groups["train"], groups["test"], margin=args.margin,
                 ignore_white=args.ignore_white, white_threshold=args.white_threshold,
             )
             params.update(hed.params)
+            try:
+                hue = suggest_stain_angle(groups["train"], groups["test"], margin=args.margin)
+            except ValueError as error:
+                print(f"warning: no stain_angle suggested: {error}", file=sys.stderr)
+            else:
+                params.update(hue.params)
         param_str = format_param_str(params)
 
         def rounded(table):
@@ -105,10 +119,22 @@ def main(argv=None):
             for name, ratios in table.items():
                 print(f"{name:<{width}}  " + "  ".join(f"{r:6.3f}" for r in ratios))
             print()
+        if hue is not None:
+            angles = {name: values for name, values in hue.angles.items()}
+            width = max(len("stain vectors, degrees"), *(len(name) for name in angles))
+            print(f"{'stain vectors, degrees':<{width}}  " + "  ".join(f"{column:>6}" for column in ("H", "E")))
+            for name, values in angles.items():
+                print(f"{name:<{width}}  " + "  ".join("     -" if not np.isfinite(v) else f"{v:6.2f}"
+                                                       for v in values))
+            print()
         if hed is not None:
             alpha = hed.params["hed_alpha"]
             print(f"stain jitter: hed_alpha = {alpha:g} (H, E, DAB scaled by "
                   f"U[{1 - alpha:g}, {1 + alpha:g}])")
+            if hue is not None:
+                angle = hue.params["stain_angle"]
+                print(f"hue jitter: stain_angle = {angle:g} (H and E vectors turned by U[-{angle:g}, {angle:g}] "
+                      "degrees)")
             print()
         print(param_str)
 

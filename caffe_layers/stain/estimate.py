@@ -2,7 +2,9 @@
 
 :func:`suggest_color_params` turns per-channel tissue mean ratios between train and test
 images into the layer's ``color_a_min``/``color_a_max``; :func:`suggest_hed_params` turns
-haematoxylin and eosin concentration ratios into its ``hed_alpha``.
+haematoxylin and eosin concentration ratios into its ``hed_alpha``;
+:func:`suggest_stain_angle` turns the angles between the groups' stain vectors (Macenko-fitted
+on the tissue of each group) into its hue jitter ``stain_angle``.
 """
 from __future__ import annotations
 
@@ -14,11 +16,14 @@ import numpy as np
 
 from ..image_io import check_rgb
 from ..params import format_param_str
+from .colours import sample_pixels
+from .normalizers import MacenkoNormalizer
 from .optical_density import stain_concentrations
 from .tissue import check_mask, masked_channel_means, resolve_masks, tissue_mask
 
-__all__ = ["ColorRangeEstimate", "HedRangeEstimate", "channel_mean_ratios", "stain_concentration_means",
-           "suggest_color_params", "suggest_hed_params"]
+__all__ = ["ColorRangeEstimate", "HedRangeEstimate", "StainAngleEstimate", "channel_mean_ratios",
+           "group_stain_vectors", "stain_concentration_means", "suggest_color_params", "suggest_hed_params",
+           "suggest_stain_angle"]
 
 
 def _ratios_from_means(image_means, reference_means, reference_name):
@@ -279,3 +284,103 @@ def suggest_hed_params(train_images, test_images, margin=0.1, ignore_white=True,
     largest = max(float(np.abs(1.0 - r[:2]).max()) for r in ratios.values()) * (1.0 + margin)
     params = {"hed": True, "hed_alpha": min(math.ceil(largest * 100) / 100, 0.95)}
     return HedRangeEstimate(params=params, ratios=ratios, param_str=format_param_str(params))
+
+
+@dataclass(frozen=True)
+class StainAngleEstimate:
+    """Result of :func:`suggest_stain_angle`.
+
+    Attributes
+    ----------
+    params : dict
+        ``{"stain_angle": ...}`` (degrees; use with ``hed: true``).
+    angles : dict[str, ndarray of shape (2,)]
+        Angles in degrees between haematoxylin vectors and between eosin vectors: ``"test"``
+        (the test group's against the train group's), ``"test:<name>"`` (each test image's
+        against the train group's) and, with two or more train images, ``"train:<name>"``
+        (each train image's against the other train images').
+    train_vectors, test_vectors : ndarray, shape (2, 3)
+        The groups' unit stain vectors (rows H, E; Beer-Lambert optical density).
+    param_str : str
+    """
+
+    params: dict
+    angles: dict
+    train_vectors: np.ndarray
+    test_vectors: np.ndarray
+    param_str: str
+
+
+def _stain_angles(first, second):
+    cosines = np.clip(np.sum(first * second, axis=1), -1.0, 1.0)
+    return np.degrees(np.arccos(cosines))
+
+
+def group_stain_vectors(images, name="images", sample_size=100_000, seed=0):
+    """Macenko stain vectors (rows H, E) of a group of RGB images, fitted on their pooled tissue.
+
+    Each image contributes all its pixels, or a fixed-seed sample of ``sample_size`` of a larger
+    one; :class:`~caffe_layers.stain.normalizers.MacenkoNormalizer` is fitted on them together and
+    keeps the tissue (optical density above its ``beta`` in every channel).
+
+    Raises
+    ------
+    ValueError
+        If the pooled tissue does not define two stains (naming ``name``).
+    """
+    normalizer = MacenkoNormalizer(sample_size=None)
+    pooled = []
+    for index, image in enumerate(images):
+        image = np.ascontiguousarray(check_rgb(image, f"{name}[{index}]", uint8=True))
+        pixels, _ = sample_pixels(image, None, sample_size, seed + index)
+        pooled.append(pixels)
+    strip = np.concatenate(pooled)[None]
+    try:
+        normalizer.fit(strip)
+    except ValueError as error:
+        raise ValueError(f"{name}: cannot fit stain vectors: {str(error).replace('template', 'the tissue')}") from None
+    return normalizer.stain_matrix_
+
+
+def suggest_stain_angle(train_images, test_images, margin=0.1, max_angle=30.0):
+    """Suggest the augmentation layer's hue jitter ``stain_angle`` covering a stain-vector shift.
+
+    Macenko stain vectors are fitted on the pooled tissue of the train images and of the test
+    images (:func:`group_stain_vectors`); the hue jitter turns each of the H and E vectors by
+    up to ``stain_angle`` degrees, so ``stain_angle`` is the larger of the angles between the
+    groups' H vectors and between their E vectors, widened by ``margin``, rounded up to a tenth
+    of a degree and capped at ``max_angle`` (the schema's maximum). The angles are 3-D angles
+    between the fitted directions; the jitter turns the vectors within the H-E plane, so it
+    reaches the measured angle, though not every direction of it.
+
+    Returns
+    -------
+    StainAngleEstimate
+    """
+    if not (isinstance(margin, (int, float)) and math.isfinite(margin) and 0 <= margin <= 10):
+        raise ValueError(f"margin must be a number in [0, 10]; got {margin!r}")
+    train = _named_images(train_images, "train")
+    test = _named_images(test_images, "test")
+    train_vectors = group_stain_vectors([image for _, image in train], "train images")
+    test_vectors = group_stain_vectors([image for _, image in test], "test images")
+    angles = {"test": _stain_angles(test_vectors, train_vectors)}
+    for name, image in test:
+        try:
+            angles[f"test:{name}"] = _stain_angles(group_stain_vectors([image], f"test image {name!r}"),
+                                                   train_vectors)
+        except ValueError:
+            angles[f"test:{name}"] = np.full(2, np.nan)  # too little tissue on its own: the group decides
+    if len(train) >= 2:
+        for index, (name, image) in enumerate(train):
+            others = [other for position, (_, other) in enumerate(train) if position != index]
+            try:
+                angles[f"train:{name}"] = _stain_angles(
+                    group_stain_vectors([image], f"train image {name!r}"),
+                    group_stain_vectors(others, f"train images other than {name!r}"))
+            except ValueError:
+                angles[f"train:{name}"] = np.full(2, np.nan)
+    largest = float(max(np.nanmax(values) for values in angles.values() if np.isfinite(values).any()))
+    suggested = min(math.ceil(largest * (1.0 + margin) * 10 - 1e-9) / 10, float(max_angle))
+    params = {"stain_angle": suggested}
+    return StainAngleEstimate(params=params, angles=angles, train_vectors=train_vectors,
+                              test_vectors=test_vectors, param_str=format_param_str(params))

@@ -1,16 +1,17 @@
 """Histogram matching of RGB images, optionally on tissue pixels only (white glass ignored).
 
-Pure numpy. ``uint8`` images take a fast path (two channels per uint16 element); floating
-images are matched exactly, like scikit-image's ``match_histograms``.
+``uint8`` images take a fast path (OpenCV's histograms and look-up tables); floating images
+are matched exactly, like scikit-image's ``match_histograms`` (numpy).
 """
 from __future__ import annotations
 
 import warnings
 
+import cv2
 import numpy as np
 
 from ..image_io import check_rgb
-from .tissue import NoTissueWarning, resolve_masks
+from .tissue import NoTissueWarning, background_planes, check_mask, resolve_masks, tissue_mask
 
 __all__ = ["MAX_NBINS", "check_reference", "match_histograms"]
 
@@ -95,12 +96,13 @@ def _uint8_lut(source_counts, reference_counts, nbins):
     return np.clip(np.rint(matched), 0, 255).astype(np.uint8)
 
 
-# Fast uint8 path. An RGB uint8 image viewed as little-endian uint16 holds two
-# bytes per element, i.e. two channel values at once: for each pair of pixels
-# (RGB RGB) the three uint16 "phases" are (R0,G0), (B0,R1), (G1,B1). Histograms
-# and look-ups on 65536-entry tables then touch half as many elements as
-# per-channel work, which is where the speed over scikit-image comes from.
-_PAIR_CHANNELS = ((0, 1), (2, 0), (1, 2))  # (low byte, high byte) channel of each phase
+# Fast uint8 path: OpenCV's calcHist (three 256-bin histograms) and LUT (the three 256-entry
+# tables at once), both multi-threaded, are ~3x and ~1.5x faster than numpy's bincount and take
+# even on the image viewed as uint16 pairs of channel values (the trick used before, kept for
+# images whose bins could pass calcHist's exact float32 range).
+_PAIR_CHANNELS = ((0, 1), (2, 0), (1, 2))  # (low byte, high byte) channel of each uint16 phase
+#: calcHist counts in float32: exact up to 2**24 per bin, so larger images count with numpy.
+_CALCHIST_MAX_PIXELS = 1 << 24
 
 
 def _pixel_pairs(flat_pixels):
@@ -110,7 +112,13 @@ def _pixel_pairs(flat_pixels):
 
 
 def _uint8_channel_counts(flat_pixels):
-    """Histograms (3, 256) of a C-contiguous (N, 3) uint8 pixel array."""
+    """Histograms (3, 256) int64 of a C-contiguous (N, 3) uint8 pixel array."""
+    if flat_pixels.shape[0] < _CALCHIST_MAX_PIXELS:
+        column = flat_pixels.reshape(-1, 1, 3)
+        return np.stack([cv2.calcHist([column], [c], None, [256], [0, 256]).reshape(256)
+                         for c in range(3)]).astype(np.int64)
+    # Two channel values per uint16 element: for each pair of pixels (RGB RGB) the three
+    # phases are (R0,G0), (B0,R1), (G1,B1); one 65536-bin bincount per phase.
     counts = np.zeros((3, 256), dtype=np.int64)
     pairs = _pixel_pairs(flat_pixels)
     for phase, (low, high) in enumerate(_PAIR_CHANNELS):
@@ -127,37 +135,10 @@ def _take_pixels(flat_pixels, index):
     return flat_pixels.view("V3").reshape(-1).take(index).view(np.uint8).reshape(-1, 3)
 
 
-def _masked_channel_counts(flat_pixels, flat_mask):
-    """Tissue histograms (3, 256) and the background (indices, pixels) to restore.
-
-    Boolean indexing of a large image is slow; np.flatnonzero + take is not. We
-    gather whichever side of the mask is smaller: with mostly tissue, tissue
-    counts = all counts - background counts.
-    """
-    n_tissue = np.count_nonzero(flat_mask)
-    if n_tissue * 2 >= flat_mask.size:
-        background_index = np.flatnonzero(~flat_mask)
-        background_pixels = _take_pixels(flat_pixels, background_index)
-        counts = _uint8_channel_counts(flat_pixels) - _uint8_channel_counts(background_pixels)
-        return counts, background_index, background_pixels, None
-    tissue_index = np.flatnonzero(flat_mask)
-    tissue_pixels = _take_pixels(flat_pixels, tissue_index)
-    return _uint8_channel_counts(tissue_pixels), None, None, (tissue_index, tissue_pixels)
-
-
 def _apply_channel_luts(flat_pixels, luts):
-    """Apply per-channel 256-entry LUTs (3, 256) to an (N, 3) uint8 array."""
-    out = np.empty_like(flat_pixels)
-    pairs, out_pairs = _pixel_pairs(flat_pixels), _pixel_pairs(out)
-    for phase, (low, high) in enumerate(_PAIR_CHANNELS):
-        # 65536-entry table for this phase: entry high*256+low -> both outputs.
-        pair_lut = np.add.outer(luts[high].astype("<u2") << 8, luts[low].astype("<u2"))
-        # take() into a strided `out` goes through a hidden temporary and is
-        # ~1.5x slower than taking into a fresh array and assigning the column.
-        out_pairs[:, phase] = pair_lut.ravel().take(pairs[:, phase])
-    if flat_pixels.shape[0] % 2:
-        out[-1] = luts[np.arange(3), flat_pixels[-1]]
-    return out
+    """Apply per-channel 256-entry LUTs (3, 256) to an (N, 3) uint8 array (a new array)."""
+    table = np.ascontiguousarray(luts.T.reshape(1, 256, 3))
+    return cv2.LUT(flat_pixels.reshape(-1, 1, 3), table).reshape(-1, 3)
 
 
 def _put_pixels(flat_pixels, index, pixels):
@@ -165,32 +146,77 @@ def _put_pixels(flat_pixels, index, pixels):
     np.put(flat_pixels.view("V3").reshape(-1), index, pixels.view("V3").reshape(-1))
 
 
-def _match_uint8(image, reference, mask, reference_mask, nbins):
-    flat_image = np.ascontiguousarray(image).reshape(-1, 3)
-    flat_reference = np.ascontiguousarray(reference).reshape(-1, 3)
-    if reference_mask is None:
-        reference_counts = _uint8_channel_counts(flat_reference)
-    else:
-        reference_counts = _masked_channel_counts(flat_reference, reference_mask.reshape(-1))[0]
-    if mask is None:
-        source_counts = _uint8_channel_counts(flat_image)
-        tissue = None
-    else:
-        source_counts, background_index, background_pixels, tissue = _masked_channel_counts(
-            flat_image, mask.reshape(-1)
-        )
+class _Selection:
+    """Which pixels of a uint8 image are matched: all, a boolean mask, or background planes.
+
+    Background planes (:func:`~caffe_layers.stain.tissue.background_planes`, the
+    ``ignore_white`` path) need no boolean pass at all: the tissue is counted on a copy whose
+    background is blacked out by one saturating ``cv2.subtract``, and the background is put
+    back after the look-up by one ``cv2.copyTo``. A boolean mask (given by the caller) is
+    handled the same way, through one masked ``cv2.bitwise_and``. With mostly background, the
+    tissue pixels are gathered (``np.flatnonzero`` + ``take``; boolean indexing of a large image
+    is slow), counted and matched alone.
+    """
+
+    def __init__(self, image, mask=None, planes=None):
+        self.shape = image.shape
+        self.flat = np.ascontiguousarray(image).reshape(-1, 3)
+        self.mask, self.planes = mask, planes
+        size = self.flat.shape[0]
+        if planes is not None:
+            self.n_tissue = size - cv2.countNonZero(planes.reshape(self.shape[0], -1)) // 3
+        elif mask is not None:
+            self.n_tissue = int(np.count_nonzero(mask))
+        else:
+            self.n_tissue = size
+        self.gathered = None
+        if self.n_tissue * 2 < size:  # mostly background: work on the tissue pixels alone
+            tissue = mask.reshape(-1) if mask is not None else planes[..., 0].reshape(-1) == 0
+            index = np.flatnonzero(tissue)
+            self.gathered = (index, _take_pixels(self.flat, index))
+
+    @property
+    def everything(self):
+        return self.mask is None and self.planes is None
+
+    def counts(self):
+        """Histograms (3, 256) of the selected pixels."""
+        if self.everything:
+            return _uint8_channel_counts(self.flat)
+        if self.gathered is not None:
+            return _uint8_channel_counts(self.gathered[1])
+        image = self.flat.reshape(self.shape)
+        if self.planes is not None:
+            tissue_only = cv2.subtract(image, self.planes)
+        else:
+            tissue_only = cv2.bitwise_and(image, image, dst=np.zeros_like(image),
+                                          mask=self.mask.view(np.uint8).reshape(self.shape[:2]))
+        counts = _uint8_channel_counts(tissue_only.reshape(-1, 3))
+        counts[:, 0] -= self.flat.shape[0] - self.n_tissue  # the blacked-out background
+        return counts
+
+    def apply(self, luts):
+        """The image with ``luts`` applied to the selected pixels (the rest bit-identical)."""
+        if self.gathered is not None:
+            index, pixels = self.gathered
+            matched = self.flat.copy()
+            _put_pixels(matched, index, _apply_channel_luts(pixels, luts))
+            return matched.reshape(self.shape)
+        matched = _apply_channel_luts(self.flat, luts).reshape(self.shape)
+        if not self.everything:  # put the background back exactly as it was: one masked copy
+            background = (self.planes if self.planes is not None
+                          else np.logical_not(self.mask).view(np.uint8).reshape(self.shape[:2]))
+            cv2.copyTo(self.flat.reshape(self.shape), background, matched)
+        return matched
+
+
+def _match_uint8(image, reference, nbins):
+    """Match ``image`` to ``reference`` (both :class:`_Selection`)."""
+    source_counts, reference_counts = image.counts(), reference.counts()
     luts = np.stack(
         [_uint8_lut(source_counts[c], reference_counts[c], nbins) for c in range(3)]
     )
-    if tissue is not None:  # mostly background: change only the gathered tissue pixels
-        tissue_index, tissue_pixels = tissue
-        matched = flat_image.copy()
-        _put_pixels(matched, tissue_index, luts[np.arange(3), tissue_pixels])
-        return matched.reshape(image.shape)
-    matched = _apply_channel_luts(flat_image, luts)
-    if mask is not None:  # put background back exactly as it was
-        _put_pixels(matched, background_index, background_pixels)
-    return matched.reshape(image.shape)
+    return image.apply(luts)
 
 
 def _match_float(image, reference, mask, reference_mask, nbins):
@@ -267,10 +293,13 @@ def match_histograms(
 
     Notes
     -----
-    The uint8 path histograms and looks up two channel values at once (the
-    image viewed as uint16, 65536-entry tables); masked mode gathers only the
-    smaller side of the mask with ``np.flatnonzero`` + ``take`` and puts
-    background pixels back afterwards. The float path interpolates exact
+    The uint8 path counts with OpenCV's ``calcHist`` and maps all three
+    channels in one ``cv2.LUT`` pass. With ``ignore_white`` the background is
+    found as 3-channel planes (two SIMD passes, :func:`background_planes`);
+    on mostly-tissue images the tissue is counted on a copy whose background
+    is blacked out (one ``cv2.subtract``) and the background is put back after
+    the look-up (one ``cv2.copyTo``); on mostly-background images the tissue
+    pixels are gathered (``np.flatnonzero`` + ``take``) and matched alone. The float path interpolates exact
     quantiles, like scikit-image.
     Unmasked histogram matching of a blank image follows scikit-image (it is
     mapped onto the reference); pass ``ignore_white=True`` to leave it alone.
@@ -283,17 +312,32 @@ def match_histograms(
             f"{image.dtype} and {reference.dtype}"
         )
     nbins = _check_nbins(nbins)
+    if image.dtype == np.uint8:
+        selections = []
+        for name, array, given in (("image", image, mask), ("reference", reference, reference_mask)):
+            if given is not None:
+                selection = _Selection(array, mask=check_mask(given, array, f"{'' if name == 'image' else 'reference_'}mask"))
+            elif ignore_white:
+                planes = background_planes(array, white_threshold)
+                selection = (_Selection(array, planes=planes) if planes is not None
+                             else _Selection(array, mask=tissue_mask(array, white_threshold)))
+            else:
+                selection = _Selection(array)
+            if selection.n_tissue == 0:
+                _warn_no_tissue(name)
+                return image.copy()
+            selections.append(selection)
+        return _match_uint8(*selections, nbins)
     mask, reference_mask = resolve_masks(
         image, reference, mask, reference_mask, ignore_white, white_threshold
     )
     for name, which_mask in (("image", mask), ("reference", reference_mask)):
         if which_mask is not None and not which_mask.any():
-            warnings.warn(
-                f"{name} has no tissue pixels (mask empty); returning the image unchanged",
-                NoTissueWarning,
-                stacklevel=2,
-            )
+            _warn_no_tissue(name)
             return image.copy()
-    if image.dtype == np.uint8:
-        return _match_uint8(image, reference, mask, reference_mask, nbins)
     return _match_float(image, reference, mask, reference_mask, nbins)
+
+
+def _warn_no_tissue(name):
+    warnings.warn(f"{name} has no tissue pixels (mask empty); returning the image unchanged",
+                  NoTissueWarning, stacklevel=3)

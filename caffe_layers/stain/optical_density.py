@@ -15,21 +15,74 @@ Two optical-density conventions are in use in the field, and this project uses e
   uses it.
 
 :class:`StainAffine` applies ``s' = alpha * s + beta`` to the concentrations ``s`` of a C×H×W
-image in one 3×3 matrix product (see its docstring): the kernel of the ``hed`` jitter and of
-:func:`caffe_layers.stain.shifts.shift_stains`.
+image, re-composed with haematoxylin and eosin vectors turned by small angles
+(:func:`rotated_stain_matrix`, the hue jitter), in one 3×3 matrix product (see its docstring):
+the kernel of the ``hed`` jitter and of :func:`caffe_layers.stain.shifts.shift_stains`.
 """
 from __future__ import annotations
 
 import numpy as np
 from skimage.color import hed_from_rgb, rgb_from_hed
 
-__all__ = ["HED_FROM_RGB", "RGB_FROM_HED", "StainAffine", "beer_lambert_od", "beer_lambert_rgb",
-           "intensity", "optical_density", "stain_concentrations"]
+__all__ = ["HED_FROM_RGB", "HE_PLANE_NORMAL", "RGB_FROM_HED", "StainAffine", "beer_lambert_od",
+           "beer_lambert_rgb", "intensity", "optical_density", "rotated_stain_matrix", "stain_concentrations",
+           "stain_transform"]
 
 #: RGB optical density (rows R, G, B) -> H, E, DAB concentrations: ``s = OD @ HED_FROM_RGB``.
 HED_FROM_RGB = hed_from_rgb
-#: The inverse: ``OD = s @ RGB_FROM_HED``.
+#: The inverse: ``OD = s @ RGB_FROM_HED``; its rows are the H, E and DAB optical-density vectors.
 RGB_FROM_HED = rgb_from_hed
+
+#: Unit normal of the plane of the haematoxylin and eosin OD vectors, ``v_H × v_E / |v_H × v_E|``:
+#: the axis the hue jitter turns them about.
+HE_PLANE_NORMAL = np.cross(RGB_FROM_HED[0], RGB_FROM_HED[1])
+HE_PLANE_NORMAL = HE_PLANE_NORMAL / np.linalg.norm(HE_PLANE_NORMAL)
+# n × v for v_H and v_E: in the H-E plane, perpendicular to v, as long as v. A turn by theta is
+# v cos(theta) + (n × v) sin(theta) (Rodrigues' formula with n · v = 0).
+_HE_QUARTER_TURNS = np.cross(HE_PLANE_NORMAL, RGB_FROM_HED[:2])
+
+
+def rotated_stain_matrix(rotation_degrees=None):
+    """``RGB_FROM_HED`` with the H and E vectors turned in their plane (the hue jitter).
+
+    Parameters
+    ----------
+    rotation_degrees : (2,) floats or None
+        Angles of the haematoxylin and eosin vectors, in degrees, each turned about
+        :data:`HE_PLANE_NORMAL` (positive: from H towards E, right-handed about ``v_H × v_E``).
+        The DAB vector is kept. None or zeros give ``RGB_FROM_HED`` exactly.
+
+    Returns
+    -------
+    ndarray, shape (3, 3)
+        Rows: the turned H and E vectors (lengths kept) and the DAB vector.
+
+    Notes
+    -----
+    The turned eosin vector leaves the positive octant of OD space after ~4° away from H (eosin's
+    red absorbance is only 0.07): it then brightens red a little. The images stay valid (they are
+    clipped to [0, M]); keep ``stain_angle`` small, like the differences measured between labs.
+    """
+    if rotation_degrees is None:
+        return RGB_FROM_HED
+    theta = np.deg2rad(np.asarray(rotation_degrees, dtype=np.float64).reshape(2))
+    if not theta.any():
+        return RGB_FROM_HED
+    matrix = RGB_FROM_HED.copy()
+    matrix[:2] = RGB_FROM_HED[:2] * np.cos(theta)[:, None] + _HE_QUARTER_TURNS * np.sin(theta)[:, None]
+    return matrix
+
+
+def stain_transform(alpha, beta, rotation_degrees=None, max_value=255.0):
+    """The affine map of ``log1p`` intensities that :class:`StainAffine` applies (RGB order).
+
+    Returns ``(T, t)`` with ``log1p(x') = log1p(x) @ T + t`` for row vectors of R, G, B; see
+    :class:`StainAffine` for the derivation.
+    """
+    stains = rotated_stain_matrix(rotation_degrees)
+    transform = HED_FROM_RGB @ np.diag(np.asarray(alpha, dtype=np.float64)) @ stains  # (3, 3)
+    shift = np.log1p(np.float64(max_value)) * (1.0 - transform.sum(axis=0)) - np.asarray(beta, np.float64) @ stains
+    return transform, shift
 
 
 def optical_density(rgb, max_value=255.0, dtype=np.float32):
@@ -119,14 +172,27 @@ def beer_lambert_rgb(od, background=255.0):
 
 
 class StainAffine:
-    """``s' = alpha * s + beta`` on the H, E, DAB concentrations of C×H×W images, in one matmul.
+    """Stain jitter of C×H×W images in one 3×3 matmul: ``s' = alpha * s + beta``, re-composed
+    with turned haematoxylin and eosin vectors.
 
-    With ``OD = ln(M+1) - L``, ``L = log1p(x)``, and ``s = OD @ HED_FROM_RGB``, the change
-    followed by ``OD' = s' @ RGB_FROM_HED`` is affine in ``L``: ``log1p(x') = L @ T + t`` with
-    ``T = HED_FROM_RGB @ diag(alpha) @ RGB_FROM_HED`` and
-    ``t = ln(M+1) * (1 - T.sum(axis=0)) - beta @ RGB_FROM_HED``. So an image costs one log1p,
-    one 3×3 matmul and one expm1, on buffers reused between calls. Inputs are clipped to
-    [0, M] first (the optical density is undefined below -1) and outputs to [0, M].
+    Derivation (row vectors of R, G, B; ``M`` the intensity of white): the HED optical density
+    is ``OD = ln(M+1) - L`` with ``L = log1p(x)``, and the concentrations are
+    ``s = OD @ HED_FROM_RGB``. The jitter scales and shifts them, ``s' = s @ diag(alpha) + beta``,
+    and re-composes the optical density with the stain matrix ``S`` whose H and E rows are turned
+    by the sample's hue angles (:func:`rotated_stain_matrix`; ``S = RGB_FROM_HED`` without hue
+    jitter): ``OD' = s' @ S``. Substituting,
+
+    ``ln(M+1) - L' = (ln(M+1) - L) @ HED_FROM_RGB @ diag(alpha) @ S + beta @ S``
+
+    so with ``T = HED_FROM_RGB @ diag(alpha) @ S`` and ``1 = (1, 1, 1)``:
+
+    ``L' = L @ T + t``,  ``t = ln(M+1) * (1 - 1 @ T) - beta @ S``
+
+    (``1 @ T`` is ``T.sum(axis=0)``). Concentration jitter and hue jitter are one matrix ``T``
+    and one offset ``t`` per sample, so an image costs one log1p, one 3×3 matmul and one expm1,
+    on buffers reused between calls. Inputs are clipped to [0, M] first (the optical density is
+    undefined below -1) and outputs to [0, M]. The unmixing keeps the fixed ``HED_FROM_RGB``: the
+    turned matrix is only used to re-compose, so it is never inverted.
 
     Parameters
     ----------
@@ -146,13 +212,14 @@ class StainAffine:
         self.log_buffer = np.empty((3, pixels), np.float32)
         self.result_buffer = np.empty((3, pixels), np.float32)
 
-    def __call__(self, source: np.ndarray, target: np.ndarray, alpha: np.ndarray, beta: np.ndarray) -> None:
+    def __call__(self, source: np.ndarray, target: np.ndarray, alpha: np.ndarray, beta: np.ndarray,
+                 rotation: np.ndarray | None = None) -> None:
         """Write the re-stained ``source`` (3, H, W) into ``target`` (3, H, W; may be ``source``).
 
-        ``alpha``, ``beta``: (3,) scale and shift of the H, E and DAB concentrations.
+        ``alpha``, ``beta``: (3,) scale and shift of the H, E and DAB concentrations;
+        ``rotation``: (2,) hue angles of the H and E vectors in degrees, or None.
         """
-        transform = HED_FROM_RGB @ np.diag(alpha) @ RGB_FROM_HED  # (3, 3), RGB rows/columns
-        shift = self.log_white * (1.0 - transform.sum(axis=0)) - beta @ RGB_FROM_HED
+        transform, shift = stain_transform(alpha, beta, rotation, self.max_value)
         if self.reverse:
             transform, shift = transform[::-1, ::-1], shift[::-1]
         logs = self.log_buffer.reshape(source.shape)

@@ -15,7 +15,7 @@ from .optical_density import StainAffine
 __all__ = ["SEED_RATIOS", "STAIN_SHIFTS", "fit_stain_shift", "make_stain_shifts", "shift_stains"]
 
 
-def shift_stains(rgb, alpha, beta=(0.0, 0.0, 0.0)):
+def shift_stains(rgb, alpha, beta=(0.0, 0.0, 0.0), rotation=None):
     """Re-stain an RGB image in haematoxylin-eosin-DAB space: ``s' = alpha*s + beta``.
 
     The same stain-space transform as the augmentation layer's ``hed`` jitter, with fixed
@@ -27,6 +27,9 @@ def shift_stains(rgb, alpha, beta=(0.0, 0.0, 0.0)):
     rgb : (H, W, 3) uint8 array
     alpha, beta : 3 floats
         Scale and offset of the H, E and DAB concentrations.
+    rotation : 2 floats, optional
+        Hue angles, in degrees, of the haematoxylin and eosin vectors (the ``stain_angle``
+        jitter with fixed angles; see :func:`~caffe_layers.stain.optical_density.rotated_stain_matrix`).
 
     Returns
     -------
@@ -35,7 +38,8 @@ def shift_stains(rgb, alpha, beta=(0.0, 0.0, 0.0)):
     rgb = check_rgb(rgb, "shift_stains image", uint8=True)
     planes = np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32)
     restain = StainAffine(255.0, "RGB", rgb.shape[:2])
-    restain(planes, planes, np.asarray(alpha, float).reshape(3), np.asarray(beta, float).reshape(3))
+    restain(planes, planes, np.asarray(alpha, float).reshape(3), np.asarray(beta, float).reshape(3),
+            None if rotation is None else np.asarray(rotation, float).reshape(2))
     return np.clip(np.rint(planes.transpose(1, 2, 0)), 0, 255).astype(np.uint8)
 
 

@@ -8,12 +8,15 @@ tissue warn with :class:`NoTissueWarning` and return the image unchanged.
 """
 from __future__ import annotations
 
+import math
+
+import cv2
 import numpy as np
 from scipy import ndimage
 
 from ..image_io import check_rgb
 
-__all__ = ["NoTissueWarning", "check_mask", "masked_channel_means", "resolve_masks", "tissue_mask"]
+__all__ = ["NoTissueWarning", "background_planes", "check_mask", "masked_channel_means", "resolve_masks", "tissue_mask"]
 
 
 class NoTissueWarning(UserWarning):
@@ -59,12 +62,7 @@ def tissue_mask(rgb, white_threshold=200, min_size=0, fill_holes=False):
     if min_size < 0 or int(min_size) != min_size:
         raise ValueError(f"min_size must be a non-negative integer; got {min_size!r}")
     if rgb.dtype == np.uint8:
-        # Integer sum in uint16 (3*255 fits) avoids a float copy of the image;
-        # channel-by-channel accumulation is ~10x faster than sum(axis=-1).
-        grey_sum = rgb[..., 0].astype(np.uint16)
-        grey_sum += rgb[..., 1]
-        grey_sum += rgb[..., 2]
-        mask = grey_sum <= 3 * white_threshold
+        mask = _uint8_tissue(rgb, white_threshold)
     else:
         mask = rgb.mean(axis=-1) <= white_threshold
     if min_size > 1 and mask.any():
@@ -76,6 +74,53 @@ def tissue_mask(rgb, white_threshold=200, min_size=0, fill_holes=False):
     if fill_holes:
         mask = ndimage.binary_fill_holes(mask)
     return mask
+
+
+def _uint8_tissue(rgb, white_threshold):
+    """``R + G + B <= 3 * white_threshold`` for uint8 RGB, in one SIMD OpenCV pass.
+
+    The sum of a pixel is an integer, so the test is ``S <= L`` with ``L = floor(3 t)``.
+    ``cv2.transform`` with the fixed-point matrix ``[1, 1, 1 | 254 - L]`` computes
+    ``saturate_uint8(S + 254 - L)``, exactly (a test checks every one of the 2**24 colours):
+    at most 254 for tissue, 255 for background. Its 3-row form is vectorised (~3 ms for 4
+    megapixels; the 1-row form is not, and numpy's channel-by-channel uint16 sum takes ~2-3x as
+    long, which is kept for images OpenCV cannot view).
+    """
+    limit = math.floor(3 * white_threshold) if math.isfinite(white_threshold) else None
+    if limit is not None and limit < 0:
+        return np.zeros(rgb.shape[:2], bool)
+    if limit is not None and limit >= 3 * 255:
+        return np.ones(rgb.shape[:2], bool)
+    if limit is not None and rgb.flags.c_contiguous:
+        matrix = np.zeros((3, 4))
+        matrix[0] = (1.0, 1.0, 1.0, 254.0 - limit)
+        return cv2.extractChannel(cv2.transform(rgb, matrix), 0) <= 254
+    # Integer sum in uint16 (3*255 fits) avoids a float copy of the image;
+    # channel-by-channel accumulation is ~10x faster than sum(axis=-1).
+    grey_sum = rgb[..., 0].astype(np.uint16)
+    grey_sum += rgb[..., 1]
+    grey_sum += rgb[..., 2]
+    return grey_sum <= 3 * white_threshold
+
+
+def background_planes(rgb, white_threshold=200):
+    """Background of a uint8 RGB image as 3-channel planes: 255 in every channel of a
+    background pixel, 0 on tissue (the complement of :func:`tissue_mask`), or None.
+
+    Two SIMD OpenCV passes -- the fixed-point ``cv2.transform`` of :func:`tissue_mask`
+    (``saturate(S + 254 - L)``, 255 exactly on background) in all three rows, then a threshold
+    at 254 -- give an operand for unmasked saturating arithmetic (``cv2.subtract`` blacks out
+    the background) and a mask for ``cv2.copyTo``, without a boolean pass. None when OpenCV
+    cannot view the image (not C-contiguous) or the threshold is not finite: use
+    :func:`tissue_mask` then.
+    """
+    if rgb.dtype != np.uint8 or not rgb.flags.c_contiguous or not math.isfinite(white_threshold):
+        return None
+    limit = math.floor(3 * white_threshold)
+    if limit < 0 or limit >= 3 * 255:
+        return np.full(rgb.shape, 255 if limit < 0 else 0, np.uint8)
+    matrix = np.tile([1.0, 1.0, 1.0, 254.0 - limit], (3, 1))
+    return cv2.threshold(cv2.transform(rgb, matrix), 254, 255, cv2.THRESH_BINARY)[1]
 
 
 def resolve_masks(image, reference, mask, reference_mask, ignore_white, white_threshold):

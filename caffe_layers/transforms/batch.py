@@ -4,7 +4,9 @@
 
 1. geometry -- random flips (``flip``), quarter turns (``rotate``) and an arbitrary-angle
    rotation with reflect padding (``rotate_any``); the label gets exactly the same geometry;
-2. stain jitter in haematoxylin/eosin/DAB space (``hed``, Tellez et al. 2018), images only;
+2. stain jitter in haematoxylin/eosin/DAB space (``hed``, Tellez et al. 2018) -- concentration
+   scale and shift, and with ``stain_angle`` a hue jitter turning the H and E vectors -- as one
+   3×3 matrix per sample (:class:`~caffe_layers.stain.optical_density.StainAffine`), images only;
 3. per-channel ``x*a + b`` (``color``) and clipping to ``[clip_min, clip_max]`` (``clip``),
    images only.
 
@@ -37,7 +39,7 @@ class AugmentDraws:
     """Random parameters of one batch, as drawn by :func:`draw_augmentation`.
 
     Disabled transforms hold identity values (k=0, no flips, angle 0, alpha 1, beta 0, a 1,
-    b 0), so the arrays always describe exactly what was applied.
+    b 0, stain rotation 0), so the arrays always describe exactly what was applied.
 
     Attributes
     ----------
@@ -56,6 +58,10 @@ class AugmentDraws:
         Which samples got the colour change.
     a, b : ndarray of float, shape (N, C)
         Per-sample, per-channel factor and offset of ``x*a + b``.
+    stain_rotation : ndarray of float, shape (N, 2), or None
+        Hue jitter: angles in degrees by which the haematoxylin and eosin optical-density vectors
+        are turned in their plane (:func:`~caffe_layers.stain.optical_density.rotated_stain_matrix`),
+        0 where ``hed`` was not applied or ``stain_angle`` is 0. None (draws made by hand) means 0.
     """
 
     k: np.ndarray
@@ -68,6 +74,7 @@ class AugmentDraws:
     color_applied: np.ndarray
     a: np.ndarray
     b: np.ndarray
+    stain_rotation: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.k)
@@ -83,7 +90,9 @@ def draw_augmentation(n: int, image_shape: tuple[int, int, int], rng: np.random.
 
     Every draw is made whether or not its transform is enabled (disabled ones are then
     reset to identity), so switching one transform on or off does not change the random
-    numbers of the others for a given seed.
+    numbers of the others for a given seed. Draws added later come after the older ones (the
+    hue angles of ``stain_angle`` are drawn last), so a batch keeps the values it had before they
+    existed.
 
     Parameters
     ----------
@@ -120,6 +129,8 @@ def _draw_validated(n: int, image_shape: tuple[int, int, int], rng: np.random.Ge
     color_applied = rng.random(n) < p["color_p"]
     a = rng.uniform(p["color_a_min"], p["color_a_max"], (n, channels))
     b = rng.uniform(p["color_b_min"], p["color_b_max"], (n, channels))
+    # Appended after every older draw: the draws above are those of earlier versions.
+    stain_rotation = rng.uniform(-p["stain_angle"], p["stain_angle"], (n, 2))
 
     if not p["rotate"]:
         k[:] = 0
@@ -132,12 +143,14 @@ def _draw_validated(n: int, image_shape: tuple[int, int, int], rng: np.random.Ge
         hed_applied[:] = False
     alpha[~hed_applied] = 1.0
     beta[~hed_applied] = 0.0
+    stain_rotation[~hed_applied] = 0.0
     if not p["color"]:
         color_applied[:] = False
     a[~color_applied] = 1.0
     b[~color_applied] = 0.0
     return AugmentDraws(k=k, flip_h=flip_h, flip_v=flip_v, angle=angle, hed_applied=hed_applied,
-                        alpha=alpha, beta=beta, color_applied=color_applied, a=a, b=b)
+                        alpha=alpha, beta=beta, color_applied=color_applied, a=a, b=b,
+                        stain_rotation=stain_rotation)
 
 
 class BatchAugmenter:
@@ -273,6 +286,9 @@ class BatchAugmenter:
         elif len(draws) != n or draws.a.shape[1] != channels:
             raise ValueError(f"draws are for {len(draws)} samples with {draws.a.shape[1]} channels, "
                              f"batch has shape {images.shape}")
+        if draws.stain_rotation is not None and np.shape(draws.stain_rotation) != (n, 2):
+            raise ValueError(f"draws.stain_rotation must have shape ({n}, 2) (H and E angles per sample), "
+                             f"got {np.shape(draws.stain_rotation)}")
 
         if height != width and np.any(np.asarray(draws.k) % 2):
             raise ValueError(f"odd quarter turns (k={np.asarray(draws.k).tolist()}) would change the shape of "
@@ -323,7 +339,8 @@ class BatchAugmenter:
             else:
                 dihedral_planes(image_mode, element, images[i], target, scratch)
             if hed_here:
-                hed(target, target, draws.alpha[i], draws.beta[i])
+                hed(target, target, draws.alpha[i], draws.beta[i],
+                    None if draws.stain_rotation is None else draws.stain_rotation[i])
             if color and (angle or hed_here):
                 colour(i, target, slice(None))
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial.transform import Rotation
 
 from ..params import AUGMENT_SCHEMA
 from ..stain.optical_density import RGB_FROM_HED, intensity, stain_concentrations
@@ -19,13 +20,29 @@ from .functional import NDIMAGE_LABEL_DTYPES, check_batch, label_plane
 __all__ = ["naive_augment"]
 
 
+def _turned_stain_vectors(draws: AugmentDraws, i: int) -> np.ndarray:
+    """Stain OD vectors (rows H, E, DAB) of sample ``i``: H and E each turned by its own angle
+    about the normal of the plane they span, the slow explicit way."""
+    vectors = RGB_FROM_HED.astype(np.float64).copy()
+    if draws.stain_rotation is None:
+        return vectors
+    normal = np.cross(vectors[0], vectors[1])
+    normal /= np.linalg.norm(normal)
+    for stain in (0, 1):
+        turn = Rotation.from_rotvec(np.deg2rad(draws.stain_rotation[i, stain]) * normal)
+        vectors[stain] = turn.apply(vectors[stain])
+    return vectors
+
+
 def naive_augment(images: np.ndarray, labels: np.ndarray | None, params: Mapping[str, Any] | None,
                   rng: np.random.Generator | None = None,
                   draws: AugmentDraws | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Plain per-image reference implementation of :class:`BatchAugmenter`.
 
     Deliberately simple (copies at every step, ``ndimage.rotate``, explicit RGB -> stain ->
-    RGB round trip in float64): a test oracle and the baseline of the benchmark. Given the
+    RGB round trip in float64, with the hue jitter's stain vectors turned one by one by scipy's
+    :class:`~scipy.spatial.transform.Rotation` about the normal of their plane): a test oracle
+    and the baseline of the benchmark. Given the
     same draws -- or a generator in the same state -- it matches :class:`BatchAugmenter` up to
     float32 rounding.
 
@@ -82,7 +99,7 @@ def naive_augment(images: np.ndarray, labels: np.ndarray | None, params: Mapping
             rgb = image[::-1] if p["channel_order"] == "BGR" else image
             stains = stain_concentrations(rgb.reshape(3, -1).T, white, dtype=np.float64)
             stains = stains * draws.alpha[i] + draws.beta[i]
-            pixels = intensity(stains @ RGB_FROM_HED, white)
+            pixels = intensity(stains @ _turned_stain_vectors(draws, i), white)
             rgb = pixels.T.reshape(rgb.shape)
             image = (rgb[::-1] if p["channel_order"] == "BGR" else rgb).astype(np.float32)
         if p["color"]:
