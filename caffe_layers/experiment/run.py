@@ -42,6 +42,7 @@ from ..reports import (
 from ..stain import (
     MacenkoNormalizer,
     ReinhardNormalizer,
+    VahadaneNormalizer,
     channel_mean_ratios,
     make_stain_shifts,
     match_histograms,
@@ -169,16 +170,18 @@ def run_experiment(out_dir="results", settings=Settings(), preset="custom"):
                       for name, shift in shift_settings.items()}
     shifted = {k: v for k, v in val_conditions.items() if k != "in_domain"}
     # Conditions the estimate never saw: the held-out band re-stained to each real, differently
-    # stained packaged image by Macenko stain-vector transfer, which changes hue as labs do.
+    # stained packaged image by stain-vector transfer (Macenko, Vahadane), which changes hue as
+    # labs do.
     stained_examples = datasets.load_stained_examples()
-    for name, example in stained_examples.items():
-        condition = f"macenko_to_{name}"
-        conditions[condition] = MacenkoNormalizer().fit(example).transform(test_rgb)
-        shift_settings[condition] = dict(
-            transfer="Macenko stain vectors and concentration scale of the packaged image", image=name,
-            mean_ratios_vs_train=channel_mean_ratios(conditions[condition], train_rgb, ignore_white=True)
-            .round(4).tolist())
-        seen[condition] = False
+    for method, normalizer in (("macenko", MacenkoNormalizer), ("vahadane", VahadaneNormalizer)):
+        for name, example in stained_examples.items():
+            condition = f"{method}_to_{name}"
+            conditions[condition] = normalizer().fit(example).transform(test_rgb)
+            shift_settings[condition] = dict(
+                transfer=f"{method} stain vectors and concentration scale of the packaged image", image=name,
+                mean_ratios_vs_train=channel_mean_ratios(conditions[condition], train_rgb, ignore_white=True)
+                .round(4).tolist())
+            seen[condition] = False
     estimate = suggest_color_params({"train": train_rgb}, shifted, margin=settings.color_margin)
     augment = {"rotate": True, "flip": True, **estimate.params}
     log(f"estimated colour range: {estimate.param_str}")
@@ -224,7 +227,8 @@ def run_experiment(out_dir="results", settings=Settings(), preset="custom"):
     # the "augment at train time" ones.
     normalizers = {"histmatch": lambda image: match_histograms(image, train_rgb, ignore_white=True),
                    "reinhard": ReinhardNormalizer().fit(train_rgb).transform,
-                   "macenko": MacenkoNormalizer().fit(train_rgb).transform}
+                   "macenko": MacenkoNormalizer().fit(train_rgb).transform,
+                   "vahadane": VahadaneNormalizer().fit(train_rgb).transform}
     table_rows = {name: (name, None, False) for name, _, _ in MODELS}
     for normalizer in normalizers:
         table_rows[f"{BASELINE}+{normalizer}"] = (BASELINE, normalizer, False)
