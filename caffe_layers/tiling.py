@@ -146,7 +146,7 @@ def _read_tile(image, y0, y1, x0, x1):
 
 
 def segment_tiled(predict, rgb, tile=DEFAULT_TILE, overlap=DEFAULT_OVERLAP, multiple=DEFAULT_MULTIPLE,
-                  progress=False, out=None):
+                  progress=False, out=None, batch=1):
     """Nucleus probability map of an image, predicted tile by tile.
 
     Tiles are streamed: each one is read from ``rgb``, predicted and written into the output
@@ -161,8 +161,8 @@ def segment_tiled(predict, rgb, tile=DEFAULT_TILE, overlap=DEFAULT_OVERLAP, mult
     Parameters
     ----------
     predict : callable
-        ``predict(batch)`` with ``batch`` a ``(1, 3, h, w)`` float32 array (RGB, 0–255),
-        returning ``(1, C, h, w)`` probabilities, ``C >= 2``; channel 1 is nucleus.
+        ``predict(tiles)`` with ``tiles`` a ``(n, 3, h, w)`` float32 array (RGB, 0–255),
+        ``n <= batch``, returning ``(n, C, h, w)`` probabilities, ``C >= 2``; channel 1 is nucleus.
     rgb : (H, W, 3) array
         Image (uint8 usually; extra channels such as alpha are ignored). May be a
         ``np.memmap`` or a tifffile memmap.
@@ -178,6 +178,11 @@ def segment_tiled(predict, rgb, tile=DEFAULT_TILE, overlap=DEFAULT_OVERLAP, mult
         Show a tqdm progress bar over tiles (a string is used as its label).
     out : (H, W) float32 array, optional
         Where to write the result, e.g. a ``np.memmap``.
+    batch : int
+        Tiles per ``predict`` call (all tiles of an image have the same size, so ``predict``
+        gets ``(batch, 3, h, w)``; the last call of an image may get fewer). Memory grows by
+        ``batch`` tiles; the result is the same for any ``batch`` with nets that treat the
+        samples of a batch independently (all the project's nets).
 
     Returns
     -------
@@ -212,20 +217,34 @@ def segment_tiled(predict, rgb, tile=DEFAULT_TILE, overlap=DEFAULT_OVERLAP, mult
         from tqdm import tqdm
         bar = tqdm(total=len(origins), unit="tile",
                    desc=progress if isinstance(progress, str) else None)
+    batch = int(batch)
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    pending = []  # (y, x, keep ranges, tile) of the tiles read but not yet predicted
+
+    def predict_pending():
+        tiles = pending[0][-1] if len(pending) == 1 else np.concatenate([p[-1] for p in pending])
+        prob = np.asarray(predict(tiles))
+        if prob.ndim != 4 or prob.shape[0] != len(pending) or prob.shape[1] < 2 \
+                or prob.shape[2:] != tiles.shape[2:]:
+            raise ValueError(f"predict returned shape {prob.shape} for input "
+                             f"{tiles.shape}; expected ({len(pending)}, 2, {tile_h}, {tile_w})")
+        for index, (y, x, (ky0, ky1), (kx0, kx1), _) in enumerate(pending):
+            out[ky0:ky1, kx0:kx1] = prob[index, 1, ky0 - y:ky1 - y, kx0 - x:kx1 - x]
+        if bar is not None:
+            bar.update(len(pending))
+        pending.clear()
+
     try:
         for y, x in origins:
             (ky0, ky1), (kx0, kx1) = keep_y[int(y)], keep_x[int(x)]
             if ky1 <= ky0 or kx1 <= kx0:  # tile entirely in the padding
                 continue
-            batch = _read_tile(rgb, y, y + tile_h, x, x + tile_w)
-            prob = np.asarray(predict(batch))
-            if prob.ndim != 4 or prob.shape[0] != 1 or prob.shape[1] < 2 \
-                    or prob.shape[2:] != batch.shape[2:]:
-                raise ValueError(f"predict returned shape {prob.shape} for input "
-                                 f"{batch.shape}; expected (1, 2, {tile_h}, {tile_w})")
-            out[ky0:ky1, kx0:kx1] = prob[0, 1, ky0 - y:ky1 - y, kx0 - x:kx1 - x]
-            if bar is not None:
-                bar.update()
+            pending.append((y, x, (ky0, ky1), (kx0, kx1), _read_tile(rgb, y, y + tile_h, x, x + tile_w)))
+            if len(pending) == batch:
+                predict_pending()
+        if pending:
+            predict_pending()
     finally:
         if bar is not None:
             bar.close()

@@ -17,7 +17,8 @@ import sys
 from ..datasets import DataPackageMissing
 from ..tiling import DEFAULT_MULTIPLE, DEFAULT_OVERLAP, DEFAULT_THRESHOLD, DEFAULT_TILE, check_threshold
 
-__all__ = ["USER_ERRORS", "UsageError", "add_tiling_arguments", "check_tiling_arguments", "run"]
+__all__ = ["ENGINE_CHOICES", "USER_ERRORS", "UsageError", "add_engine_argument", "add_tiling_arguments",
+           "check_tiling_arguments", "engine_log", "run"]
 
 # Before anything imports caffe: keep Caffe's log to warnings and errors unless asked.
 os.environ.setdefault("GLOG_minloglevel", "1")
@@ -84,3 +85,20 @@ def check_tiling_arguments(args):
         raise UsageError(f"--threshold must be a probability in [0, 1); got {args.threshold}") from None
     if not 1 <= args.multiple <= 1024:
         raise UsageError(f"--multiple must be in [1, 1024]; got {args.multiple}")
+
+
+#: The inference engines (caffe_layers.net.engines.ENGINES, repeated here so that the commands'
+#: options need no Caffe to be listed).
+ENGINE_CHOICES = ("auto", "caffe", "opencv")
+
+
+def add_engine_argument(parser):
+    """``--engine caffe|opencv|auto`` (see :mod:`caffe_layers.net.engines`)."""
+    parser.add_argument("--engine", choices=ENGINE_CHOICES, default="auto",
+                        help="inference engine: caffe, opencv (OpenCV's DNN module, several times faster) or auto "
+                             "(OpenCV if it matches Caffe on a probe tile, checked once per model; default)")
+
+
+def engine_log(prog):
+    """Where a command reports its engine choice: one line ``<prog>: engine ...`` on stderr."""
+    return lambda message: print(f"{prog}: {message}", file=sys.stderr, flush=True)

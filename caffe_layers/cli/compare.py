@@ -5,7 +5,7 @@ from pathlib import Path
 
 from ..image_io import read_mask, read_rgb
 from ..net.compare import ModelSpec, compare_models
-from . import add_tiling_arguments, check_tiling_arguments, run
+from . import add_engine_argument, add_tiling_arguments, check_tiling_arguments, engine_log, run
 
 __all__ = ["main"]
 
@@ -40,6 +40,7 @@ def main(argv=None):
     parser.add_argument("--template", help="RGB template for histogram matching")
     parser.add_argument("--out", required=True, help="output directory")
     add_tiling_arguments(parser)
+    add_engine_argument(parser)
     parser.add_argument("--no-figures", action="store_true")
     args = parser.parse_args(argv)
 
@@ -54,7 +55,8 @@ def main(argv=None):
         template = None if args.template is None else read_rgb(args.template)
         summary = compare_models(models, images, args.out, template_rgb=template,
                                  tile=args.tile, overlap=args.overlap, threshold=args.threshold,
-                                 multiple=args.multiple, figures=not args.no_figures)
+                                 multiple=args.multiple, figures=not args.no_figures,
+                                 engine=args.engine, engine_log=engine_log(parser.prog))
         print((Path(args.out) / summary["files"]["table_md"]).read_text(), end="")
 
     return run(parser.prog, body)

@@ -2,9 +2,9 @@
 import argparse
 import sys
 
-from ..net.predictor import CaffeSegmenter
+from ..net.engines import make_segmenter
 from ..net.segment import segment_files
-from . import add_tiling_arguments, check_tiling_arguments, run
+from . import add_engine_argument, add_tiling_arguments, check_tiling_arguments, engine_log, run
 
 __all__ = ["main"]
 
@@ -19,6 +19,7 @@ def main(argv=None):
     parser.add_argument("--weights", required=True, help=".caffemodel")
     parser.add_argument("--out", required=True, help="output directory")
     add_tiling_arguments(parser)
+    add_engine_argument(parser)
     parser.add_argument("--prob-format", choices=("png", "npy"), default="png")
     parser.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
     parser.add_argument("--no-progress", action="store_true")
@@ -26,7 +27,8 @@ def main(argv=None):
 
     def body():
         check_tiling_arguments(args)
-        segmenter = CaffeSegmenter(args.model, args.weights)
+        segmenter = make_segmenter(args.model, args.weights, args.engine, tile=args.tile, multiple=args.multiple,
+                                   log=engine_log(parser.prog))
         written = segment_files(segmenter, args.images, args.out, tile=args.tile, overlap=args.overlap,
                                 threshold=args.threshold, multiple=args.multiple, prob_format=args.prob_format,
                                 progress=not args.no_progress, overwrite=args.overwrite)

@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import datasets, metrics
-from ..net.predictor import CaffeSegmenter, use_cpu
+from ..net.engines import make_segmenter
+from ..net.predictor import use_cpu
 from ..net.training import train
 from ..net.unet import net_to_text, solver, solver_to_text, unet_deploy, unet_train_val
 from ..patches import derived_seed
@@ -192,8 +193,9 @@ def run_experiment(out_dir="results", settings=Settings(), preset="custom"):
 
     exported = {name: _export_model(name, centring, trained[name], mean_file, settings, out_dir)
                 for name, centring, _ in MODELS}
-    predictors = {name: CaffeSegmenter(deploy, weights) for name, (deploy, weights, _) in exported.items()}
     multiple = 2 ** settings.depth
+    predictors = {name: make_segmenter(deploy, weights, settings.engine, tile=settings.tile, multiple=multiple, log=log)
+                  for name, (deploy, weights, _) in exported.items()}
 
     def segment(model, image):
         prob = segment_tiled(predictors[model], image, tile=settings.tile, overlap=settings.overlap,
@@ -269,6 +271,7 @@ def run_experiment(out_dir="results", settings=Settings(), preset="custom"):
                            deploy=_relative_to(exported[name][0], out_dir), weights=_relative_to(exported[name][1], out_dir),
                            mean_file=_relative_to(exported[name][2], out_dir) if exported[name][2] else None,
                            input=dict(INPUT_CONVENTION, size_multiple=multiple),
+                           engine=predictors[name].engine_choice.as_dict(),
                            training=dict(first_loss=training_logs[name].first_loss,
                                          last_loss=training_logs[name].last_loss,
                                          validation=training_logs[name].validation[-1:] or None))

@@ -40,6 +40,7 @@ class Settings:
     threshold: float = DEFAULT_THRESHOLD
     crop: int = 0  # >0: use only the top-left crop×crop of the slide (for tiny runs)
     example_size: int = 512  # side of the centre crop of each real differently stained image
+    engine: str = "auto"  # inference engine of the scoring: caffe, opencv or auto (caffe_layers.net.engines)
 
 
 PRESETS = {

@@ -28,7 +28,7 @@ from ..reports import save_comparison_figure, write_summary, write_table
 from ..stain import match_histograms
 from ..tiling import (DEFAULT_MULTIPLE, DEFAULT_OVERLAP, DEFAULT_THRESHOLD, DEFAULT_TILE, check_threshold,
                       segment_tiled)
-from .predictor import CaffeSegmenter
+from .engines import make_segmenter, report_to_stderr
 
 __all__ = ["ModelSpec", "compare_models"]
 
@@ -61,7 +61,8 @@ def _safe_name(text):
 
 def compare_models(models, images, out_dir, template_rgb=None, conditions=None, tile=DEFAULT_TILE,
                    overlap=DEFAULT_OVERLAP, threshold=DEFAULT_THRESHOLD, multiple=DEFAULT_MULTIPLE,
-                   figures=True, progress=False, predictors=None):
+                   figures=True, progress=False, predictors=None, engine="auto",
+                   engine_log=report_to_stderr):
     """Segment images with several models and conditions; score and write the comparison.
 
     Parameters
@@ -85,6 +86,11 @@ def compare_models(models, images, out_dir, template_rgb=None, conditions=None, 
     predictors : dict of str -> callable, optional
         Ready ``predict`` callables by model name, used instead of loading that model's
         deploy/weights (e.g. nets already in memory).
+    engine : {"auto", "caffe", "opencv"}
+        Inference engine of the models loaded here (:func:`caffe_layers.net.engines.make_segmenter`);
+        each choice is recorded under ``engines`` in the summary.
+    engine_log : callable or None
+        Receives the one-line report of each engine choice (default: stderr; None: silent).
 
     Returns
     -------
@@ -110,7 +116,8 @@ def compare_models(models, images, out_dir, template_rgb=None, conditions=None, 
     predictors = dict(predictors or {})
     for model in models:
         if model.name not in predictors:
-            predictors[model.name] = CaffeSegmenter(model.deploy, model.weights)
+            predictors[model.name] = make_segmenter(model.deploy, model.weights, engine, tile=tile, multiple=multiple,
+                                                    log=engine_log)
 
     per_image = []
     figure_paths = []
@@ -163,6 +170,8 @@ def compare_models(models, images, out_dir, template_rgb=None, conditions=None, 
                       pooling="sum of pixel/object counts over images"),
         results=results,
         per_image=per_image,
+        engines={name: predictor.engine_choice.as_dict() for name, predictor in predictors.items()
+                 if hasattr(predictor, "engine_choice")},
         files=dict(table_md=md_path.name, table_csv=csv_path.name,
                    figures=[str(p.relative_to(out_dir)) for p in figure_paths]),
     )

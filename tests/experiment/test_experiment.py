@@ -76,6 +76,9 @@ def test_tiny_experiment_end_to_end(caffe, tmp_path):
         entry = summary["models"][name]
         assert (tmp_path / "models" / name.replace("+", "_") / "weights.caffemodel").exists()
         assert entry["input"]["channel_order"] == "RGB" and entry["input"]["value_range"] == [0, 255]
+        # Scored by OpenCV after the auto check against Caffe (caffe_layers.net.engines).
+        assert entry["engine"]["requested"] == "auto" and entry["engine"]["engine"] == "opencv"
+        assert entry["engine"]["max_abs_diff"] <= 1e-4
     table = (tmp_path / "table.md").read_text()
     assert all(model in table for model in model_names)
     assert (tmp_path / "figures" / "dice_by_condition.png").stat().st_size > 0
