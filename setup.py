@@ -32,7 +32,9 @@ setup(
         "scipy>=1.10",
         "pyyaml>=6",
         "scikit-image>=0.22",  # stain matrices, colour spaces
-        "opencv-python-headless>=4.9",  # SIMD flips and quarter turns in the augmentation core
+        # SIMD flips and quarter turns in the augmentation core; the OpenCV inference engine needs
+        # cv2.dnn.readNetFromCaffe, which OpenCV 5 removed.
+        "opencv-python-headless>=4.9,<5",
         "pillow>=10",  # image reading in the data layer
         "tifffile>=2023.1",
     ],

@@ -136,3 +136,20 @@ def effective_overlap(args, predictor, prog):
     print(f"{prog}: overlap widened from {args.overlap} to {overlap} pixels (the net's {predictor.geometry} "
           f"geometry needs {context} pixels of context per side)", file=sys.stderr)
     return overlap
+
+
+#: The inference engines (caffe_layers.net.engines.ENGINES, repeated here so that the commands'
+#: options need no Caffe to be listed).
+ENGINE_CHOICES = ("auto", "caffe", "opencv")
+
+
+def add_engine_argument(parser):
+    """``--engine caffe|opencv|auto`` (see :mod:`caffe_layers.net.engines`)."""
+    parser.add_argument("--engine", choices=ENGINE_CHOICES, default="auto",
+                        help="inference engine: caffe, opencv (OpenCV's DNN module, several times faster) or auto "
+                             "(OpenCV if it matches Caffe on a probe tile, checked once per model; default)")
+
+
+def engine_log(prog):
+    """Where a command reports its engine choice: one line ``<prog>: engine ...`` on stderr."""
+    return lambda message: print(f"{prog}: {message}", file=sys.stderr, flush=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 from ..image_io import read_mask, read_rgb
 from ..net.compare import ModelSpec, compare_models
 from ..model_card import load_model_card
-from . import UsageError, add_tiling_arguments, check_tiling_arguments, run
+from . import UsageError, add_engine_argument, add_tiling_arguments, check_tiling_arguments, engine_log, run
 
 __all__ = ["main"]
 
@@ -44,6 +44,7 @@ def main(argv=None):
     add_tiling_arguments(parser)
     parser.add_argument("--multiple", dest="size_multiple", type=int, default=None,
                         help="input sides must be multiples of this, for models without a card (default 1)")
+    add_engine_argument(parser)
     parser.add_argument("--no-figures", action="store_true")
     args = parser.parse_args(argv)
 
@@ -65,7 +66,8 @@ def main(argv=None):
         template = None if args.template is None else read_rgb(args.template)
         summary = compare_models(models, images, args.out, template_rgb=template,
                                  tile=args.tile, overlap=args.overlap, threshold=args.threshold,
-                                 figures=not args.no_figures, tta=args.tta, batch_size=args.batch_tiles)
+                                 figures=not args.no_figures, tta=args.tta, batch_size=args.batch_tiles,
+                                 engine=args.engine, engine_log=engine_log(parser.prog))
         print((Path(args.out) / summary["files"]["table_md"]).read_text(), end="")
 
     return run(parser.prog, body)

@@ -4,7 +4,7 @@ import dataclasses
 import sys
 
 from ..experiment import PRESETS, run_experiment
-from . import run
+from . import add_engine_argument, run
 
 __all__ = ["main"]
 
@@ -24,6 +24,7 @@ def main(argv=None):
     parser.add_argument("--finetune-iters", type=int, default=None)
     parser.add_argument("--no-hed", dest="hed_jitter", action="store_false", default=None,
                         help="augment with rotation, flips and a*x+b only (no stain-space jitter)")
+    add_engine_argument(parser)
     parser.set_defaults(preset="quick")
     args = parser.parse_args(argv)
     settings = PRESETS[args.preset]
@@ -35,7 +36,7 @@ def main(argv=None):
             parser.error(f"--{key.replace('_', '-')} must be >= {lowest}, got {value}")
     if args.hed_jitter is not None:
         overrides["hed_jitter"] = args.hed_jitter
-    settings = dataclasses.replace(settings, **overrides)
+    settings = dataclasses.replace(settings, engine=args.engine, **overrides)
 
     def body():
         run_experiment(args.out, settings, preset=args.preset)

@@ -2,11 +2,11 @@
 import argparse
 import sys
 
-from ..net.predictor import CaffeSegmenter
+from ..net.engines import make_segmenter
 from ..net.segment import segment_files
 from ..tiling import dihedral_tta
-from . import (add_model_card_arguments, add_tiling_arguments, check_tiling_arguments, effective_overlap,
-               model_card_from_args, run)
+from . import (add_engine_argument, add_model_card_arguments, add_tiling_arguments, check_tiling_arguments,
+               effective_overlap, engine_log, model_card_from_args, run)
 
 __all__ = ["main"]
 
@@ -22,6 +22,7 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="output directory")
     add_tiling_arguments(parser)
     add_model_card_arguments(parser)
+    add_engine_argument(parser)
     parser.add_argument("--prob-format", choices=("png", "npy"), default="png",
                         help="nucleus probability as a uint8 PNG or as a float32 .npy of the image's size")
     parser.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
@@ -31,7 +32,9 @@ def main(argv=None):
     def body():
         check_tiling_arguments(args)
         card = model_card_from_args(args)
-        segmenter = CaffeSegmenter(args.model, args.weights, card)
+        segmenter = make_segmenter(args.model, args.weights, args.engine, tile=args.tile,
+                                   multiple=card.size_multiple, batch=args.batch_tiles, log=engine_log(parser.prog),
+                                   card=card)
         overlap = effective_overlap(args, segmenter, parser.prog)
         predict = dihedral_tta(segmenter) if args.tta else segmenter
         written = segment_files(predict, args.images, args.out, tile=args.tile, overlap=overlap,

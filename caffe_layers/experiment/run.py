@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import datasets, metrics
-from ..net.predictor import CaffeSegmenter, use_cpu
+from ..net.engines import make_segmenter
+from ..net.predictor import use_cpu
 from ..net.training import train
 from ..net.unet import net_to_text, solver, solver_to_text, unet_deploy, unet_train_val
 from ..patches import derived_seed
@@ -212,7 +213,9 @@ def run_experiment(out_dir="results", settings=Settings(), preset="custom"):
     exported = {name: _export_model(name, centring, trained[name], mean_file, settings, out_dir)
                 for name, centring, _ in MODELS}
     cards = {name: load_model_card(card) for name, (_, _, _, card) in exported.items()}
-    predictors = {name: CaffeSegmenter(deploy, weights, cards[name])
+    predictors = {name: make_segmenter(deploy, weights, settings.engine, tile=settings.tile,
+                                       multiple=cards[name].size_multiple, batch=settings.batch_tiles,
+                                       log=log, card=cards[name])
                   for name, (deploy, weights, _, _) in exported.items()}
     multiple = 2 ** settings.depth
 
@@ -317,6 +320,7 @@ def run_experiment(out_dir="results", settings=Settings(), preset="custom"):
         rows={row: dict(model=model, test_time_normaliser=normalizer, tta=tta)
               for row, (model, normalizer, tta) in table_rows.items()},
         conditions={name: dict(seen_by_estimate=seen[name]) for name in conditions},
+        engines={name: predict.engine_choice.as_dict() for name, predict in predictors.items()},
         results=results,
         validation_dice=validation,
         examples=examples,

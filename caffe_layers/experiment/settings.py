@@ -42,8 +42,10 @@ class Settings:
     threshold: float = DEFAULT_THRESHOLD
     tta: bool = True  # add the TTA_MODELS rows
     batch_tiles: int = 4  # tiles per forward pass
+    engine: str = "auto"  # inference engine of the scoring (caffe_layers.net.engines)
     crop: int = 0  # >0: use only the top-left crop×crop of the slide (for tiny runs)
     example_size: int = 512  # side of the centre crop of each real differently stained image
+    engine: str = "auto"  # inference engine of the scoring: caffe, opencv or auto (caffe_layers.net.engines)
 
 
 PRESETS = {

@@ -29,7 +29,7 @@ from ..stain import match_histograms
 from ..model_card import ModelCard
 from ..tiling import (DEFAULT_MULTIPLE, DEFAULT_OVERLAP, DEFAULT_THRESHOLD, DEFAULT_TILE, check_threshold,
                       dihedral_tta, segment_tiled)
-from .predictor import CaffeSegmenter
+from .engines import make_segmenter, report_to_stderr
 
 __all__ = ["ModelSpec", "compare_models"]
 
@@ -63,7 +63,8 @@ def _safe_name(text):
 
 def compare_models(models, images, out_dir, template_rgb=None, conditions=None, tile=DEFAULT_TILE,
                    overlap=DEFAULT_OVERLAP, threshold=DEFAULT_THRESHOLD, multiple=DEFAULT_MULTIPLE,
-                   figures=True, progress=False, predictors=None, tta=False, batch_size=1):
+                   figures=True, progress=False, predictors=None, tta=False, batch_size=1, engine="auto",
+                   engine_log=report_to_stderr):
     """Segment images with several models and conditions; score and write the comparison.
 
     Parameters
@@ -91,6 +92,11 @@ def compare_models(models, images, out_dir, template_rgb=None, conditions=None, 
         Average each model over the 8 rotations/flips of every tile.
     batch_size : int
         Tiles per forward pass.
+    engine : {"auto", "caffe", "opencv"}
+        Inference engine of the models loaded here (:func:`caffe_layers.net.engines.make_segmenter`);
+        each choice is recorded under ``engines`` in the summary.
+    engine_log : callable or None
+        Receives the one-line report of each engine choice (default: stderr; None: silent).
 
     Returns
     -------
@@ -116,9 +122,13 @@ def compare_models(models, images, out_dir, template_rgb=None, conditions=None, 
     predictors = dict(predictors or {})
     for model in models:
         if model.name not in predictors:
-            predictors[model.name] = CaffeSegmenter(model.deploy, model.weights, model.card)
+            predictors[model.name] = make_segmenter(
+                model.deploy, model.weights, engine, tile=tile, batch=batch_size, log=engine_log, card=model.card,
+                multiple=model.card.size_multiple if model.card else multiple)
     # Each model tiles with its card's size multiple and at least twice the context it needs.
     tiling = {}
+    engines = {name: predict.engine_choice.as_dict() for name, predict in predictors.items()
+               if getattr(predict, "engine_choice", None) is not None}
     for model in models:
         context = getattr(predictors[model.name], "context", None)
         tiling[model.name] = dict(multiple=model.card.size_multiple if model.card else multiple,
@@ -174,6 +184,7 @@ def compare_models(models, images, out_dir, template_rgb=None, conditions=None, 
         models=[dict(name=m.name, deploy=str(m.deploy), weights=str(m.weights),
                      card=None if m.card is None else m.card.source, **tiling[m.name]) for m in models],
         conditions=list(conditions),
+        engines=engines,
         settings=dict(tile=tile, overlap=overlap, threshold=threshold, multiple=multiple, tta=tta,
                       pooling="sum of pixel/object counts over images"),
         results=results,

@@ -33,7 +33,7 @@ from ..params import parse_param_str
 from .checks import check_net_param, check_weights_fit, layers_in_phase, read_net_prototxt
 from .meanfile import read_mean_binaryproto
 
-__all__ = ["CaffeSegmenter", "prototxt_blobs", "use_cpu"]
+__all__ = ["CaffeSegmenter", "prototxt_blobs", "resolve_mean_files", "use_cpu"]
 
 #: Patches per forward pass of a patch classifier.
 PATCH_BATCH = 256
@@ -55,7 +55,7 @@ def prototxt_blobs(param):
     return inputs, tops
 
 
-def _resolve_mean_files(param, folder):
+def resolve_mean_files(param, folder):
     """Point relative mean files of MeanSubtractLayers at ``folder`` (the deploy's) when they are there.
 
     Caffe resolves them against the working directory; a model folder is self-contained when
@@ -195,7 +195,7 @@ class CaffeSegmenter:
         self._probe(tuple(self._in.data.shape))
 
     def _build(self, param, path):
-        if not _resolve_mean_files(param, path.parent):
+        if not resolve_mean_files(param, path.parent):
             return caffe.Net(str(path), caffe.TEST)
         with tempfile.NamedTemporaryFile("w", suffix=".prototxt", delete=False) as handle:
             handle.write(text_format.MessageToString(param))

@@ -89,16 +89,32 @@ def _cv2_call(element: str, source: np.ndarray, target: np.ndarray) -> np.ndarra
     return result
 
 
+_ADD_WEIGHTED_BLOCK = 64
+"""``addWeighted`` gets a multiple of this many elements: OpenCV 4.x computes the elements past
+its last full SIMD block in float32 (two roundings, up to 1 ulp off) instead of double."""
+
+
 def scale_shift_in_place(plane: np.ndarray, a: float, b: float) -> None:
     """``plane = a*plane + b``, computed in double precision and rounded once to the plane's dtype.
 
     One OpenCV ``addWeighted`` pass on a C-contiguous float32 plane (it works in double
-    internally), instead of numpy's multiply then add, each a pass rounding to float32.
+    internally), instead of numpy's multiply then add, each a pass rounding to float32. The
+    last ``size % 64`` elements go through numpy in double, so that every OpenCV version
+    (4.x rounds its scalar tail differently from 5.x) gives the same values.
     """
     a, b = float(a), float(b)
     if plane.dtype == np.float32 and plane.ndim == 2 and plane.flags.c_contiguous:
-        if cv2.addWeighted(plane, a, plane, 0.0, b, dst=plane) is plane:
-            return
+        head = plane.size - plane.size % _ADD_WEIGHTED_BLOCK
+        if head == plane.size:
+            if cv2.addWeighted(plane, a, plane, 0.0, b, dst=plane) is plane:
+                return
+        else:
+            flat = plane.reshape(-1)
+            block = flat[:head].reshape(1, head)
+            if not head or cv2.addWeighted(block, a, block, 0.0, b, dst=block) is block:
+                tail = flat[head:]
+                np.copyto(tail, tail.astype(np.float64) * a + b, casting="same_kind")
+                return
     np.copyto(plane, plane.astype(np.float64) * a + b, casting="same_kind")
 
 

@@ -93,7 +93,7 @@ def test_segment_cli(tiny_net, tmp_path, capsys):
     tifffile.imwrite(tmp_path / "two.tif", rgb)
     out = tmp_path / "out"
     args = ["--model", str(deploy), "--weights", str(weights), "--out", str(out),
-            "--tile", "16", "--overlap", "4", "--multiple", "4", "--no-progress"]
+            "--tile", "16", "--overlap", "4", "--multiple", "4", "--engine", "caffe", "--no-progress"]
     assert segment_main(args + [str(tmp_path / "one.png"), str(tmp_path / "two.tif")]) == 0
     for name in ("one", "two"):
         prob = np.asarray(Image.open(out / f"{name}_prob.png"))
@@ -164,7 +164,7 @@ def test_default_overlap_is_64_everywhere(tmp_path, monkeypatch):
         seen[len(seen)] = kwargs["overlap"]
         raise ValueError("stop here")
 
-    monkeypatch.setattr(caffe_layers.cli.segment, "CaffeSegmenter", lambda *args: None)
+    monkeypatch.setattr(caffe_layers.cli.segment, "make_segmenter", lambda *args, **kwargs: None)
     monkeypatch.setattr(caffe_layers.cli.segment, "segment_files", stop)
     monkeypatch.setattr(caffe_layers.cli.compare, "compare_models", stop)
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "img.png")

@@ -660,6 +660,21 @@ def test_in_place_colour_helpers_match_numpy(layout, low, high):
     np.testing.assert_array_equal(planes[0], base[0])  # only that plane is touched
 
 
+@pytest.mark.parametrize("shape", [(37, 53), (1, 7), (9, 64), (5, 13)])
+def test_scale_shift_is_exact_for_any_plane_size(shape):
+    """Planes whose size is no multiple of OpenCV's SIMD block: OpenCV 4.x computes the last
+    elements in float32; they must still get the double-precision value, once rounded."""
+    from caffe_layers.transforms.functional import scale_shift_in_place
+
+    rng = np.random.default_rng(shape[0] * 100 + shape[1])
+    for _ in range(20):
+        plane = rng.uniform(-20, 300, shape).astype(np.float32)
+        a, b = np.float32(rng.uniform(0.3, 1.7)), np.float32(rng.uniform(-20, 20))
+        expected = (plane.astype(np.float64) * float(a) + float(b)).astype(np.float32)
+        scale_shift_in_place(plane, a, b)
+        np.testing.assert_array_equal(plane, expected)
+
+
 @pytest.mark.parametrize("switch", ["hed", "rotate_any", "color"])
 def test_non_finite_pixels_are_refused_when_values_are_mixed(switch):
     images, labels = make_batch(3)
