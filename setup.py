@@ -43,7 +43,7 @@ setup(
         # lmdb and plyvel write the LMDB / LevelDB databases the Caffe build's tests read back.
         "test": SCRIPT_REQUIRES + ["pytest>=7", "hypothesis>=6.80", "lmdb>=1.4", "plyvel>=1.5"],
         # scripts/benchmark_augmentation.py compares against it when installed.
-        "bench": SCRIPT_REQUIRES + ["albumentations>=1.4"],
+        "bench": SCRIPT_REQUIRES + ["albumentations>=1.4", "torchstain==1.4.1", "spams-bin>=2.6.14"],
     },
     entry_points={
         # One module per command under caffe_layers/cli/, each with main(argv=None).

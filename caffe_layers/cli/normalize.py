@@ -162,7 +162,7 @@ def _run_files(normalize, files, targets, overwrite, jobs):
     # once (not from this one, whose OpenCV and BLAS threads may hold locks at the fork).
     if "forkserver" in multiprocessing.get_all_start_methods():
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload([__name__])
+        context.set_forkserver_preload(["caffe_layers.cli.normalize"])  # not __main__ under -m
     else:
         context = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(max_workers=min(jobs, len(files)), mp_context=context,

@@ -1,4 +1,4 @@
-"""Stain tools for H&E images: pure numpy, scipy and scikit-image, never Caffe.
+"""Stain tools for H&E images: numpy, scipy, scikit-image and OpenCV, never Caffe.
 
 One module per concern:
 

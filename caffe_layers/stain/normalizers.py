@@ -85,10 +85,10 @@ class StainNormalizer:
 
 
 
-def _check_sampling(sample_size, seed):
+def _check_sampling(sample_size, seed, name="sample_size"):
     if sample_size is not None and (isinstance(sample_size, bool) or not isinstance(sample_size, (int, np.integer))
                                     or sample_size < 1):
-        raise ValueError(f"sample_size must be a positive integer or None; got {sample_size!r}")
+        raise ValueError(f"{name} must be a positive integer or None; got {sample_size!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer; got {seed!r}")
 
@@ -533,7 +533,7 @@ class VahadaneNormalizer(StainNormalizer):
                  seed=0, max_iter=200, tol=1e-5):
         _check_min_angle(min_angle)
         _check_sampling(sample_size, seed)
-        _check_sampling(dictionary_size, seed)
+        _check_sampling(dictionary_size, seed, "dictionary_size")
         for name, value in (("lambda1", lambda1), ("lambda_concentration", lambda_concentration)):
             if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not value >= 0:
                 raise ValueError(f"{name} must be a number >= 0; got {value!r}")

@@ -3,9 +3,7 @@ estimate, and the parallel folder normalisation."""
 
 import json
 import math
-import warnings
 
-import cv2
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -18,7 +16,7 @@ from caffe_layers.cli import normalize as normalize_cli
 from caffe_layers.params import AUGMENT_SCHEMA, load_params
 from caffe_layers.stain import colours, histogram, normalizers
 from caffe_layers.stain.normalizers import positive_lasso_2, sparse_stain_dictionary
-from caffe_layers.stain.optical_density import RGB_FROM_HED, beer_lambert_od, beer_lambert_rgb
+from caffe_layers.stain.optical_density import beer_lambert_od, beer_lambert_rgb
 from caffe_layers.stain.tissue import background_planes
 
 from test_datasets import load_or_skip
