@@ -227,7 +227,7 @@ def test_auto_uses_opencv_after_checking_it_once_per_model(caffe, tmp_path, monk
     assert record["engine"] == "opencv" and record["opencv_version"] == cv2.__version__
     assert any("numpy pre-step" in note for note in record["notes"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"engine auto: OpenCV {cv2.__version__} for unet_patchmean_deploy")
+    assert len(err) == 1 and err[0].startswith(f"engine auto: OpenCV {cv2.__version__} for {deploy} (matches")
     assert "max |Δp|" in err[0]
 
     # Checked once: the same model again builds no Caffe net and runs no probe.
@@ -255,7 +255,7 @@ def test_auto_falls_back_to_caffe_when_opencv_cannot_run_the_net(caffe, tmp_path
     choice = segmenter.engine_choice
     assert choice.engine == "caffe" and choice.max_abs_diff is None
     assert "OpenCV cannot run it" in choice.reason and "'augment' is a Caffe Python layer" in choice.reason
-    assert capsys.readouterr().err.startswith("engine auto: Caffe for python_layer.prototxt (OpenCV cannot run it")
+    assert capsys.readouterr().err.startswith(f"engine auto: Caffe for {deploy} (OpenCV cannot run it: layer")
     with pytest.raises(opencv_net.OpenCVUnsupported, match="augmentation.AugmentationLayer"):
         engines.make_segmenter(deploy, weights, "opencv")
 
