@@ -1,10 +1,25 @@
-"""Whole-image segmentation: seconds per megapixel and peak memory, by image size.
+"""Whole-image segmentation speed: Caffe against OpenCV's DNN engine, and time and memory by image size.
 
-Each size runs in its own process (peak RSS is per process), on the real hgsc_nest H&E
-mirror-tiled to the size, through ``caffe-stain-segment``'s library path (streamed tiles).
+Default (engines side by side): for each model and tile size (256, 512, 1024 pixels, overlap
+64), the real hgsc_nest H&E (1500×1500) is segmented through ``segment_tiled`` by Caffe and by
+the OpenCV engine, one after the other, each in a fresh process (so neither engine's thread pool
+or memory is warm from the other); then the seconds per megapixel of each, their ratio and the
+largest |Δp| between the two probability maps are printed. ``--rounds N`` repeats the
+alternation and keeps each row's fastest round. Loading the net (and OpenCV's rewrite) is not
+timed; one warm-up forward of a tile is run first. Without ``--model`` the experiment's
+architecture is built from :func:`caffe_layers.net.unet.unet_deploy` (depth 2, base width 16; mean
+file and per-patch centring) with seeded random weights; ``--models results/models`` takes the
+models an experiment run exported.
 
-    .venv/bin/python scripts/benchmark_segment.py --model results/models/patchmean_aug/deploy.prototxt \
-        --weights results/models/patchmean_aug/weights.caffemodel --sizes 1000 2000 4000
+``--tune`` times the OpenCV engine on 256-pixel tiles for several thread counts and batch sizes
+(tiles per forward). ``--sizes`` times one engine (``--engine``) on mirror-tiled images of each
+size, each in its own process, with its peak memory.
+
+    .venv/bin/python scripts/benchmark_segment.py
+    .venv/bin/python scripts/benchmark_segment.py --models results/models --rounds 2
+    .venv/bin/python scripts/benchmark_segment.py --tune
+    .venv/bin/python scripts/benchmark_segment.py --sizes 1000 2000 4000 --engine opencv \\
+        --model results/models/patchmean_aug/deploy.prototxt --weights results/models/patchmean_aug/weights.caffemodel
 """
 import argparse
 import json
@@ -12,52 +27,220 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
+
+os.environ.setdefault("GLOG_minloglevel", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _child(model, weights, size, tile, overlap):
-    os.environ.setdefault("GLOG_minloglevel", "2")
+def _image(size=None):
     import numpy as np
 
     from caffe_layers.datasets import load_hgsc_nest
-    from caffe_layers.net.predictor import CaffeSegmenter
-    from caffe_layers.tiling import segment_tiled
 
     rgb, _ = load_hgsc_nest()
+    if size is None or size == rgb.shape[0] == rgb.shape[1]:
+        return rgb
+    if size < min(rgb.shape[:2]):
+        return np.ascontiguousarray(rgb[:size, :size])
     reps = -(-size // rgb.shape[0])
-    image = np.pad(rgb, ((0, rgb.shape[0] * (reps - 1)), (0, rgb.shape[1] * (reps - 1)), (0, 0)),
-                   mode="symmetric")[:size, :size]
-    segmenter = CaffeSegmenter(model, weights)
+    return np.pad(rgb, ((0, rgb.shape[0] * (reps - 1)), (0, rgb.shape[1] * (reps - 1)), (0, 0)),
+                  mode="symmetric")[:size, :size]
+
+
+def _segmenter(engine, model, weights, threads, tile):
+    from caffe_layers.net.engines import make_segmenter
+    from caffe_layers.net.predictor import use_cpu
+
+    use_cpu()
+    return make_segmenter(model, weights, engine, tile=tile, threads=threads, log=None)
+
+
+def _timed(engine, model, weights, tile, overlap, batch, threads, size=None, prob_path=None):
+    """Segment one image; return the measurement as a dict (runs in a child process)."""
+    import numpy as np
+
+    from caffe_layers.tiling import segment_tiled
+
+    image = _image(size)
+    segmenter = _segmenter(engine, model, weights, threads, tile)
+    side = min(tile, image.shape[0])
+    warm = np.repeat(image[None, :side, :side].transpose(0, 3, 1, 2).astype(np.float32), batch, axis=0)
+    segmenter(warm)  # allocation at this shape (both engines), OpenCV's layer set-up
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    prob = segment_tiled(segmenter, image, tile=tile, overlap=overlap, multiple=4)
+    prob = segment_tiled(segmenter, image, tile=tile, overlap=overlap, multiple=4, batch=batch)
     elapsed = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps(dict(size=size, seconds=elapsed, s_per_mpx=elapsed / (size * size / 1e6),
-                          peak_rss_mb=peak / 1024, rss_before_mb=before / 1024,
-                          image_mb=image.nbytes / 2**20, prob_mb=prob.nbytes / 2**20)))
+    if prob_path:
+        np.save(prob_path, prob)
+    megapixels = image.shape[0] * image.shape[1] / 1e6
+    return dict(engine=segmenter.engine_choice.engine, seconds=elapsed, s_per_mpx=elapsed / megapixels,
+                size=list(image.shape[:2]), peak_rss_mb=peak / 1024, rss_before_mb=before / 1024,
+                image_mb=image.nbytes / 2**20, prob_mb=prob.nbytes / 2**20)
+
+
+def _child(args, **overrides):
+    """Run one measurement in a fresh process; return its dict."""
+    options = dict(engine=args.engine, model=args.model[0] if args.model else None,
+                   weights=args.weights[0] if args.weights else None, tile=args.tile, overlap=args.overlap,
+                   batch=args.batch, threads=args.threads, size=args.image_size, prob_path=None)
+    options.update(overrides)
+    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(options)], capture_output=True, text=True,
+                         cwd=args.cwd)
+    if out.returncode != 0:
+        raise SystemExit(f"measurement {options} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _template_models(folder):
+    """The experiment's two centrings (depth 2, width 16) with seeded random He weights."""
+    import caffe
+    import numpy as np
+
+    from caffe_layers.net import meanfile, unet
+
+    caffe.set_mode_cpu()
+    rgb = _image()
+    models = []
+    for centring in ("meanfile", "patchmean"):
+        mean_file = None
+        if centring == "meanfile":
+            # Flat, as caffe-stain-prepare writes it for random patches: the slide's channel means.
+            mean_file = folder / "mean.binaryproto"
+            channel_mean = rgb.reshape(-1, 3).mean(axis=0).astype(np.float32)
+            meanfile.write_mean_binaryproto(mean_file, np.broadcast_to(channel_mean[:, None, None], (3, 64, 64)),
+                                            overwrite=True)
+        deploy = folder / f"{centring}_deploy.prototxt"
+        deploy.write_text(unet.net_to_text(unet.unet_deploy(centring=centring, mean_file=mean_file,
+                                                            input_shape=(1, 3, 256, 256))))
+        net = caffe.Net(str(deploy), caffe.TEST)
+        rng = np.random.default_rng(0)
+        for blobs in net.params.values():
+            blobs[0].data[...] = rng.normal(0, np.sqrt(2.0 / np.prod(blobs[0].data.shape[1:])), blobs[0].data.shape)
+            blobs[1].data[...] = rng.normal(0, 0.1, blobs[1].data.shape)
+        weights = folder / f"{centring}.caffemodel"
+        net.save(str(weights))
+        models.append((f"{centring} (random weights)", deploy, weights))
+    return models
+
+
+def _models(args, folder):
+    if args.model:
+        if len(args.model) != len(args.weights or []):
+            raise SystemExit("give one --weights per --model")
+        return [(Path(m).parent.name or Path(m).stem, Path(m).resolve(), Path(w).resolve())
+                for m, w in zip(args.model, args.weights)]
+    if args.models:
+        found = sorted(Path(args.models).glob("*/deploy.prototxt"))
+        if not found:
+            raise SystemExit(f"no */deploy.prototxt under {args.models}")
+        return [(deploy.parent.name, deploy.resolve(), (deploy.parent / "weights.caffemodel").resolve())
+                for deploy in found]
+    return _template_models(folder)
+
+
+def compare_engines(args):
+    import cv2
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        models = _models(args, folder)
+        print(f"hgsc_nest H&E {args.image_size}×{args.image_size}, overlap {args.overlap}, OpenCV {cv2.__version__} "
+              f"(batch {args.batch}, threads {args.threads or 'default'}), Caffe CPU; "
+              f"best of {args.rounds} round(s), each engine in its own process, alternating")
+        print(f"{'model':<28} {'tile':>5} {'Caffe s/MP':>11} {'OpenCV s/MP':>12} {'ratio':>7} {'max |Δp|':>9}")
+        rows = []
+        for name, deploy, weights in models:
+            for tile in args.tiles:
+                best = {}
+                for round_index in range(args.rounds):
+                    order = ("caffe", "opencv") if round_index % 2 == 0 else ("opencv", "caffe")
+                    for engine in order:
+                        path = folder / f"{engine}.npy"
+                        row = _child(args, engine=engine, model=str(deploy), weights=str(weights), tile=tile,
+                                     prob_path=str(path))
+                        if engine not in best or row["s_per_mpx"] < best[engine]["s_per_mpx"]:
+                            best[engine] = row
+                diff = float(np.abs(np.load(folder / "caffe.npy") - np.load(folder / "opencv.npy")).max())
+                caffe_s, opencv_s = best["caffe"]["s_per_mpx"], best["opencv"]["s_per_mpx"]
+                rows.append(dict(model=name, tile=tile, caffe_s_per_mpx=caffe_s, opencv_s_per_mpx=opencv_s,
+                                 ratio=caffe_s / opencv_s, max_abs_diff=diff))
+                print(f"{name:<28} {tile:>5} {caffe_s:11.2f} {opencv_s:12.3f} {caffe_s / opencv_s:6.1f}× "
+                      f"{diff:9.1e}", flush=True)
+        ratios = [row["ratio"] for row in rows]
+        print(f"OpenCV / Caffe speed-up: {min(ratios):.1f}–{max(ratios):.1f}× (goal >= 6×); "
+              f"max |Δp| {max(row['max_abs_diff'] for row in rows):.1e} (engines' tolerance 1e-4)")
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+def tune(args):
+    """OpenCV threads × batch on 256-pixel tiles of the patch-mean template."""
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        name, deploy, weights = _models(args, folder)[-1]
+        print(f"OpenCV engine, {name}, tile {args.tile}, overlap {args.overlap}, hgsc_nest {args.image_size}²; best of "
+              f"{args.rounds} round(s)")
+        grid = [(threads, batch) for threads in args.tune_threads for batch in args.tune_batches]
+        best = {}
+        for _ in range(args.rounds):
+            for threads, batch in grid:
+                row = _child(args, engine="opencv", model=str(deploy), weights=str(weights), threads=threads,
+                             batch=batch)
+                key = (threads, batch)
+                best[key] = min(best.get(key, float("inf")), row["s_per_mpx"])
+        print(f"{'threads':>7} " + " ".join(f"{'batch ' + str(b):>9}" for b in args.tune_batches) + "   (s/MP)")
+        for threads in args.tune_threads:
+            print(f"{threads:>7} " + " ".join(f"{best[threads, b]:9.3f}" for b in args.tune_batches))
+
+
+def by_size(args):
+    print(f"engine {args.engine}, tile {args.tile}, overlap {args.overlap}, batch {args.batch}")
+    print(f"{'size':>6} {'engine':>7} {'s':>8} {'s/Mpx':>7} {'peak RSS MB':>12} {'image MB':>9} {'prob MB':>8}")
+    for size in args.sizes:
+        row = _child(args, size=size)
+        print(f"{size:>6} {row['engine']:>7} {row['seconds']:8.1f} {row['s_per_mpx']:7.2f} {row['peak_rss_mb']:12.0f} "
+              f"{row['image_mb']:9.0f} {row['prob_mb']:8.0f}", flush=True)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--weights", required=True)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 2000, 4000])
-    parser.add_argument("--tile", type=int, default=256)
+    parser.add_argument("--model", action="append", help="deploy prototxt (repeatable, with --weights)")
+    parser.add_argument("--weights", action="append", help=".caffemodel of the --model before it")
+    parser.add_argument("--models", help="folder of exported models (<name>/deploy.prototxt, weights.caffemodel)")
+    parser.add_argument("--tiles", type=int, nargs="+", default=[256, 512, 1024])
+    parser.add_argument("--tile", type=int, default=256, help="tile of --tune and --sizes")
     parser.add_argument("--overlap", type=int, default=64)
-    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--image-size", type=int, default=1500,
+                        help="side of the image of the comparison and --tune (default 1500: hgsc_nest itself; "
+                             "smaller: its top-left crop, larger: mirror-tiled)")
+    parser.add_argument("--batch", type=int, default=1, help="tiles per forward")
+    parser.add_argument("--threads", type=int, default=None, help="OpenCV threads (default: OpenCV's, one per core)")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--json", help="also write the engine comparison rows here")
+    parser.add_argument("--tune", action="store_true")
+    parser.add_argument("--tune-threads", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--tune-batches", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--sizes", type=int, nargs="+")
+    parser.add_argument("--engine", choices=("auto", "caffe", "opencv"), default="auto", help="engine of --sizes")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.cwd = os.getcwd()  # mean files in exported deploy nets are relative to it
     if args.child:
-        _child(args.model, args.weights, args.child, args.tile, args.overlap)
+        print(json.dumps(_timed(**json.loads(args.child))))
         return 0
-    print(f"{'size':>6} {'s':>8} {'s/Mpx':>7} {'peak RSS MB':>12} {'image MB':>9} {'prob MB':>8}")
-    for size in args.sizes:
-        out = subprocess.run([sys.executable, __file__, "--model", args.model, "--weights", args.weights,
-                              "--tile", str(args.tile), "--overlap", str(args.overlap), "--child", str(size)],
-                             capture_output=True, text=True, check=True)
-        row = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{size:>6} {row['seconds']:8.1f} {row['s_per_mpx']:7.2f} {row['peak_rss_mb']:12.0f} "
-              f"{row['image_mb']:9.0f} {row['prob_mb']:8.0f}")
+    if args.sizes:
+        if not args.model:
+            parser.error("--sizes needs --model and --weights")
+        by_size(args)
+    elif args.tune:
+        tune(args)
+    else:
+        compare_engines(args)
     return 0
 
 

@@ -24,6 +24,7 @@ import dataclasses
 import os
 import sys
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -148,7 +149,7 @@ def make_segmenter(deploy_prototxt, weights, engine=DEFAULT_ENGINE, *, tile=DEFA
         ``predict(batch) -> prob`` with an ``engine_choice`` attribute (:class:`EngineChoice`).
     """
     check_engine(engine)
-    deploy_name = os.path.basename(str(deploy_prototxt))
+    deploy_name = str(Path(deploy_prototxt))  # as given: the report names the file the user named
     own_convention = card is None or card.as_dict() == dataclasses.replace(
         ModelCard(), size_multiple=card.size_multiple).as_dict()
     if not own_convention:
@@ -185,7 +186,7 @@ def _auto(deploy, weights, shape, tolerance, threads, deploy_name):
         return caffe_segmenter, known
 
     def fall_back(reason, **fields):
-        reason = reason.replace(f"{deploy}: ", "")  # the report names the net already
+        reason = reason.replace(f"{deploy_name}: ", "")  # the report names the net already
         choice = EngineChoice("auto", "caffe", reason, deploy_name, tolerance=tolerance, probe_shape=shape,
                               elapsed_s=round(time.perf_counter() - started, 3), **fields)
         _CHECKED[key] = choice
@@ -217,5 +218,4 @@ def _auto(deploy, weights, shape, tolerance, threads, deploy_name):
     choice = EngineChoice("auto", "opencv", reason, deploy_name, max_abs_diff=max_diff, tolerance=tolerance,
                           probe_shape=shape, notes=notes, elapsed_s=round(time.perf_counter() - started, 3))
     _CHECKED[key] = choice
-    del caffe_segmenter  # the Caffe net's blobs are freed here
     return opencv_segmenter, choice

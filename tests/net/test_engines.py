@@ -111,6 +111,34 @@ def test_opencv_equals_caffe_on_the_templates_on_real_he(caffe, tmp_path, he, ce
     assert np.abs(batched - got).max() <= 1e-6
 
 
+@pytest.mark.parametrize("centring", ["meanfile", "patchmean"])
+def test_pre_steps_give_caffes_centred_input_to_the_bit(caffe, tmp_path, he, centring, monkeypatch):
+    """The numpy pre-step equals Caffe's own centring layer exactly, for any tile size (the MVN
+    mean through the same float32 BLAS call as Caffe's)."""
+    from caffe import layers as L
+
+    monkeypatch.chdir(tmp_path)
+    deploy, weights = build_template(caffe, Path(centring), centring, mean_side=96)
+    (description, step), = opencv_net.OpenCVSegmenter(deploy, weights).plan.input_steps
+    assert opencv_net._CAFFE_SGEMV is not None  # this Caffe is linked to OpenBLAS
+    spec = caffe.NetSpec()
+    spec.data = L.Input(shape=dict(dim=[1, 3, 96, 96]))
+    if centring == "meanfile":
+        spec.centred = L.Python(spec.data, module="caffe_layers.mean_subtract", layer="MeanSubtractLayer",
+                                param_str=json.dumps({"mean_file": f"{centring}/mean.binaryproto"}))
+    else:
+        spec.centred = L.MVN(spec.data, normalize_variance=False)
+    Path("centre.prototxt").write_text(str(spec.to_proto()))
+    net = caffe.Net("centre.prototxt", caffe.TEST)
+    for rows, cols in ((96, 96), (2, 3), (96, 200), (256, 256), (320, 384)):
+        batch = np.concatenate([as_batch(he[:rows, :cols]), as_batch(he[-rows:, -cols:])])
+        net.blobs["data"].reshape(*batch.shape)
+        net.reshape()
+        net.blobs["data"].data[...] = batch
+        net.forward()
+        np.testing.assert_array_equal(step(batch), net.blobs["centred"].data, err_msg=f"{rows}x{cols}")
+
+
 def test_opencv_segmenter_leaves_its_input_alone_and_returns_fresh_arrays(caffe, tmp_path, he):
     deploy, weights = build_template(caffe, tmp_path, "patchmean")
     fast = opencv_net.OpenCVSegmenter(deploy, weights)
@@ -199,7 +227,7 @@ def test_auto_uses_opencv_after_checking_it_once_per_model(caffe, tmp_path, monk
     assert record["engine"] == "opencv" and record["opencv_version"] == cv2.__version__
     assert any("numpy pre-step" in note for note in record["notes"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"engine auto: OpenCV {cv2.__version__} for unet_patchmean_deploy")
+    assert len(err) == 1 and err[0].startswith(f"engine auto: OpenCV {cv2.__version__} for {deploy} (matches")
     assert "max |Δp|" in err[0]
 
     # Checked once: the same model again builds no Caffe net and runs no probe.
@@ -227,7 +255,7 @@ def test_auto_falls_back_to_caffe_when_opencv_cannot_run_the_net(caffe, tmp_path
     choice = segmenter.engine_choice
     assert choice.engine == "caffe" and choice.max_abs_diff is None
     assert "OpenCV cannot run it" in choice.reason and "'augment' is a Caffe Python layer" in choice.reason
-    assert capsys.readouterr().err.startswith("engine auto: Caffe for python_layer.prototxt (OpenCV cannot run it")
+    assert capsys.readouterr().err.startswith(f"engine auto: Caffe for {deploy} (OpenCV cannot run it: layer")
     with pytest.raises(opencv_net.OpenCVUnsupported, match="augmentation.AugmentationLayer"):
         engines.make_segmenter(deploy, weights, "opencv")
 
@@ -313,8 +341,8 @@ def test_compare_records_the_engine_of_each_model(caffe, tmp_path, he):
     assert record == json.loads(json.dumps(summary["engines"]["patchmean"]))
     assert record["engine"] == "opencv" and record["max_abs_diff"] <= TOLERANCE
     assert len(lines) == 1 and lines[0].startswith("engine auto: OpenCV")
-    summary = compare_models(models, images, tmp_path / "cmp2", tile=64, overlap=16, figures=False, engine="caffe",
-                             engine_log=None)
+    summary = compare_models(models, images, tmp_path / "cmp2", tile=64, overlap=16, figures=False,
+                             engine="caffe", engine_log=None)
     assert summary["engines"]["patchmean"]["engine"] == "caffe"
 
 
