@@ -197,7 +197,7 @@ for i in "${!pids[@]}"; do
   summary=$(grep -E '[0-9]+ (passed|failed|errors?)( |,|$)' "${logs[$i]}" | tail -n 1)
   say "Python ${names[$i]}: $status -- ${summary:-no pytest summary} (log: ${logs[$i]})"
   if [ "$status" != ok ]; then  # failing tests and the log's last lines, cut (parameter ids can be huge)
-    { grep -E '^(FAILED|ERROR) ' "${logs[$i]}" || true; tail -n 15 "${logs[$i]}"; } | cut -c1-240 >&2
+    { grep -E '^(FAILED|ERROR) ' "${logs[$i]}" || true; tail -n 15 "${logs[$i]}"; } | awk '!seen[$0]++' | cut -c1-240 >&2
   fi
 done
 for version in "${missing[@]}"; do say "Python $version: not under $PYENV_ROOT/versions, not tested"; done
