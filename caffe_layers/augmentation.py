@@ -22,6 +22,7 @@ true. It has no backward: it sits on data.
 """
 import caffe
 
+from .layer_api import layer_param_str, layer_phase
 from .params import AUGMENT_SCHEMA, load_params
 from .transforms import BatchAugmenter
 from .transforms.functional import check_batch
@@ -32,14 +33,14 @@ class AugmentationLayer(caffe.Layer):
 
     def setup(self, bottom, top):
         where = "AugmentationLayer param_str"
-        self.params = load_params(self.param_str, AUGMENT_SCHEMA, where)
+        self.params = load_params(layer_param_str(self, "AugmentationLayer"), AUGMENT_SCHEMA, where)
         if len(bottom) not in (1, 2):
             raise ValueError(f"AugmentationLayer takes 1 or 2 bottoms (image[, label]), got {len(bottom)}")
         if len(top) != len(bottom):
             raise ValueError(f"AugmentationLayer needs as many tops as bottoms: {len(bottom)} bottoms, "
                              f"{len(top)} tops")
         self._check_shapes(bottom)
-        self.active = self.phase == caffe.TRAIN or self.params["test_augment"]
+        self.active = layer_phase(self, "AugmentationLayer") == caffe.TRAIN or self.params["test_augment"]
         self.augmenter = BatchAugmenter(where=where, **self.params)
 
     def _check_shapes(self, bottom):

@@ -29,6 +29,7 @@ import os
 
 import caffe
 
+from .layer_api import layer_param_str, layer_phase
 from .params import PATCH_DATA_SCHEMA, load_params
 from .patches import PatchSampler, derived_seed, load_pairs, read_pair_list
 from .transforms import BatchAugmenter
@@ -40,7 +41,7 @@ class PatchDataLayer(caffe.Layer):
     WHERE = "PatchDataLayer param_str"
 
     def setup(self, bottom, top):
-        self.params = params = load_params(self.param_str, PATCH_DATA_SCHEMA, self.WHERE)
+        self.params = params = load_params(layer_param_str(self, "PatchDataLayer"), PATCH_DATA_SCHEMA, self.WHERE)
         if len(bottom) != 0:
             raise ValueError(f"PatchDataLayer takes no bottoms, got {len(bottom)}")
         if len(top) not in (1, 2):
@@ -59,7 +60,7 @@ class PatchDataLayer(caffe.Layer):
 
         self.augmenter = None
         augment = params["augment"]
-        if augment is not None and (self.phase == caffe.TRAIN or augment["test_augment"]):
+        if augment is not None and (layer_phase(self, "PatchDataLayer") == caffe.TRAIN or augment["test_augment"]):
             augment = dict(augment)
             if augment["seed"] is None:
                 augment["seed"] = derived_seed(params["seed"], 1)

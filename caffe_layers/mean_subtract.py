@@ -9,6 +9,7 @@ augmentation layer has to be a layer of its own::
 """
 import caffe
 
+from .layer_api import layer_param_str
 from .net.meanfile import read_mean_binaryproto
 from .params import MEAN_SUBTRACT_SCHEMA, load_params
 
@@ -28,7 +29,7 @@ class MeanSubtractLayer(caffe.Layer):
 
     def setup(self, bottom, top):
         where = "MeanSubtractLayer param_str"
-        params = load_params(self.param_str, MEAN_SUBTRACT_SCHEMA, where)
+        params = load_params(layer_param_str(self, "MeanSubtractLayer"), MEAN_SUBTRACT_SCHEMA, where)
         if len(bottom) != 1 or len(top) != 1:
             raise ValueError(f"MeanSubtractLayer takes one bottom and one top, got {len(bottom)} and {len(top)}")
         try:

@@ -211,7 +211,7 @@ EOF
 chmod +x "$VENV/bin/caffe"
 
 REQ_STAMP=$VENV/.requirements-stamp
-REQ_HASH=$(cat "$REPO_ROOT/setup.py" "$REPO_ROOT/requirements-data.txt" 2>/dev/null | sha256sum | cut -c1-16)
+REQ_HASH=$(cat "$REPO_ROOT/pyproject.toml" "$REPO_ROOT/setup.py" "$REPO_ROOT/requirements-data.txt" 2>/dev/null | sha256sum | cut -c1-16)
 if [ "$(cat "$REQ_STAMP" 2>/dev/null)" != "$REQ_HASH" ] || ! "$VPY" -c 'import caffe_layers' 2>/dev/null; then
   run_step "pip install -e .[test,scripts]" "$LOG_DIR/pip-project.log" \
     "$VPY" -m pip install --disable-pip-version-check -e "$REPO_ROOT[test,scripts]"

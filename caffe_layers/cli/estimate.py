@@ -28,8 +28,11 @@ def _parser():
     parser.add_argument("--train", nargs="+", required=True, help="train image files or folders")
     parser.add_argument("--test", nargs="+", required=True, help="test image files or folders")
     parser.add_argument("--margin", type=float, default=0.1, help="relative widening (0.1)")
-    parser.add_argument("--ignore-white", action=argparse.BooleanOptionalAction, default=True,
+    # Two flags rather than argparse.BooleanOptionalAction, which needs Python 3.9.
+    parser.add_argument("--ignore-white", action="store_true", default=True,
                         help="use tissue pixels only (default on)")
+    parser.add_argument("--no-ignore-white", dest="ignore_white", action="store_false",
+                        help="use every pixel, white background included")
     parser.add_argument("--white-threshold", type=float, default=200.0)
     parser.add_argument("--include-offset", action="store_true",
                         help="also suggest an additive color_b range")

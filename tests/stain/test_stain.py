@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from skimage.exposure import match_histograms as skimage_match_histograms
+from skimage.exposure import match_histograms as _skimage_match_histograms
 
 from caffe_layers import datasets, image_io, stain
 from caffe_layers.cli import estimate as estimate_cli
@@ -17,6 +17,15 @@ from caffe_layers.cli import normalize as normalize_cli
 from caffe_layers.params import format_param_str
 
 from test_datasets import load_or_skip
+
+
+def skimage_match_histograms(image, reference, channel_axis=-1):
+    """scikit-image's per-channel histogram matching, the reference (channel_axis= since 0.19,
+    multichannel=True before)."""
+    try:
+        return _skimage_match_histograms(image, reference, channel_axis=channel_axis)
+    except TypeError:
+        return _skimage_match_histograms(image, reference, multichannel=True)
 
 
 # --------------------------------------------------------------------------- #
