@@ -15,7 +15,7 @@ from scipy import ndimage
 
 from .image_io import check_rgb, write_atomic
 
-__all__ = ["TABLE_COLUMNS", "overlay", "save_bar_figure", "save_comparison_figure", "write_dice_table",
+__all__ = ["TABLE_COLUMNS", "mean_sd_text", "overlay", "save_bar_figure", "save_comparison_figure", "write_dice_table",
            "write_summary", "write_table"]
 
 
@@ -197,9 +197,19 @@ def overlay(rgb, mask, color=(0, 255, 0), mode="outline", alpha=0.4):
 def write_dice_table(path, results, conditions, model_names, seen=None):
     """Markdown Dice matrix: models × conditions, the mean over shifts and its share of in-domain.
 
-    With ``seen`` (condition -> whether the augmentation range estimate saw it), the shifts the
-    estimate saw and those it never saw get separate means and columns marked ``(unseen)``.
+    Parameters
+    ----------
+    path : path
+    results : dict or list of dict
+        ``results[model][condition]["dice"]``; a list holds one such dict per seed, and every
+        cell then reads ``mean ± sd`` over the seeds (sample standard deviation). The means over
+        conditions and their shares of in-domain Dice are computed per seed, then summarised.
+    conditions, model_names : sequences of str
+    seen : dict, optional
+        Condition -> whether the augmentation range estimate saw it: the shifts the estimate
+        saw and those it never saw get separate means, and unseen columns are marked ``(unseen)``.
     """
+    runs = [results] if isinstance(results, dict) else list(results)
     shifts = [c for c in conditions if c != "in_domain"]
     groups = {"shifts": shifts} if seen is None else {
         "seen shifts": [c for c in shifts if seen[c]], "unseen conditions": [c for c in shifts if not seen[c]]}
@@ -209,13 +219,25 @@ def write_dice_table(path, results, conditions, model_names, seen=None):
               *(f"{group} / in-domain" for group in groups)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for model in model_names:
-        dice = [results[model][c]["dice"] for c in conditions]
-        means = [float(np.mean([results[model][c]["dice"] for c in members])) for members in groups.values()]
-        in_domain = results[model]["in_domain"]["dice"]
-        shares = [f"{100 * mean / in_domain:.1f} %" if in_domain else "n/a" for mean in means]
-        lines.append("| " + " | ".join([model, *(f"{d:.3f}" for d in dice), *(f"{m:.3f}" for m in means), *shares])
-                     + " |")
+        dice = np.array([[run[model][c]["dice"] for c in conditions] for run in runs])  # seeds × conditions
+        means = np.array([[np.mean([run[model][c]["dice"] for c in members]) for members in groups.values()]
+                          for run in runs])  # seeds × groups
+        in_domain = dice[:, conditions.index("in_domain")] if "in_domain" in conditions else None
+        cells = [mean_sd_text(column, "{:.3f}") for column in dice.T] + [mean_sd_text(column, "{:.3f}") for column in means.T]
+        if in_domain is not None and (in_domain > 0).all():
+            cells += [mean_sd_text(100 * column / in_domain, "{:.1f}") + " %" for column in means.T]
+        else:
+            cells += ["n/a"] * len(groups)
+        lines.append("| " + " | ".join([model, *cells]) + " |")
     return _write_text(path, "\n".join(lines) + "\n")
+
+
+def mean_sd_text(values, fmt="{:.3f}"):
+    """``mean`` of one value, ``mean ± sd`` of several (sample standard deviation)."""
+    values = np.asarray(values, float)
+    if values.size == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(values.mean())} ± {fmt.format(values.std(ddof=1))}"
 
 
 def save_bar_figure(path, results, conditions, model_names):

@@ -10,15 +10,26 @@
    for each centring, one net from scratch, then two equal-length continuations from its
    weights, one without and one with the AugmentationLayer (the user's "retrain my
    .caffemodel with the layer" step), so every model gets the same number of iterations.
-5. Segment the held-out band under every condition, plus the baseline after histogram
-   matching to the training band, and write ``table.md``, ``summary.json`` and figures.
+5. Segment the held-out band under every condition, plus the baseline after each test-time
+   normaliser and with test-time augmentation, and write ``table.md``, ``summary.json`` and
+   figures.
+
+With several seeds, what does not depend on the seed (the data, the conditions, the range
+estimates, the normalised test images) is made once; the trainings of every seed run in
+worker processes, one BLAS thread each, so a seed's models do not depend on how many run at
+once. With ``leave_one_out``, each synthetic shift is also tested on a model whose range was
+estimated without it.
 
 Run it with ``bash scripts/run_experiment.sh`` (or ``caffe-stain-experiment``).
 """
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
 import json
+import multiprocessing
+import os
 import shutil
 import sys
 import time
@@ -32,7 +43,10 @@ from ..net.predictor import use_cpu
 from ..net.training import train
 from ..net.unet import net_to_text, solver, solver_to_text, unet_deploy, unet_train_val
 from ..patches import derived_seed
+from ..params import format_param_str
 from ..reports import (
+    TABLE_COLUMNS,
+    mean_sd_text,
     overlay,
     save_bar_figure,
     save_comparison_figure,
@@ -78,10 +92,10 @@ def _relative_to(path, folder):
         return str(path)
 
 
-def _train_model(log, name, centring, augment_param_str, lists, mean_file, settings, work, *, iters, lr,
+def _train_model(name, centring, augment_param_str, lists, mean_file, settings, folder, *, iters, lr,
                  weights=None):
-    """Write a train/val net and solver for one model and train it; return the weights path."""
-    folder = work / "train" / name.replace("+", "_")
+    """Write a train/val net and solver for one model and train it; return (weights path, TrainResult)."""
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     net = unet_train_val(str(lists["train"]), str(lists["val"]), centring=centring,
                          mean_file=str(mean_file) if centring == "meanfile" else None,
@@ -93,15 +107,73 @@ def _train_model(log, name, centring, augment_param_str, lists, mean_file, setti
                           snapshot_prefix=str(folder / "snapshot"), snapshot=0,
                           test_iter=settings.val_batches, test_interval=settings.validate_every,
                           random_seed=settings.seed, display=0)
-    solver_path = folder / f"{folder.name}_solver.prototxt"  # its stem labels the progress bar
+    solver_path = folder / f"{folder.name}_solver.prototxt"
     solver_path.write_text(solver_to_text(solver_param))
-    log(f"training {name}: {iters} iterations" + (f" from {Path(weights).name}" if weights else ""))
-    result = train(solver_path, weights=weights, log_csv=folder / "log.csv",
-                   progress=True, seed=settings.seed)
-    last = result.validation[-1] if result.validation else {}
-    log(f"trained {name}: loss {result.first_loss:.3f} -> {result.last_loss:.3f}, "
-         f"val Dice {last.get('val_dice', float('nan')):.3f}")
+    result = train(solver_path, weights=weights, log_csv=folder / "log.csv", progress=False, seed=settings.seed)
     return Path(result.caffemodel), result
+
+
+def _train_task(task):
+    """One training in a worker process (top level: the pool pickles it by name)."""
+    use_cpu()
+    return _train_model(**task)
+
+
+@contextlib.contextmanager
+def _one_blas_thread():
+    """Worker processes started inside inherit one BLAS / OpenMP thread (the parent keeps its own)."""
+    names = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update({name: "1" for name in names})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _train_all(log, specs, jobs):
+    """Train every model of ``specs`` on ``jobs`` worker processes, each model once its base is done.
+
+    ``specs``: key -> dict(task=<_train_model keywords>, base=<key of the model to start from> or
+    None). Returns key -> (weights path, TrainResult). Each training runs single-threaded in a
+    fresh process, so its result does not depend on ``jobs``.
+    """
+    done, pending = {}, dict(specs)
+    context = multiprocessing.get_context("spawn")  # Caffe and OpenBLAS do not survive fork safely
+    with _one_blas_thread(), concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        running = {}
+
+        def submit_ready():
+            for key in [k for k, spec in pending.items() if spec["base"] is None or spec["base"] in done]:
+                spec = pending.pop(key)
+                task = dict(spec["task"])
+                if spec["base"] is not None:
+                    task["weights"] = str(done[spec["base"]][0])
+                log(f"training {_label(key)}: {task['iters']} iterations"
+                    + (f" from {_label(spec['base'])}" if spec["base"] is not None else ""))
+                running[pool.submit(_train_task, task)] = key
+
+        submit_ready()
+        while running:
+            finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in finished:
+                key = running.pop(future)
+                done[key] = future.result()
+                result = done[key][1]
+                last = result.validation[-1] if result.validation else {}
+                log(f"trained {_label(key)}: loss {result.first_loss:.3f} -> {result.last_loss:.3f}, "
+                    f"val Dice {last.get('val_dice', float('nan')):.3f}")
+            submit_ready()
+    return done
+
+
+def _label(key):
+    seed, name = key
+    return f"{name} (seed {seed})"
 
 
 def _export_model(name, centring, weights, mean_file, settings, out_dir):
@@ -137,18 +209,39 @@ def _centre_crop(rgb, side):
     return np.ascontiguousarray(rgb[top:top + side_h, left:left + side_w])
 
 
-def run_experiment(out_dir="results", settings=Settings(), preset="custom"):
+def _leave_one_out_name(shift):
+    return f"patchmean+aug-without-{shift}"
+
+
+def run_experiment(out_dir="results", settings=Settings(), preset="custom", seeds=1, jobs=None):
     """Run the whole experiment; return the summary written to ``out_dir/summary.json``.
 
-    Files of an earlier run in ``out_dir`` (its table, summary, figures, models and ``work/``)
-    are replaced.
+    Parameters
+    ----------
+    out_dir : path
+        Files of an earlier run there (its table, summary, figures, models and ``work/``) are
+        replaced.
+    settings : Settings
+    preset : str
+        Recorded in the summary.
+    seeds : int
+        Number of seeds: ``settings.seed``, ``settings.seed + 1``, ... Every table cell is then
+        ``mean ± sd`` over them; figures and ``models/`` are the first seed's (the others'
+        models are under ``work/seed_<seed>/models``).
+    jobs : int, optional
+        Worker processes for the trainings (default: one per core, at most one per training).
     """
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    if jobs is not None and jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
     use_cpu()
     log = _Log()
     out_dir = Path(out_dir)
     work = out_dir / "work"
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    seed_list = [settings.seed + k for k in range(seeds)]
 
     log("loading hgsc_nest (histolytics) and its nucleus mask")
     rgb, instances = datasets.load_hgsc_nest()
@@ -170,6 +263,7 @@ def run_experiment(out_dir="results", settings=Settings(), preset="custom"):
                       shift_stains(val_rgb, shift["alpha"], shift["beta"])
                       for name, shift in shift_settings.items()}
     shifted = {k: v for k, v in val_conditions.items() if k != "in_domain"}
+    synthetic_shifts = list(shifted)
     # Conditions the estimate never saw: the held-out band re-stained to each real, differently
     # stained packaged image by stain-vector transfer (Macenko, Vahadane), which changes hue as
     # labs do.
@@ -183,92 +277,138 @@ def run_experiment(out_dir="results", settings=Settings(), preset="custom"):
                 mean_ratios_vs_train=channel_mean_ratios(conditions[condition], train_rgb, ignore_white=True)
                 .round(4).tolist())
             seen[condition] = False
-    estimate = suggest_color_params({"train": train_rgb}, shifted, margin=settings.color_margin)
-    augment = {"rotate": True, "flip": True, **estimate.params}
+
+    def estimate_ranges(shifted_images):
+        """The augmentation keys estimated from ``shifted_images`` (validation band) vs the train band."""
+        colour = suggest_color_params({"train": train_rgb}, shifted_images, margin=settings.color_margin)
+        hed = (suggest_hed_params({"train": train_rgb}, shifted_images, margin=settings.color_margin)
+               if settings.hed_jitter else None)
+        return {"rotate": True, "flip": True, **colour.params, **(hed.params if hed else {})}, colour, hed
+
+    augment, estimate, hed_estimate = estimate_ranges(shifted)
     log(f"estimated colour range: {estimate.param_str}")
-    hed_estimate = None
-    if settings.hed_jitter:
-        hed_estimate = suggest_hed_params({"train": train_rgb}, shifted, margin=settings.color_margin)
-        augment.update(hed_estimate.params)
+    if hed_estimate is not None:
         log(f"estimated stain-space range: {hed_estimate.param_str}")
-    # Its own stream of the run's seed: same seed, same augmentation draws.
-    augment["seed"] = derived_seed(settings.seed, 2)
-    augment_param_str = json.dumps(augment)
+    leave_one_out = {}  # held-out synthetic shift -> the augmentation keys estimated without it
+    if settings.leave_one_out:
+        for held_out in synthetic_shifts:
+            leave_one_out[held_out] = estimate_ranges({k: v for k, v in shifted.items() if k != held_out})[0]
+            log(f"range estimated without {held_out}: {format_param_str(leave_one_out[held_out])}")
 
-    trained, training_logs = {}, {}
-    for centring in ("meanfile", "patchmean"):
-        base, base_result = _train_model(log, f"{centring}_base", centring, None, lists, mean_file, settings,
-                                         work, iters=settings.base_iters, lr=settings.base_lr)
-        training_logs[f"{centring}_base"] = base_result
-        for name, model_centring, augmented in MODELS:
-            if model_centring != centring:
-                continue
-            weights, result = _train_model(log, name, centring, augment_param_str if augmented else None,
-                                           lists, mean_file, settings, work,
-                                           iters=settings.finetune_iters, lr=settings.finetune_lr,
-                                           weights=base)
-            trained[name] = weights
-            training_logs[name] = result
+    def param_str(keys, seed):
+        # Its own stream of the seed: same seed, same augmentation draws.
+        return json.dumps({**keys, "seed": derived_seed(seed, 2)})
 
-    exported = {name: _export_model(name, centring, trained[name], mean_file, settings, out_dir)
-                for name, centring, _ in MODELS}
-    cards = {name: load_model_card(card) for name, (_, _, _, card) in exported.items()}
-    predictors = {name: make_segmenter(deploy, weights, settings.engine, tile=settings.tile,
-                                       multiple=cards[name].size_multiple, batch=settings.batch_tiles,
-                                       log=log, card=cards[name])
-                  for name, (deploy, weights, _, _) in exported.items()}
-    multiple = 2 ** settings.depth
+    # Every training of every seed: the two bases, their continuations without and with the
+    # layer (equal iterations), and the leave-one-shift-out continuations of the per-patch base.
+    specs = {}
+    for seed in seed_list:
+        seed_settings = dataclasses.replace(settings, seed=seed)
 
-    def segment(model, image, tta=False):
-        predict = dihedral_tta(predictors[model]) if tta else predictors[model]
-        prob = segment_tiled(predict, image, tile=settings.tile, overlap=settings.overlap,
-                             multiple=cards[model].size_multiple, batch_size=settings.batch_tiles)
-        return prob > settings.threshold
+        def spec(name, centring, augment_param_str, iters, lr, base=None, seed=seed, seed_settings=seed_settings):
+            folder = work / f"seed_{seed}" / "train" / name.replace("+", "_")
+            specs[seed, name] = dict(base=None if base is None else (seed, base), task=dict(
+                name=name, centring=centring, augment_param_str=augment_param_str, lists=lists,
+                mean_file=mean_file, settings=seed_settings, folder=folder, iters=iters, lr=lr))
 
-    # Table rows: row name -> (model, test-time normaliser or None, test-time augmentation). The
-    # normalisers are fitted once, on the training band: "normalise at test time" rows beside
-    # the "augment at train time" ones.
+        for centring in ("meanfile", "patchmean"):
+            spec(f"{centring}_base", centring, None, settings.base_iters, settings.base_lr)
+        for name, centring, augmented in MODELS:
+            spec(name, centring, param_str(augment, seed) if augmented else None, settings.finetune_iters,
+                 settings.finetune_lr, base=f"{centring}_base")
+        for held_out, keys in leave_one_out.items():
+            spec(_leave_one_out_name(held_out), "patchmean", param_str(keys, seed), settings.finetune_iters,
+                 settings.finetune_lr, base="patchmean_base")
+    jobs = jobs or max(1, min(len(os.sched_getaffinity(0)), 2 * len(seed_list)))
+    log(f"{len(specs)} trainings for seed(s) {', '.join(map(str, seed_list))} on {jobs} worker process(es)")
+    trained = _train_all(log, specs, jobs)
+
+    # Test-time normalisers, fitted once on the training band, and every condition normalised
+    # once: the "normalise at test time" rows beside the "augment at train time" ones.
     normalizers = {"histmatch": lambda image: match_histograms(image, train_rgb, ignore_white=True),
                    "reinhard": ReinhardNormalizer().fit(train_rgb).transform,
                    "macenko": MacenkoNormalizer().fit(train_rgb).transform,
                    "vahadane": VahadaneNormalizer().fit(train_rgb).transform}
+    log("normalising every condition with " + ", ".join(normalizers))
+    normalised = {condition: {name: normalize(image) for name, normalize in normalizers.items()}
+                  for condition, image in conditions.items()}
+    # Table rows: row name -> (model, test-time normaliser or None, test-time augmentation).
     table_rows = {name: (name, None, False) for name, _, _ in MODELS}
     for normalizer in normalizers:
         table_rows[f"{BASELINE}+{normalizer}"] = (BASELINE, normalizer, False)
     if settings.tta:
         for model in TTA_MODELS:
             table_rows[f"{model}+tta"] = (model, None, True)
-
-    def segment_row(row, image, normalised):
-        model, normalizer, tta = table_rows[row]
-        return segment(model, image if normalizer is None else normalised[normalizer], tta)
-
-    validation = {name: {} for name, _, _ in MODELS}
-    for condition, shifted_val in val_conditions.items():
-        for model in validation:
-            validation[model][condition] = metrics.dice(segment(model, shifted_val), val_truth)
-    log("validation band Dice: " + "; ".join(
-        f"{m} " + " ".join(f"{v:.2f}" for v in validation[m].values()) for m in validation))
-
-    log("segmenting the held-out band under every condition")
     model_names = list(table_rows)
-    results = {name: {} for name in model_names}
-    rows, masks = [], {}
-    for condition, image in conditions.items():
-        normalised = {name: normalize(image) for name, normalize in normalizers.items()}
-        for model in model_names:
-            mask = segment_row(model, image, normalised)
-            masks[model, condition] = mask
-            scores = metrics.pool_scores([metrics.segmentation_scores(mask, test_truth)])
-            results[model][condition] = scores
-            rows.append(dict(model=model, condition=condition, **scores))
-        log(f"  {condition}: " + ", ".join(f"{m} {results[m][condition]['dice']:.3f}" for m in model_names))
+    multiple = 2 ** settings.depth
 
+    per_seed = {}
+    for seed in seed_list:
+        first = seed == seed_list[0]
+        models_dir = out_dir if first else work / f"seed_{seed}"
+        seed_settings = dataclasses.replace(settings, seed=seed)
+        exported = {name: _export_model(name, centring, trained[seed, name][0], mean_file, seed_settings, models_dir)
+                    for name, centring, _ in MODELS}
+        exported.update({_leave_one_out_name(s): _export_model(_leave_one_out_name(s), "patchmean",
+                                                               trained[seed, _leave_one_out_name(s)][0], mean_file,
+                                                               seed_settings, work / f"seed_{seed}")
+                         for s in leave_one_out})
+        cards = {name: load_model_card(card) for name, (_, _, _, card) in exported.items()}
+        predictors = {name: make_segmenter(deploy, weights, settings.engine, tile=settings.tile,
+                                           multiple=cards[name].size_multiple, batch=settings.batch_tiles,
+                                           log=log, card=cards[name])
+                      for name, (deploy, weights, _, _) in exported.items()}
+
+        def segment(model, image, tta=False, predictors=predictors, cards=cards):
+            predict = dihedral_tta(predictors[model]) if tta else predictors[model]
+            prob = segment_tiled(predict, image, tile=settings.tile, overlap=settings.overlap,
+                                 multiple=cards[model].size_multiple, batch_size=settings.batch_tiles)
+            return prob > settings.threshold
+
+        def segment_row(row, image, normalised_images, segment=segment):
+            model, normalizer, tta = table_rows[row]
+            return segment(model, image if normalizer is None else normalised_images[normalizer], tta)
+
+        validation = {name: {} for name, _, _ in MODELS}
+        for condition, shifted_val in val_conditions.items():
+            for model in validation:
+                validation[model][condition] = metrics.dice(segment(model, shifted_val), val_truth)
+        log(f"seed {seed}: validation band Dice: " + "; ".join(
+            f"{m} " + " ".join(f"{v:.2f}" for v in validation[m].values()) for m in validation))
+
+        log(f"seed {seed}: segmenting the held-out band under every condition")
+        results = {name: {} for name in model_names}
+        rows, masks = [], {}
+        for condition, image in conditions.items():
+            for model in model_names:
+                mask = segment_row(model, image, normalised[condition])
+                if first:
+                    masks[model, condition] = mask
+                scores = metrics.pool_scores([metrics.segmentation_scores(mask, test_truth)])
+                results[model][condition] = scores
+                rows.append(dict(seed=seed, model=model, condition=condition, **scores))
+            log(f"  {condition}: " + ", ".join(f"{m} {results[m][condition]['dice']:.3f}" for m in model_names))
+        loso = {}
+        for held_out in leave_one_out:
+            name = _leave_one_out_name(held_out)
+            loso[held_out] = {condition: metrics.pool_scores([metrics.segmentation_scores(
+                segment(name, conditions[condition]), test_truth)]) for condition in ("in_domain", held_out)}
+            log(f"  {name}: in_domain {loso[held_out]['in_domain']['dice']:.3f}, "
+                f"{held_out} {loso[held_out][held_out]['dice']:.3f}")
+        per_seed[seed] = dict(results=results, validation=validation, rows=rows, masks=masks, loso=loso,
+                              exported=exported, segment_row=segment_row,
+                              engines={name: predict.engine_choice.as_dict() for name, predict in predictors.items()},
+                              training={name: trained[seed, name][1] for name in
+                                        [f"{c}_base" for c in ("meanfile", "patchmean")] + list(exported)})
+
+    first = per_seed[seed_list[0]]
+    results_by_seed = [per_seed[seed]["results"] for seed in seed_list]
+    results = _mean_results(results_by_seed)
     figures = out_dir / "figures"
     crop = (slice(0, min(384, test_rgb.shape[0])), slice(0, min(384, test_rgb.shape[1])))
     for condition, image in conditions.items():
         panels = [(f"input: {condition}", image[crop]), ("ground truth", test_truth[crop])]
-        panels += [(f"{m}\nDice {results[m][condition]['dice']:.3f}", masks[m, condition][crop])
+        panels += [(f"{m}\nDice {first['results'][m][condition]['dice']:.3f}", first["masks"][m, condition][crop])
                    for m in model_names]
         save_comparison_figure(figures / f"test_{condition}.png", panels, panel_size=3.0)
     save_comparison_figure(figures / "stain_shifts.png",
@@ -276,15 +416,15 @@ def run_experiment(out_dir="results", settings=Settings(), preset="custom"):
                              image[crop]) for c, image in conditions.items()], panel_size=3.0)
     save_bar_figure(figures / "dice_by_condition.png", results, list(conditions), model_names)
 
-    log("segmenting the differently stained packaged images (no ground truth)")
+    log("segmenting the differently stained packaged images (no ground truth; first seed's models)")
     examples = {}
     for name, image in stained_examples.items():
         image = _centre_crop(image, settings.example_size)
-        normalised = {name_: normalize(image) for name_, normalize in normalizers.items()}
+        normalised_example = {name_: normalize(image) for name_, normalize in normalizers.items()}
         tissue_fraction = {}
         panels = [(name, image)]
         for model in model_names:
-            mask = segment_row(model, image, normalised)
+            mask = first["segment_row"](model, image, normalised_example)
             tissue_fraction[model] = float(mask.mean())
             panels.append((f"{model}\nnucleus {100 * mask.mean():.1f} %", overlay(image, mask)))
         save_comparison_figure(figures / f"example_{name}.png", panels, panel_size=3.0)
@@ -293,41 +433,98 @@ def run_experiment(out_dir="results", settings=Settings(), preset="custom"):
                               nucleus_fraction=tissue_fraction)
 
     condition_names = list(conditions)
-    write_table(rows, out_dir, stem="metrics")
-    write_dice_table(out_dir / "table.md", results, condition_names, model_names, seen=seen)
+    write_table([row for seed in seed_list for row in per_seed[seed]["rows"]], out_dir, stem="metrics",
+                columns=(("seed", "seed"), *TABLE_COLUMNS))
+    table = out_dir / "table.md"
+    write_dice_table(table, results_by_seed, condition_names, model_names, seen=seen)
+    loso_summary = None
+    if leave_one_out:
+        loso_summary = {held_out: dict(
+            augment_param_str=format_param_str(keys),
+            dice=_mean_sd_record([per_seed[s]["loso"][held_out][held_out]["dice"] for s in seed_list]),
+            in_domain_dice=_mean_sd_record([per_seed[s]["loso"][held_out]["in_domain"]["dice"] for s in seed_list]),
+            full_range_dice=_mean_sd_record([per_seed[s]["results"]["patchmean+aug"][held_out]["dice"]
+                                             for s in seed_list]))
+            for held_out, keys in leave_one_out.items()}
+        table.write_text(table.read_text() + "\n" + _leave_one_out_table(loso_summary, per_seed, seed_list))
     summary = dict(
         description="Nucleus segmentation Dice on the held-out band of histolytics hgsc_nest under stain shifts",
         preset=preset,
         settings=dataclasses.asdict(settings),
         seed=settings.seed,
+        seeds=seed_list,
         regions={k: [v.start, v.stop] for k, v in regions.items()},
         test_pixels=int(test_truth.size),
         stain_shifts=shift_settings,
         color_estimate=dict(estimated_on="train band vs the stain-shifted validation band",
                             **_estimate_record(estimate)),
         hed_estimate=None if hed_estimate is None else _estimate_record(hed_estimate),
-        augment_param_str=augment_param_str,
+        augment_param_str=param_str(augment, seed_list[0]),
         models={name: dict(centring=centring, augmented=augmented,
-                           deploy=_relative_to(exported[name][0], out_dir), weights=_relative_to(exported[name][1], out_dir),
-                           mean_file=_relative_to(exported[name][2], out_dir) if exported[name][2] else None,
-                           model_card=_relative_to(exported[name][3], out_dir),
+                           deploy=_relative_to(first["exported"][name][0], out_dir),
+                           weights=_relative_to(first["exported"][name][1], out_dir),
+                           mean_file=_relative_to(first["exported"][name][2], out_dir) if first["exported"][name][2] else None,
+                           model_card=_relative_to(first["exported"][name][3], out_dir),
                            input=dict(INPUT_CONVENTION, size_multiple=multiple),
-                           training=dict(first_loss=training_logs[name].first_loss,
-                                         last_loss=training_logs[name].last_loss,
-                                         validation=training_logs[name].validation[-1:] or None))
+                           training={str(seed): dict(first_loss=per_seed[seed]["training"][name].first_loss,
+                                                     last_loss=per_seed[seed]["training"][name].last_loss,
+                                                     validation=per_seed[seed]["training"][name].validation[-1:] or None)
+                                     for seed in seed_list})
                 for name, centring, augmented in MODELS},
         histmatch=dict(model=BASELINE, template="train band", ignore_white=True),
         rows={row: dict(model=model, test_time_normaliser=normalizer, tta=tta)
               for row, (model, normalizer, tta) in table_rows.items()},
         conditions={name: dict(seen_by_estimate=seen[name]) for name in conditions},
-        engines={name: predict.engine_choice.as_dict() for name, predict in predictors.items()},
+        engines=first["engines"],
         results=results,
-        validation_dice=validation,
+        results_sd=None if seeds == 1 else _sd_results(results_by_seed),
+        results_by_seed={str(seed): per_seed[seed]["results"] for seed in seed_list},
+        leave_one_shift_out=loso_summary,
+        validation_dice={str(seed): per_seed[seed]["validation"] for seed in seed_list},
         examples=examples,
         files=dict(table="table.md", metrics=["metrics.md", "metrics.csv"],
                    figures=sorted(str(p.relative_to(out_dir)) for p in figures.glob("*.png"))),
         elapsed_s=round(time.perf_counter() - started, 1),
     )
     write_summary(summary, out_dir)
-    log(f"done in {summary['elapsed_s']} s: {out_dir / 'table.md'}, {out_dir / 'summary.json'}, {figures}/")
+    log(f"done in {summary['elapsed_s']} s: {table}, {out_dir / 'summary.json'}, {figures}/")
     return summary
+
+
+def _mean_results(results_by_seed):
+    """Cell-wise mean of every score over seeds (counts such as ``pixels`` are the same in each)."""
+    first = results_by_seed[0]
+    return {model: {condition: {key: (float(np.mean([r[model][condition][key] for r in results_by_seed]))
+                                      if isinstance(value, float) else value)
+                                for key, value in scores.items()}
+                    for condition, scores in conditions.items()}
+            for model, conditions in first.items()}
+
+
+def _sd_results(results_by_seed):
+    """Cell-wise sample standard deviation of the Dice over seeds."""
+    first = results_by_seed[0]
+    return {model: {condition: float(np.std([r[model][condition]["dice"] for r in results_by_seed], ddof=1))
+                    for condition in conditions}
+            for model, conditions in first.items()}
+
+
+def _mean_sd_record(values):
+    values = np.asarray(values, float)
+    return dict(mean=float(values.mean()), sd=float(values.std(ddof=1)) if values.size > 1 else None,
+                by_seed=values.tolist())
+
+
+def _leave_one_out_table(loso_summary, per_seed, seed_list):
+    """Markdown: each synthetic shift, tested on the model whose range was estimated without it."""
+    lines = ["| held-out shift (unseen by its range) | range estimated without it | Dice on the shift, "
+             "range without it | Dice on the shift, full range | in-domain Dice, range without it | "
+             "shift / in-domain |", "|---|---|---|---|---|---|"]
+    for held_out, entry in loso_summary.items():
+        on_shift = np.array(entry["dice"]["by_seed"])
+        in_domain = np.array(entry["in_domain_dice"]["by_seed"])
+        share = mean_sd_text(100 * on_shift / in_domain, "{:.1f}") + " %" if (in_domain > 0).all() else "n/a"
+        lines.append(f"| {held_out} | `{entry['augment_param_str']}` | {mean_sd_text(on_shift, '{:.3f}')} | "
+                     f"{mean_sd_text(entry['full_range_dice']['by_seed'], '{:.3f}')} | "
+                     f"{mean_sd_text(in_domain, '{:.3f}')} | {share} |")
+    return "\n".join(lines) + "\n"
