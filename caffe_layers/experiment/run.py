@@ -148,7 +148,9 @@ def _train_all(log, specs, jobs):
         running = {}
 
         def submit_ready():
-            for key in [k for k, spec in pending.items() if spec["base"] is None or spec["base"] in done]:
+            # No more than one training per worker at a time, so "training ..." means it started.
+            ready = [k for k, spec in pending.items() if spec["base"] is None or spec["base"] in done]
+            for key in ready[:max(0, jobs - len(running))]:
                 spec = pending.pop(key)
                 task = dict(spec["task"])
                 if spec["base"] is not None:
