@@ -120,7 +120,9 @@ def background_planes(rgb, white_threshold=200):
     if limit < 0 or limit >= 3 * 255:
         return np.full(rgb.shape, 255 if limit < 0 else 0, np.uint8)
     matrix = np.tile([1.0, 1.0, 1.0, 254.0 - limit], (3, 1))
-    return cv2.threshold(cv2.transform(rgb, matrix), 254, 255, cv2.THRESH_BINARY)[1]
+    planes = cv2.transform(rgb, matrix)
+    cv2.threshold(planes, 254, 255, cv2.THRESH_BINARY, dst=planes)  # in place: no second image-sized buffer
+    return planes
 
 
 def resolve_masks(image, reference, mask, reference_mask, ignore_white, white_threshold):
