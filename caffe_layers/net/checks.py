@@ -22,6 +22,7 @@ from google.protobuf.message import DecodeError
 
 __all__ = [
     "MAX_PROTOTXT_BYTES",
+    "check_deploy_files",
     "check_net_param",
     "check_solver_param",
     "check_solverstate_fits",
@@ -239,6 +240,17 @@ def check_solver_param(param, where):
     if any(n < 0 for n in param.test_iter):
         raise ValueError(f"{where}: test_iter must be >= 0")
     return solver_type
+
+
+def check_deploy_files(deploy_prototxt, weights):
+    """Both files of a deploy net exist and the weights are not empty; returns them as Paths."""
+    deploy_prototxt, weights = Path(deploy_prototxt), Path(weights)
+    for what, path in (("deploy prototxt", deploy_prototxt), ("weights", weights)):
+        if not path.is_file():
+            raise FileNotFoundError(f"{what} not found: {path}")
+    if weights.stat().st_size == 0:
+        raise ValueError(f"weights file is empty: {weights}")
+    return deploy_prototxt, weights
 
 
 def read_weights(path):

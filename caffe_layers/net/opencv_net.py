@@ -40,7 +40,7 @@ import numpy as np
 from caffe.proto import caffe_pb2
 
 from ..params import MEAN_SUBTRACT_SCHEMA, ParamError, load_params
-from .checks import check_net_param, check_weights_fit, layers_in_phase, read_net_prototxt
+from .checks import check_deploy_files, check_net_param, check_weights_fit, layers_in_phase, read_net_prototxt
 from .meanfile import read_mean_binaryproto
 from .predictor import resolve_mean_files, prototxt_blobs
 
@@ -341,12 +341,7 @@ class OpenCVSegmenter:
     engine = "opencv"
 
     def __init__(self, deploy_prototxt, weights, *, threads=None, check_weights=True):
-        deploy_prototxt, weights = Path(deploy_prototxt), Path(weights)
-        for what, path in (("deploy prototxt", deploy_prototxt), ("weights", weights)):
-            if not path.is_file():
-                raise FileNotFoundError(f"{what} not found: {path}")
-        if weights.stat().st_size == 0:
-            raise ValueError(f"weights file is empty: {weights}")
+        deploy_prototxt, weights = check_deploy_files(deploy_prototxt, weights)
         if not opencv_has_caffe_importer():
             raise OpenCVUnsupported(f"OpenCV {cv2.__version__} has no Caffe importer (cv2.dnn.readNetFromCaffe, "
                                     "removed in OpenCV 5); install opencv-python-headless<5")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from pathlib import Path
 
 import caffe
 import numpy as np
@@ -30,7 +29,7 @@ from google.protobuf import text_format
 
 from ..model_card import ModelCard, card_means, preprocess
 from ..params import parse_param_str
-from .checks import check_net_param, check_weights_fit, layers_in_phase, read_net_prototxt
+from .checks import check_deploy_files, check_net_param, check_weights_fit, layers_in_phase, read_net_prototxt
 from .meanfile import read_mean_binaryproto
 
 __all__ = ["CaffeSegmenter", "prototxt_blobs", "resolve_mean_files", "use_cpu"]
@@ -160,12 +159,7 @@ class CaffeSegmenter:
     """
 
     def __init__(self, deploy_prototxt, weights, card=None):
-        deploy_prototxt, weights = Path(deploy_prototxt), Path(weights)
-        for what, path in (("deploy prototxt", deploy_prototxt), ("weights", weights)):
-            if not path.is_file():
-                raise FileNotFoundError(f"{what} not found: {path}")
-        if weights.stat().st_size == 0:
-            raise ValueError(f"weights file is empty: {weights}")
+        deploy_prototxt, weights = check_deploy_files(deploy_prototxt, weights)
         self.card = card = card if card is not None else ModelCard()
         # Everything Caffe would abort on is checked first: the net, the card, then the weights.
         param = read_net_prototxt(deploy_prototxt)
