@@ -297,6 +297,12 @@ def run_experiment(out_dir="results", settings=Settings(), preset="custom", seed
             leave_one_out[held_out] = estimate_ranges({k: v for k, v in shifted.items() if k != held_out})[0]
             log(f"range estimated without {held_out}: {format_param_str(leave_one_out[held_out])}")
 
+    # A range estimated without a shift can equal the full one (the other shifts span it): the
+    # full-range model, trained with the same param_str and seed, is then that shift's model.
+    loso_trained = [held_out for held_out, keys in leave_one_out.items() if keys != augment]
+    loso_model = {held_out: _leave_one_out_name(held_out) if held_out in loso_trained else "patchmean+aug"
+                  for held_out in leave_one_out}
+
     def param_str(keys, seed):
         # Its own stream of the seed: same seed, same augmentation draws.
         return json.dumps({**keys, "seed": derived_seed(seed, 2)})
@@ -318,9 +324,9 @@ def run_experiment(out_dir="results", settings=Settings(), preset="custom", seed
         for name, centring, augmented in MODELS:
             spec(name, centring, param_str(augment, seed) if augmented else None, settings.finetune_iters,
                  settings.finetune_lr, base=f"{centring}_base")
-        for held_out, keys in leave_one_out.items():
-            spec(_leave_one_out_name(held_out), "patchmean", param_str(keys, seed), settings.finetune_iters,
-                 settings.finetune_lr, base="patchmean_base")
+        for held_out in loso_trained:
+            spec(_leave_one_out_name(held_out), "patchmean", param_str(leave_one_out[held_out], seed),
+                 settings.finetune_iters, settings.finetune_lr, base="patchmean_base")
     jobs = jobs or max(1, min(len(os.sched_getaffinity(0)), 2 * len(seed_list)))
     log(f"{len(specs)} trainings for seed(s) {', '.join(map(str, seed_list))} on {jobs} worker process(es)")
     trained = _train_all(log, specs, jobs)
@@ -354,7 +360,7 @@ def run_experiment(out_dir="results", settings=Settings(), preset="custom", seed
         exported.update({_leave_one_out_name(s): _export_model(_leave_one_out_name(s), "patchmean",
                                                                trained[seed, _leave_one_out_name(s)][0], mean_file,
                                                                seed_settings, work / f"seed_{seed}")
-                         for s in leave_one_out})
+                         for s in loso_trained})
         cards = {name: load_model_card(card) for name, (_, _, _, card) in exported.items()}
         predictors = {name: make_segmenter(deploy, weights, settings.engine, tile=settings.tile,
                                            multiple=cards[name].size_multiple, batch=settings.batch_tiles,
@@ -392,7 +398,7 @@ def run_experiment(out_dir="results", settings=Settings(), preset="custom", seed
             log(f"  {condition}: " + ", ".join(f"{m} {results[m][condition]['dice']:.3f}" for m in model_names))
         loso = {}
         for held_out in leave_one_out:
-            name = _leave_one_out_name(held_out)
+            name = loso_model[held_out]
             loso[held_out] = {condition: metrics.pool_scores([metrics.segmentation_scores(
                 segment(name, conditions[condition]), test_truth)]) for condition in ("in_domain", held_out)}
             log(f"  {name}: in_domain {loso[held_out]['in_domain']['dice']:.3f}, "
@@ -443,6 +449,7 @@ def run_experiment(out_dir="results", settings=Settings(), preset="custom", seed
     if leave_one_out:
         loso_summary = {held_out: dict(
             augment_param_str=format_param_str(keys),
+            same_range_as_full=held_out not in loso_trained,
             dice=_mean_sd_record([per_seed[s]["loso"][held_out][held_out]["dice"] for s in seed_list]),
             in_domain_dice=_mean_sd_record([per_seed[s]["loso"][held_out]["in_domain"]["dice"] for s in seed_list]),
             full_range_dice=_mean_sd_record([per_seed[s]["results"]["patchmean+aug"][held_out]["dice"]
@@ -526,7 +533,8 @@ def _leave_one_out_table(loso_summary, per_seed, seed_list):
         on_shift = np.array(entry["dice"]["by_seed"])
         in_domain = np.array(entry["in_domain_dice"]["by_seed"])
         share = mean_sd_text(100 * on_shift / in_domain, "{:.1f}") + " %" if (in_domain > 0).all() else "n/a"
-        lines.append(f"| {held_out} | `{entry['augment_param_str']}` | {mean_sd_text(on_shift, '{:.3f}')} | "
+        same = " (the full range: the other shifts span it)" if entry["same_range_as_full"] else ""
+        lines.append(f"| {held_out} | `{entry['augment_param_str']}`{same} | {mean_sd_text(on_shift, '{:.3f}')} | "
                      f"{mean_sd_text(entry['full_range_dice']['by_seed'], '{:.3f}')} | "
                      f"{mean_sd_text(in_domain, '{:.3f}')} | {share} |")
     return "\n".join(lines) + "\n"
