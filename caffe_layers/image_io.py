@@ -24,6 +24,7 @@ Rules, the same everywhere:
   interrupt leaves the old file or the complete new one; the format follows the file name's
   extension, and it never replaces an existing file unless asked.
 """
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -88,7 +89,7 @@ def _read_npy(path, what, memmap):
         data_start = handle.tell()
     if dtype.hasobject:
         raise ValueError(f"{what} {path!r} holds Python objects (dtype {dtype}); expected numbers")
-    claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    claimed = math.prod(shape) * dtype.itemsize  # Python ints: a forged header cannot overflow it
     available = os.path.getsize(path) - data_start
     if claimed > available:
         raise ValueError(f"{what} {path!r} is truncated: its header claims shape {shape} ({claimed} bytes), "
