@@ -211,6 +211,51 @@ def _centre_crop(rgb, side):
     return np.ascontiguousarray(rgb[top:top + side_h, left:left + side_w])
 
 
+@dataclasses.dataclass(frozen=True)
+class Bands:
+    """The experiment's data: the bands of ``hgsc_nest`` and their stain-shifted versions.
+
+    ``test_conditions`` / ``val_conditions``: condition name -> (H, W, 3) uint8 image of the
+    held-out / validation band (``"in_domain"`` unchanged, then each synthetic shift, the same
+    ``alpha``/``beta`` on both bands); ``shift_settings``: condition -> its stain parameters.
+    """
+
+    regions: dict
+    lists: dict
+    mean_file: Path
+    train_rgb: np.ndarray
+    test_rgb: np.ndarray
+    test_truth: np.ndarray
+    val_truth: np.ndarray
+    test_conditions: dict
+    val_conditions: dict
+    shift_settings: dict
+
+
+def load_bands(settings, work, log):
+    """Split ``hgsc_nest`` into bands on disk under ``work/data`` and make the synthetic shifts."""
+    log("loading hgsc_nest (histolytics) and its nucleus mask")
+    rgb, instances = datasets.load_hgsc_nest()
+    truth_full = datasets.nucleus_mask(instances)
+    if settings.crop:
+        rgb, truth_full = rgb[:settings.crop, :settings.crop], truth_full[:settings.crop, :settings.crop]
+    prepared = prepare_data(rgb, truth_full, Path(work) / "data", patch_size=settings.patch_size, overwrite=True)
+    regions = prepared.regions
+    train_rgb, test_rgb = rgb[regions["train"]], rgb[regions["test"]]
+    log("regions (rows): " + ", ".join(f"{k} {v.start}-{v.stop}" for k, v in regions.items()))
+    log("making stain-shifted versions of the held-out band")
+    test_conditions, shift_settings = make_stain_shifts(test_rgb, train_rgb)
+    # The same shifts on the validation band: the colour range is estimated there, and the
+    # models are checked there, so no choice ever looks at the held-out band.
+    val_rgb = rgb[regions["val"]]
+    val_conditions = {name: val_rgb if name == "in_domain" else shift_stains(val_rgb, shift["alpha"], shift["beta"])
+                      for name, shift in shift_settings.items()}
+    return Bands(regions=regions, lists=prepared.lists, mean_file=prepared.mean_file, train_rgb=train_rgb,
+                 test_rgb=test_rgb, test_truth=truth_full[regions["test"]] > 0,
+                 val_truth=truth_full[regions["val"]] > 0, test_conditions=test_conditions,
+                 val_conditions=val_conditions, shift_settings=shift_settings)
+
+
 def _leave_one_out_name(shift):
     return f"patchmean+aug-without-{shift}"
 
@@ -245,25 +290,12 @@ def run_experiment(out_dir="results", settings=Settings(), preset="custom", seed
     started = time.perf_counter()
     seed_list = [settings.seed + k for k in range(seeds)]
 
-    log("loading hgsc_nest (histolytics) and its nucleus mask")
-    rgb, instances = datasets.load_hgsc_nest()
-    truth_full = datasets.nucleus_mask(instances)
-    if settings.crop:
-        rgb, truth_full = rgb[:settings.crop, :settings.crop], truth_full[:settings.crop, :settings.crop]
-    prepared = prepare_data(rgb, truth_full, work / "data", patch_size=settings.patch_size, overwrite=True)
-    regions, lists, mean_file = prepared.regions, prepared.lists, prepared.mean_file
-    train_rgb, test_rgb, test_truth = rgb[regions["train"]], rgb[regions["test"]], truth_full[regions["test"]] > 0
-    log("regions (rows): " + ", ".join(f"{k} {v.start}-{v.stop}" for k, v in regions.items()))
-
-    log("making stain-shifted versions of the held-out band")
-    conditions, shift_settings = make_stain_shifts(test_rgb, train_rgb)
+    bands = load_bands(settings, work, log)
+    regions, lists, mean_file = bands.regions, bands.lists, bands.mean_file
+    train_rgb, test_rgb, test_truth = bands.train_rgb, bands.test_rgb, bands.test_truth
+    conditions, shift_settings = dict(bands.test_conditions), dict(bands.shift_settings)
+    val_conditions, val_truth = bands.val_conditions, bands.val_truth
     seen = {name: name != "in_domain" for name in conditions}  # the synthetic shifts: the estimate saw them
-    # The same shifts on the validation band: the colour range is estimated there, and the
-    # models are checked there, so no choice ever looks at the held-out band.
-    val_rgb, val_truth = rgb[regions["val"]], truth_full[regions["val"]] > 0
-    val_conditions = {name: val_rgb if name == "in_domain" else
-                      shift_stains(val_rgb, shift["alpha"], shift["beta"])
-                      for name, shift in shift_settings.items()}
     shifted = {k: v for k, v in val_conditions.items() if k != "in_domain"}
     synthetic_shifts = list(shifted)
     # Conditions the estimate never saw: the held-out band re-stained to each real, differently

@@ -153,3 +153,18 @@ def test_experiment_command_line_rejects_bad_settings(argv, message, capsys):
         main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_tuning_variants_start_from_the_experiment_s_own_models(tiny_two_seeds, tmp_path):
+    """The study's "as in the experiment" and "no augmentation" variants are the experiment's
+    per-patch models, trained again: the same validation Dice."""
+    from caffe_layers.experiment import PRESETS
+    from caffe_layers.experiment.tuning import VARIANTS, tune_augmentation
+
+    _, experiment = tiny_two_seeds
+    tuning = tune_augmentation(tmp_path, PRESETS["tiny"], jobs=2)
+    assert set(tuning["variants"]) == set(VARIANTS)
+    validation = experiment["validation_dice"]["0"]
+    assert tuning["variants"]["as in the experiment"]["validation_dice"] == pytest.approx(validation["patchmean+aug"])
+    assert tuning["variants"]["no augmentation"]["validation_dice"] == pytest.approx(validation["patchmean"])
+    assert "| curriculum |" in (tmp_path / "tuning.md").read_text()
