@@ -6,8 +6,8 @@ from pathlib import Path
 from ..net.engines import make_segmenter
 from ..net.segment import segment_files
 from ..tiling import dihedral_tta
-from ..wsi.pipeline import DEFAULT_BLOCK, SlideSettings, find_slides
-from ..wsi.reader import is_slide
+from ..wsi.pipeline import DEFAULT_BLOCK, SlideSettings, find_slides, slide_name, slide_outputs
+from ..wsi.reader import is_slide, open_slide
 from . import (UsageError, add_engine_argument, add_model_card_arguments, add_tiling_arguments,
                check_tiling_arguments, effective_overlap, engine_log, model_card_from_args, run)
 
@@ -86,6 +86,11 @@ def main(argv=None):
         state["slides"] = slides
         if not slides and (args.workers is not None or args.scheduler is not None or args.prob_tiff):
             raise UsageError("--workers, --scheduler and --prob-tiff apply to whole slides; no input is one")
+        for slide in slides:  # a corrupt slide or an existing output is refused before any net is loaded
+            open_slide(slide).close()
+            for output in slide_outputs(args.out, slide_name(slide), args.prob_tiff).values():
+                if output.exists() and not args.overwrite:
+                    raise FileExistsError(f"{output}: already exists (use --overwrite to replace it)")
         card = model_card_from_args(args)
         segmenter = make_segmenter(args.model, args.weights, args.engine, tile=args.tile,
                                    multiple=card.size_multiple, batch=args.batch_tiles, log=engine_log(parser.prog),

@@ -76,7 +76,7 @@ def model_identity(model):
 
 
 def segment_slides(segmenter, slides, out_dir, settings, *, deploy, weights, card, tta=False, workers=None,
-                   scheduler=None, overwrite=False, restart=False, progress=True, log=None):
+                   scheduler=None, client=None, overwrite=False, restart=False, progress=True, log=None):
     """Plan every slide (all checks first), then segment them; returns one summary per slide.
 
     Parameters
@@ -94,6 +94,8 @@ def segment_slides(segmenter, slides, out_dir, settings, *, deploy, weights, car
     scheduler : str, optional
         Address of a running dask scheduler to use instead (its workers must see the slide
         and model paths and have this package installed).
+    client : distributed.Client, optional
+        A client already connected to a cluster (left open).
     """
     from ..wsi.pipeline import _stderr
 
@@ -110,6 +112,8 @@ def segment_slides(segmenter, slides, out_dir, settings, *, deploy, weights, car
         raise ValueError(f"several slides share the name(s) {duplicates} ({', '.join(names)}); "
                          "their outputs would overwrite each other")
     Path(out_dir).mkdir(parents=True, exist_ok=True)
+    if client is not None:
+        return run_slides(jobs, DaskExecutor(client, block_task, model), progress=progress, log=log)
     if workers is None and scheduler is None:
         predict = dihedral_tta(segmenter) if tta else segmenter
         return run_slides(jobs, LocalExecutor(predict), progress=progress, log=log)

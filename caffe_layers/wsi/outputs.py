@@ -97,12 +97,13 @@ def write_pyramid(path, level0, scratch, *, mode="max", mpp=None, tile=256, smal
 def iter_nuclei(mask, strip=1024, max_carry=8192):
     """Connected objects (8-connectivity) of a 2-D mask read ``strip`` rows at a time.
 
-    Yields ``(y0, x0, crop)``: the object's bounding-box corner and its boolean crop. An
-    object still touching the bottom of the rows read so far is carried (with its rows only)
-    into the next strip, so objects across strip borders come out whole. Objects are yielded
-    in a fixed order (strip by strip, raster order of their first pixel). A carried object
-    taller than ``max_carry`` rows (not a nucleus: e.g. a fold segmented as one blob) is
-    yielded in parts, which keeps memory bounded.
+    Yields ``(area, contour)``: the object's pixel count and its outer boundary, an ``(n, 2)``
+    int array of ``(x, y)`` pixel positions in ``mask`` (``cv2.findContours``, simple chain; holes are not traced).
+    An object still touching the bottom of the rows read so far is carried (with its rows only)
+    into the next strip, so objects across strip borders come out whole. Objects come in a
+    fixed order (strip by strip, then in ``cv2.findContours`` order). A carried object taller
+    than ``max_carry`` rows (not a nucleus: e.g. a fold segmented as one blob) is yielded in
+    parts, which keeps memory bounded.
     """
     height = mask.shape[0]
     carry, carry_y0 = None, 0
@@ -110,43 +111,48 @@ def iter_nuclei(mask, strip=1024, max_carry=8192):
         s1 = min(height, s0 + strip)
         new = np.asarray(mask[s0:s1]) != 0
         region, r0 = (new, s0) if carry is None else (np.vstack([carry, new]), carry_y0)
-        labels, count = ndimage.label(region, structure=_EIGHT)
         carry = None
+        labels, count = ndimage.label(region, structure=_EIGHT)
         if count == 0:
             continue
-        slices = ndimage.find_objects(labels)
         is_open = np.zeros(count + 1, bool)
         if s1 < height and region.shape[0] < max_carry:
             is_open[np.unique(labels[-1])] = True
             is_open[0] = False
-        for label, box in enumerate(slices, 1):
+        areas = np.bincount(labels.ravel(), minlength=count + 1)
+        # The outer contours of a binary image (the top level of RETR_CCOMP, which also has
+        # objects lying in another's hole there) are its 8-connected components, one each.
+        contours, hierarchy = cv2.findContours(region.view(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+        for contour, links in zip(contours, hierarchy[0] if contours else ()):
+            if links[3] != -1:
+                continue  # a hole
+            points = contour[:, 0, :]
+            label = labels[points[0, 1], points[0, 0]]
             if not is_open[label]:
-                yield r0 + box[0].start, box[1].start, labels[box] == label
+                yield int(areas[label]), points + (0, r0)
         if is_open.any():
-            top = min(slices[label - 1][0].start for label in np.flatnonzero(is_open))
-            carry, carry_y0 = is_open[labels[top:]], r0 + top
+            rows = np.flatnonzero(is_open[labels].any(axis=1))
+            carry, carry_y0 = is_open[labels[rows[0]:]], r0 + rows[0]
 
 
-def nucleus_polygon(y0, x0, crop, scale=(1.0, 1.0)):
-    """Closed exterior ring ``[[x, y], ...]`` of one object, in the coordinates of ``scale`` × pixels.
+def nucleus_polygon(contour, scale=(1.0, 1.0)):
+    """Closed exterior ring ``[[x, y], ...]`` of a contour, in the coordinates of ``scale`` × pixels.
 
     Vertices are the boundary pixels' centres (``(x + 0.5) * scale_x``); an object too thin
-    for a polygon through centres (1 or 2 pixels across) gets its pixels' bounding box.
+    for a polygon through centres (a pixel, a straight line) gets its pixels' bounding box.
     """
     scale_y, scale_x = scale
-    contours, _ = cv2.findContours(np.pad(crop, 1).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    contour = max(contours, key=len)[:, 0, :] - 1 if contours else np.zeros((0, 2), int)
-    if len(np.unique(contour, axis=0)) >= 3:
-        points = (contour + 0.5 + (x0, y0)) * (scale_x, scale_y)
+    if len(contour) >= 3 and cv2.contourArea(contour.reshape(-1, 1, 2).astype(np.int32)) > 0:
+        points = (contour + 0.5) * (scale_x, scale_y)
     else:
-        h, w = crop.shape
-        points = np.array([[x0, y0], [x0 + w, y0], [x0 + w, y0 + h], [x0, y0 + h]], float) * (scale_x, scale_y)
-    ring = [[round(float(x), 2), round(float(y), 2)] for x, y in points]
+        (x0, y0), (x1, y1) = contour.min(axis=0), contour.max(axis=0) + 1
+        points = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], float) * (scale_x, scale_y)
+    ring = np.round(points, 2).tolist()
     return ring + [ring[0]]
 
 
 def write_geojson(path, nuclei, scale=(1.0, 1.0), properties=None):
-    """Stream a GeoJSON FeatureCollection, one Polygon per ``(y0, x0, crop)`` of ``nuclei``; returns the count.
+    """Stream a GeoJSON FeatureCollection, one Polygon per ``(area, contour)`` of ``nuclei``; returns the count.
 
     Each feature is a QuPath detection classified ``Nucleus``, with ``area_px`` (pixels at the
     resolution segmented). ``properties`` are added to the collection.
@@ -157,11 +163,11 @@ def write_geojson(path, nuclei, scale=(1.0, 1.0), properties=None):
         if properties:
             head["properties"] = properties
         handle.write(json.dumps(head)[:-1] + ', "features": [\n')
-        for y0, x0, crop in nuclei:
+        for area, contour in nuclei:
             feature = {"type": "Feature", "id": count + 1,
-                       "geometry": {"type": "Polygon", "coordinates": [nucleus_polygon(y0, x0, crop, scale)]},
+                       "geometry": {"type": "Polygon", "coordinates": [nucleus_polygon(contour, scale)]},
                        "properties": {"objectType": "detection", "classification": {"name": "Nucleus"},
-                                      "area_px": int(crop.sum())}}
+                                      "area_px": area}}
             handle.write(("" if count == 0 else ",\n") + json.dumps(feature, separators=(",", ":")))
             count += 1
         handle.write("\n]}\n")

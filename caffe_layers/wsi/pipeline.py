@@ -41,7 +41,7 @@ from .outputs import iter_nuclei, write_geojson, write_pyramid
 from .reader import SLIDE_SUFFIXES, choose_level, is_slide, open_slide
 
 __all__ = ["DEFAULT_BLOCK", "BlockSpec", "DaskExecutor", "LocalExecutor", "SlideJob", "SlideSettings",
-           "compute_block", "find_slides", "plan_slide", "run_slides", "slide_outputs", "tissue_thumbnail"]
+           "compute_block", "find_slides", "plan_slide", "slide_name", "run_slides", "slide_outputs", "tissue_thumbnail"]
 
 DEFAULT_BLOCK = 1024
 """Default block side (pixels of the level segmented): the unit of work, of retries and of resuming."""
@@ -181,6 +181,12 @@ def find_slides(entries):
     return found
 
 
+def slide_name(path):
+    """The name a slide's outputs start with (``a.svs``, ``a.tif``, ``a.ome.tif`` -> ``a``)."""
+    path = Path(path)
+    return image_stem(path) if path.suffix.lower() in (".tif", ".tiff") else path.stem
+
+
 def slide_outputs(out_dir, name, prob=False):
     """Output paths of a slide: ``mask``, ``geojson``, ``summary`` and (``prob=True``) ``prob``."""
     out_dir = Path(out_dir)
@@ -275,7 +281,7 @@ def plan_slide(path, out_dir, settings, *, model=None, overwrite=False, restart=
     """
     started = time.perf_counter()
     path = Path(path)
-    name = image_stem(path) if path.suffix.lower() in (".tif", ".tiff") else path.stem
+    name = slide_name(path)
     out_dir = Path(out_dir)
     outputs = slide_outputs(out_dir, name, settings.prob)
     for output in outputs.values():
