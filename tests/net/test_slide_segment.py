@@ -42,6 +42,7 @@ def case(tmp_path_factory):
 @pytest.fixture(scope="module")
 def client():
     """A LocalCluster of 2 single-threaded worker processes, shared by the tests of this module."""
+    pytest.importorskip("distributed")  # the [test] extra installs it (through [slides])
     with slide_client(workers=2) as connected:
         yield connected
 
