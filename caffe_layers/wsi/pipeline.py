@@ -44,7 +44,8 @@ __all__ = ["DEFAULT_BLOCK", "BlockSpec", "DaskExecutor", "LocalExecutor", "Slide
            "compute_block", "find_slides", "plan_slide", "slide_name", "run_slides", "slide_outputs", "tissue_thumbnail"]
 
 DEFAULT_BLOCK = 1024
-"""Default block side (pixels of the level segmented): the unit of work, of retries and of resuming."""
+"""Default block side (pixels of the level segmented): the unit of work, of retries and of resuming;
+moved to the nearest side that tiles without waste (:attr:`SlideSettings.block_side`)."""
 RECORD_FORMAT = 1
 
 
@@ -80,7 +81,21 @@ class SlideSettings:
 
     @property
     def block_side(self):
-        return -(-self.block // self.multiple) * self.multiple
+        """``block`` moved to the nearest side whose region (block + margins) is tiled without a short last tile.
+
+        A region of ``tile + k * stride`` pixels is covered by net tiles that overlap by exactly
+        ``overlap``, so an inner block costs no more net work per pixel than one pass of
+        :func:`~caffe_layers.tiling.segment_tiled` over the whole image (e.g. 960 for the
+        default 1024 with 256-pixel tiles, overlap 64, multiple 4).
+        """
+        multiple = self.multiple
+        tile = -(-self.tile // multiple) * multiple
+        stride = max(multiple, (tile - min(self.overlap, tile - 1)) // multiple * multiple)
+        base = tile - 2 * self.margin
+        if base <= 0:
+            return -(-self.block // multiple) * multiple
+        steps = max(0, round((self.block - base) / stride))
+        return base + steps * stride
 
 
 @dataclasses.dataclass(frozen=True)
