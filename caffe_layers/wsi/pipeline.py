@@ -233,7 +233,8 @@ class SlideJob:
     record: dict
     settings: SlideSettings
     overwrite: bool = False
-    started: float = 0.0
+    started: float = 0.0  # when planning ended
+    plan_seconds: float = 0.0
 
     def spec(self, index):
         settings = self.settings
@@ -337,7 +338,8 @@ def plan_slide(path, out_dir, settings, *, model=None, overwrite=False, restart=
     if log is not None:
         log(f"{name}: {sentence}; {shape[1]}×{shape[0]} pixels, tissue {raw.mean():.1%} of the slide")
     return SlideJob(path, name, level, sentence, tuple(shape), downsample, level_mpp, backend, tissue,
-                    float(raw.mean()), blocks, todo, outputs, scratch, record, settings, overwrite, started)
+                    float(raw.mean()), blocks, todo, outputs, scratch, record, settings, overwrite,
+                    time.perf_counter(), time.perf_counter() - started)
 
 
 class _SlideRun:
@@ -346,39 +348,50 @@ class _SlideRun:
     CHECKPOINT_SECONDS = 5.0
 
     def __init__(self, job, progress, position):
-        self.job, self.finished = job, False
+        self.job, self.finished, self.progress, self.position = job, False, progress, position
         scratch = job.scratch
         fresh = not (scratch / "record.json").is_file()
         if fresh and scratch.exists():
             shutil.rmtree(scratch)  # an earlier run stopped before its record was written: nothing done
         scratch.mkdir(parents=True, exist_ok=True)
-        shape = tuple(job.shape)
-        names = ["mask"] + (["prob"] if job.settings.prob else [])
+        self.map_names = ["mask"] + (["prob"] if job.settings.prob else [])
+        self.fresh, self.maps = fresh, {}
         try:
-            self.maps = {key: np.memmap(scratch / f"{key}.u8", mode="w+" if fresh else "r+", dtype=np.uint8,
-                                        shape=shape) for key in names}
             self.done = np.zeros(len(job.blocks), bool) if fresh else np.load(scratch / "done.npy")
-            stats = {"tiles": 0, "skipped_pixels": 0} if fresh else \
+            self.stats = {"tiles": 0, "skipped_pixels": 0} if fresh else \
                 json.loads((scratch / "stats.json").read_text(encoding="utf-8"))
+            if not fresh:
+                for name in self.map_names:
+                    if (scratch / f"{name}.u8").stat().st_size != job.shape[0] * job.shape[1]:
+                        raise ValueError(f"{name}.u8 has the wrong size")
         except (OSError, ValueError) as error:
             raise ValueError(f"{scratch}: unreadable progress record ({error}); use --restart to discard it") from None
         if self.done.shape != (len(job.blocks),):
             raise ValueError(f"{scratch}: progress record has {self.done.size} blocks, the plan {len(job.blocks)}; "
                              "use --restart to discard it")
-        self.stats = stats
         if fresh:
+            for name in self.map_names:  # sparse files: glass costs no disk
+                with open(scratch / f"{name}.u8", "wb") as handle:
+                    handle.truncate(job.shape[0] * job.shape[1])
             self._save_flags()
             _write_json(scratch / "record.json", job.record)
         self.resumed = int(self.done[job.todo_mask].sum())
         self.todo = [int(i) for i in np.flatnonzero(job.todo_mask & ~self.done)]
         self.remaining = len(self.todo)
         self.pending, self.last_checkpoint = [], time.monotonic()
-        self.bar = None
-        if progress:
+        self.bar, self.first_block = None, None
+
+    def _open(self):
+        """Memory maps and progress bar, opened when the slide's first block comes in (a folder of
+        slides keeps neither open for the slides still waiting)."""
+        if not self.maps:
+            self.maps = {name: np.memmap(self.job.scratch / f"{name}.u8", mode="r+", dtype=np.uint8,
+                                         shape=tuple(self.job.shape)) for name in self.map_names}
+        if self.progress and self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=int(job.todo_mask.sum()), initial=self.resumed, unit="block", desc=job.name,
-                            position=position, leave=True, dynamic_ncols=True)
+            self.bar = tqdm(total=int(self.job.todo_mask.sum()), initial=self.resumed, unit="block",
+                            desc=self.job.name, position=self.position, leave=True, dynamic_ncols=True)
 
     def _save_flags(self):
         scratch = self.job.scratch
@@ -387,6 +400,7 @@ class _SlideRun:
         _write_json(scratch / "stats.json", self.stats)
 
     def store(self, index, result):
+        self._open()
         y0, x0, y1, x1 = self.job.blocks[index]
         self.maps["mask"][y0:y1, x0:x1] = result["mask"].astype(np.uint8) * 255
         if "prob" in self.maps:
@@ -419,6 +433,7 @@ class _SlideRun:
 
     def finish(self, log):
         """Assemble the outputs from the memory maps, rename them into place, drop the progress folder."""
+        self._open()
         self.checkpoint()
         job = self.job
         scratch, outputs = job.scratch, job.outputs
@@ -430,7 +445,9 @@ class _SlideRun:
         write_pyramid(temporary["mask"], self.maps["mask"], scratch, mode="max", mpp=job.mpp)
         if "prob" in temporary:
             write_pyramid(temporary["prob"], self.maps["prob"], scratch, mode="mean", mpp=job.mpp)
-        seconds = time.perf_counter() - job.started
+        # Planning, then from the slide's first block to now (a folder's later slides do not count
+        # the time they waited for the earlier ones).
+        seconds = job.plan_seconds + time.perf_counter() - (self.first_block or job.started)
         height, width = job.shape
         total = height * width
         glass_blocks = sum((y1 - y0) * (x1 - x0) for (y0, x0, y1, x1), run in zip(job.blocks, job.todo_mask)
@@ -546,9 +563,14 @@ def run_slides(jobs, executor, *, progress=True, log=_stderr):
         for index, run in enumerate(runs):
             if run.remaining == 0:
                 summaries[index] = run.finish(log)
-        items = ((index, block) for index, run in enumerate(runs) for block in run.todo)
-        specs = ((key, runs[key[0]].job.spec(key[1])) for key in items)
-        for (index, block), result in executor.map(specs):
+        def specs():
+            for index, run in enumerate(runs):
+                for block in run.todo:
+                    if run.first_block is None:
+                        run.first_block = time.perf_counter()
+                    yield (index, block), run.job.spec(block)
+
+        for (index, block), result in executor.map(specs()):
             run = runs[index]
             run.store(block, result)
             if run.remaining == 0:

@@ -150,3 +150,34 @@ def test_command_refuses_broken_slides_and_slide_options_without_slides(caffe, c
     assert segment_main([str(png), "--workers", "2"] + common) == 2
     assert "apply to whole slides" in capsys.readouterr().err
     assert segment_main([str(case), "--workers", "2", "--scheduler", "tcp://x:1"] + common) == 2
+
+
+def test_command_resumes_after_ctrl_c_and_runs_on_a_scheduler(caffe, case, client, tmp_path, capsys, monkeypatch):
+    from caffe_layers.wsi import pipeline
+
+    deploy, weights = make_tiny_net(caffe, tmp_path / "net")
+    common = [str(case), "--model", str(deploy), "--weights", str(weights), "--mpp", "2", "--block", "128",
+              "--no-progress"]
+    calls = []
+    real = pipeline.compute_block
+
+    def interrupted_after_three(spec, predict, slide=None):
+        calls.append(spec.box)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(spec, predict, slide)
+
+    monkeypatch.setattr(pipeline, "compute_block", interrupted_after_three)
+    out = tmp_path / "out"
+    assert segment_main(common + ["--out", str(out)]) == 130
+    assert "run the same command again to resume" in capsys.readouterr().err
+    assert not (out / "case_pred.tif").exists()
+    monkeypatch.setattr(pipeline, "compute_block", real)
+    assert segment_main(common + ["--out", str(out)]) == 0
+    summary = json.loads((out / "case_slide.json").read_text())
+    assert summary["blocks_resumed"] == 3 and summary["level"] == 2
+    # The same slide on a running cluster, by its scheduler's address: the same outputs.
+    remote = tmp_path / "remote"
+    assert segment_main(common + ["--out", str(remote), "--scheduler", client.scheduler.address]) == 0
+    np.testing.assert_array_equal(tifffile.imread(remote / "case_pred.tif"), tifffile.imread(out / "case_pred.tif"))
+    assert (remote / "case_nuclei.geojson").read_bytes() == (out / "case_nuclei.geojson").read_bytes()
