@@ -181,3 +181,24 @@ def test_command_resumes_after_ctrl_c_and_runs_on_a_scheduler(caffe, case, clien
     assert segment_main(common + ["--out", str(remote), "--scheduler", client.scheduler.address]) == 0
     np.testing.assert_array_equal(tifffile.imread(remote / "case_pred.tif"), tifffile.imread(out / "case_pred.tif"))
     assert (remote / "case_nuclei.geojson").read_bytes() == (out / "case_nuclei.geojson").read_bytes()
+
+
+def test_a_folder_of_slides_fans_out_over_the_cluster(caffe, case, client, tmp_path, capsys):
+    import shutil
+
+    deploy, weights = make_tiny_net(caffe, tmp_path / "net")
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for name in ("a.tif", "b.tif"):
+        shutil.copy(case, folder / name)
+    (folder / "notes.txt").write_text("not a slide")
+    out = tmp_path / "out"
+    argv = [str(folder), "--model", str(deploy), "--weights", str(weights), "--mpp", "2", "--out", str(out),
+            "--no-progress", "--scheduler", client.scheduler.address]
+    assert segment_main(argv) == 0
+    err = capsys.readouterr().err
+    assert err.count("s per tissue megapixel") == 2  # one summary line per slide
+    a, b = (tifffile.imread(out / f"{name}_pred.tif") for name in "ab")
+    np.testing.assert_array_equal(a, b)
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{n}{s}" for n in "ab"
+                                                           for s in ("_pred.tif", "_nuclei.geojson", "_slide.json"))
