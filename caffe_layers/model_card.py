@@ -49,6 +49,7 @@ class ModelCard:
     foreground_class: int = 1
     patch_classifier: bool = False
     size_multiple: int = 1
+    mpp: float | None = None
     source: str = "defaults"
 
     def as_dict(self):

@@ -1191,6 +1191,9 @@ MODEL_CARD_SCHEMA = Schema(
         Param("patch_classifier", "bool", False,
               doc="the net maps a P×P patch (its input size) to class scores for the centre pixel"),
         Param("size_multiple", "int", 1, min=1, max=1024, doc="input sides must be multiples of this"),
+        Param("mpp", "float", None, optional=True, min=0.0, min_inclusive=False, max=1000.0,
+              doc="micrometres per pixel of the images the net was trained on: whole slides are segmented "
+                  "at the pyramid level nearest to it"),
     ],
     name="model card",
 )

@@ -146,7 +146,7 @@ def _read_tile(image, y0, y1, x0, x1):
 
 
 def segment_tiled(predict, rgb, tile=DEFAULT_TILE, overlap=DEFAULT_OVERLAP, multiple=DEFAULT_MULTIPLE,
-                  progress=False, out=None, batch_size=1):
+                  progress=False, out=None, batch_size=1, skip=None, stats=None):
     """Nucleus probability map of an image, predicted tile by tile.
 
     Tiles are streamed: each one is read from ``rgb``, predicted and written into the output
@@ -181,6 +181,12 @@ def segment_tiled(predict, rgb, tile=DEFAULT_TILE, overlap=DEFAULT_OVERLAP, mult
         Where to write the result, e.g. a ``np.memmap``.
     batch_size : int
         Tiles per ``predict`` call (all tiles have the same shape); memory grows with it.
+    skip : callable, optional
+        ``skip(y0, y1, x0, x1)`` of the part of the image a tile writes; True leaves that part
+        0 without running the net (e.g. glass of a whole slide).
+    stats : dict, optional
+        Filled with ``tiles`` (tiles that write something), ``skipped`` (how many of them
+        ``skip`` spared) and ``skipped_pixels`` (pixels written as 0 by skipped tiles).
 
     Returns
     -------
@@ -222,6 +228,22 @@ def segment_tiled(predict, rgb, tile=DEFAULT_TILE, overlap=DEFAULT_OVERLAP, mult
               if keep_y[int(y)][1] > keep_y[int(y)][0] and keep_x[int(x)][1] > keep_x[int(x)][0]]
     if bar is not None:
         bar.update(len(origins) - len(useful))  # tiles entirely in the padding
+    if skip is not None:
+        run, spared = [], 0
+        for y, x in useful:
+            (ky0, ky1), (kx0, kx1) = keep_y[y], keep_x[x]
+            if skip(ky0, ky1, kx0, kx1):
+                out[ky0:ky1, kx0:kx1] = 0
+                spared += (ky1 - ky0) * (kx1 - kx0)
+            else:
+                run.append((y, x))
+        if stats is not None:
+            stats.update(tiles=len(useful), skipped=len(useful) - len(run), skipped_pixels=spared)
+        if bar is not None:
+            bar.update(len(useful) - len(run))
+        useful = run
+    elif stats is not None:
+        stats.update(tiles=len(useful), skipped=0, skipped_pixels=0)
     try:
         for start in range(0, len(useful), batch_size):
             group = useful[start:start + batch_size]

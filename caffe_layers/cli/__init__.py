@@ -105,6 +105,8 @@ CARD_FLAGS = {
     "patch_classifier": dict(action="store_const", const=True,
                              help="the net labels the centre pixel of a P×P patch (its input size)"),
     "size_multiple": dict(type=int, help="net input sides must be multiples of this (default 1)"),
+    "mpp": dict(type=float, help="micrometres per pixel the net was trained at: a whole slide is segmented at "
+                                 "its pyramid level nearest to it (default: the card's mpp, else level 0)"),
 }
 
 

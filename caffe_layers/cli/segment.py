@@ -1,22 +1,48 @@
-"""``caffe-stain-segment``: segment nuclei in RGB images with a Caffe deploy net, tile by tile."""
+"""``caffe-stain-segment``: segment nuclei in RGB images and whole slides with a Caffe deploy net, tile by tile."""
 import argparse
 import sys
+from pathlib import Path
 
 from ..net.engines import make_segmenter
 from ..net.segment import segment_files
 from ..tiling import dihedral_tta
-from . import (add_engine_argument, add_model_card_arguments, add_tiling_arguments, check_tiling_arguments,
-               effective_overlap, engine_log, model_card_from_args, run)
+from ..wsi.pipeline import DEFAULT_BLOCK, SlideSettings, find_slides, slide_name, slide_outputs
+from ..wsi.reader import is_slide, open_slide
+from . import (UsageError, add_engine_argument, add_model_card_arguments, add_tiling_arguments,
+               check_tiling_arguments, effective_overlap, engine_log, model_card_from_args, run)
 
 __all__ = ["main"]
 
 
+def _split_inputs(entries):
+    """(plain images, slides): folders give their slides; other files go by is_slide."""
+    images, slides = [], []
+    for entry in entries:
+        path = Path(entry)
+        if path.is_dir():
+            found = find_slides([path])
+            if not found:
+                raise UsageError(f"{path}: folder contains no whole slides (.svs, pyramidal .tif/.tiff, "
+                                 "OpenSlide formats)")
+            slides += found
+        elif path.is_file() and is_slide(path):
+            slides.append(path)
+        else:
+            images.append(entry)
+    return images, slides
+
+
 def main(argv=None):
-    """Segment images; returns the exit code."""
+    """Segment images and slides; returns the exit code."""
     parser = argparse.ArgumentParser(
         prog="caffe-stain-segment",
-        description="Segment nuclei in RGB images with a Caffe deploy net, tile by tile.")
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="RGB images (PNG, TIFF, ...)")
+        description="Segment nuclei in RGB images and whole slides with a Caffe deploy net, tile by tile. "
+                    "Slides (.svs, pyramidal .tif/.tiff, OpenSlide formats, or folders of them) are read "
+                    "block by block at the pyramid level matching the model's mpp, glass is skipped, and the "
+                    "outputs are a pyramidal mask TIFF, a GeoJSON of nuclei and a summary; an interrupted "
+                    "run resumes when the same command is run again.")
+    parser.add_argument("images", nargs="+", metavar="IMAGE",
+                        help="RGB images (PNG, TIFF, ...), whole slides, or folders of slides")
     parser.add_argument("--model", required=True, help="deploy prototxt (its conventions: --card or the flags below)")
     parser.add_argument("--weights", required=True, help=".caffemodel")
     parser.add_argument("--out", required=True, help="output directory")
@@ -24,26 +50,82 @@ def main(argv=None):
     add_model_card_arguments(parser)
     add_engine_argument(parser)
     parser.add_argument("--prob-format", choices=("png", "npy"), default="png",
-                        help="nucleus probability as a uint8 PNG or as a float32 .npy of the image's size")
+                        help="images: nucleus probability as a uint8 PNG or as a float32 .npy of the image's size")
     parser.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
     parser.add_argument("--no-progress", action="store_true")
+    slides = parser.add_argument_group("whole slides")
+    slides.add_argument("--workers", type=int, default=None,
+                        help="segment on a local dask cluster of N single-threaded worker processes "
+                             "(default: in this process)")
+    slides.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                        help="segment on a running dask cluster (e.g. tcp://10.0.0.5:8786); its workers must "
+                             "see the slides and the model files")
+    slides.add_argument("--prob-tiff", action="store_true",
+                        help="also write the nucleus probability as a uint8 pyramidal TIFF (<name>_prob.tif)")
+    slides.add_argument("--block", type=int, default=DEFAULT_BLOCK,
+                        help=f"side of a unit of work, in pixels (default {DEFAULT_BLOCK})")
+    slides.add_argument("--white-threshold", type=float, default=200.0,
+                        help="tissue is where the mean of R, G, B is at or below this (default 200); "
+                             "tiles without tissue are written as background without running the net")
+    slides.add_argument("--restart", action="store_true",
+                        help="discard the progress of an interrupted run instead of resuming it")
     args = parser.parse_args(argv)
+    state = {"slides": [], "out": args.out}
 
     def body():
         check_tiling_arguments(args)
+        if args.workers is not None and args.scheduler is not None:
+            raise UsageError("give --workers or --scheduler, not both")
+        if args.workers is not None and not 1 <= args.workers <= 1024:
+            raise UsageError(f"--workers must be in [1, 1024]; got {args.workers}")
+        if not 16 <= args.block <= 16384:
+            raise UsageError(f"--block must be in [16, 16384]; got {args.block}")
+        if not 0 <= args.white_threshold <= 255:
+            raise UsageError(f"--white-threshold must be in [0, 255]; got {args.white_threshold}")
+        images, slides = _split_inputs(args.images)
+        state["slides"] = slides
+        if not slides and (args.workers is not None or args.scheduler is not None or args.prob_tiff):
+            raise UsageError("--workers, --scheduler and --prob-tiff apply to whole slides; no input is one")
+        for slide in slides:  # a corrupt slide or an existing output is refused before any net is loaded
+            open_slide(slide).close()
+            for output in slide_outputs(args.out, slide_name(slide), args.prob_tiff).values():
+                if output.exists() and not args.overwrite:
+                    raise FileExistsError(f"{output}: already exists (use --overwrite to replace it)")
         card = model_card_from_args(args)
         segmenter = make_segmenter(args.model, args.weights, args.engine, tile=args.tile,
                                    multiple=card.size_multiple, batch=args.batch_tiles, log=engine_log(parser.prog),
                                    card=card)
         overlap = effective_overlap(args, segmenter, parser.prog)
-        predict = dihedral_tta(segmenter) if args.tta else segmenter
-        written = segment_files(predict, args.images, args.out, tile=args.tile, overlap=overlap,
-                                threshold=args.threshold, multiple=card.size_multiple, prob_format=args.prob_format,
-                                progress=not args.no_progress, overwrite=args.overwrite, batch_size=args.batch_tiles)
-        for files in written:
-            print(f"{files['name']}: {files['mask']}")
+        if images:
+            predict = dihedral_tta(segmenter) if args.tta else segmenter
+            written = segment_files(predict, images, args.out, tile=args.tile, overlap=overlap,
+                                    threshold=args.threshold, multiple=card.size_multiple,
+                                    prob_format=args.prob_format, progress=not args.no_progress,
+                                    overwrite=args.overwrite, batch_size=args.batch_tiles)
+            for files in written:
+                print(f"{files['name']}: {files['mask']}")
+        if slides:
+            from ..net.slides import segment_slides
 
-    return run(parser.prog, body, interrupted=lambda _: "outputs already written are complete; none is partial")
+            settings = SlideSettings(tile=args.tile, overlap=overlap, multiple=card.size_multiple,
+                                     threshold=args.threshold, batch_size=args.batch_tiles, block=args.block,
+                                     mpp=card.mpp, white_threshold=args.white_threshold, prob=args.prob_tiff)
+            summaries = segment_slides(segmenter, slides, args.out, settings, deploy=args.model,
+                                       weights=args.weights, card=card, tta=args.tta, workers=args.workers,
+                                       scheduler=args.scheduler, overwrite=args.overwrite, restart=args.restart,
+                                       progress=not args.no_progress,
+                                       log=lambda message: print(f"{parser.prog}: {message}", file=sys.stderr,
+                                                                 flush=True))
+            for summary in summaries:
+                print(f"{Path(summary['slide']).name}: {summary['outputs']['mask']}")
+
+    def interrupted(_):
+        if state["slides"]:
+            return (f"finished outputs are complete, none is partial; the progress of unfinished slides is kept in "
+                    f"{args.out}/.<name>.slide-progress: run the same command again to resume")
+        return "outputs already written are complete; none is partial"
+
+    return run(parser.prog, body, interrupted=interrupted)
 
 
 if __name__ == "__main__":

@@ -141,7 +141,7 @@ def make_segmenter(deploy_prototxt, weights, engine=DEFAULT_ENGINE, *, tile=DEFA
         Receives the one-line report of the choice (default: stderr); None is silent.
     card : ModelCard, optional
         The net's conventions. The OpenCV engine runs the project's own convention only; a
-        card that says otherwise (apart from ``size_multiple``) is run by Caffe.
+        card that says otherwise (apart from ``size_multiple`` and ``mpp``) is run by Caffe.
 
     Returns
     -------
@@ -150,8 +150,9 @@ def make_segmenter(deploy_prototxt, weights, engine=DEFAULT_ENGINE, *, tile=DEFA
     """
     check_engine(engine)
     deploy_name = str(Path(deploy_prototxt))  # as given: the report names the file the user named
+    # size_multiple and mpp say how to tile, not how to feed the net.
     own_convention = card is None or card.as_dict() == dataclasses.replace(
-        ModelCard(), size_multiple=card.size_multiple).as_dict()
+        ModelCard(), size_multiple=card.size_multiple, mpp=card.mpp).as_dict()
     if not own_convention:
         if engine == "opencv":
             raise ValueError(f"{deploy_name}: the OpenCV engine runs nets in the project's own convention "
