@@ -59,14 +59,40 @@ def _corrupt(path, detail):
     return ValueError(f"{path}: not a readable whole slide ({detail}); is the file complete?")
 
 
-class TiffSlide:
-    """A pyramidal TIFF or SVS read through tifffile, tile by tile (picklable: reopened by path)."""
+class _Slide:
+    """What both readers share: opened by path, picklable (a worker reopens the file), closable."""
 
-    backend = "tifffile"
+    _handle_name = None  # the attribute holding the open file (closed by close())
 
     def __init__(self, path):
         self.path = str(path)
         self._open()
+
+    def __getstate__(self):
+        return {"path": self.path}
+
+    def __setstate__(self, state):
+        self.path = state["path"]
+        self._open()
+
+    def close(self):
+        handle = getattr(self, self._handle_name, None)
+        if handle is not None:
+            handle.close()
+            setattr(self, self._handle_name, None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class TiffSlide(_Slide):
+    """A pyramidal TIFF or SVS read through tifffile, tile by tile (picklable: reopened by path)."""
+
+    backend = "tifffile"
+    _handle_name = "_tif"
 
     def _open(self):
         import tifffile
@@ -123,25 +149,6 @@ class TiffSlide:
             return None
         return micrometres / pixels_per_unit
 
-    def __getstate__(self):
-        return {"path": self.path}
-
-    def __setstate__(self, state):
-        self.path = state["path"]
-        self._open()
-
-    def close(self):
-        tif = getattr(self, "_tif", None)
-        if tif is not None:
-            tif.close()
-            self._tif = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
     def _decode_chunk(self, level, index):
         page = self._pages[level]
         offset, count = page.dataoffsets[index], page.databytecounts[index]
@@ -184,14 +191,11 @@ class TiffSlide:
         return out
 
 
-class OpenSlideSlide:
+class OpenSlideSlide(_Slide):
     """A slide read through OpenSlide (picklable: reopened by path); transparent pixels are white."""
 
     backend = "openslide"
-
-    def __init__(self, path):
-        self.path = str(path)
-        self._open()
+    _handle_name = "_slide"
 
     def _open(self):
         try:
@@ -210,25 +214,6 @@ class OpenSlideSlide:
             self.mpp = float(mpp) if mpp is not None and float(mpp) > 0 else None
         except ValueError:
             self.mpp = None
-
-    def __getstate__(self):
-        return {"path": self.path}
-
-    def __setstate__(self, state):
-        self.path = state["path"]
-        self._open()
-
-    def close(self):
-        slide = getattr(self, "_slide", None)
-        if slide is not None:
-            slide.close()
-            self._slide = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def read_region(self, level, y, x, height, width):
         scale = self.downsamples[level]
