@@ -112,7 +112,7 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 project = tomllib.load(open(sys.argv[1], "rb"))["project"]
-requirements = project["dependencies"] + [r for extra in ("scripts", "test")
+requirements = project["dependencies"] + [r for extra in ("scripts", "slides", "test")
                                          for r in project["optional-dependencies"][extra]]
 lowest = {}
 for text in requirements:
