@@ -43,6 +43,7 @@ from ..net.predictor import use_cpu
 from ..net.training import train
 from ..net.unet import net_to_text, solver, solver_to_text, unet_deploy, unet_train_val
 from ..patches import derived_seed
+from ..image_io import write_atomic
 from ..params import format_param_str
 from ..reports import (
     TABLE_COLUMNS,
@@ -487,7 +488,8 @@ def run_experiment(out_dir="results", settings=Settings(), preset="custom", seed
             full_range_dice=_mean_sd_record([per_seed[s]["results"]["patchmean+aug"][held_out]["dice"]
                                              for s in seed_list]))
             for held_out, keys in leave_one_out.items()}
-        table.write_text(table.read_text() + "\n" + _leave_one_out_table(loso_summary, per_seed, seed_list))
+        text = table.read_text() + "\n" + _leave_one_out_table(loso_summary)
+        write_atomic(table, lambda tmp: Path(tmp).write_text(text), overwrite=True)
     summary = dict(
         description="Nucleus segmentation Dice on the held-out band of histolytics hgsc_nest under stain shifts",
         preset=preset,
@@ -556,7 +558,7 @@ def _mean_sd_record(values):
                 by_seed=values.tolist())
 
 
-def _leave_one_out_table(loso_summary, per_seed, seed_list):
+def _leave_one_out_table(loso_summary):
     """Markdown: each synthetic shift, tested on the model whose range was estimated without it."""
     lines = ["| held-out shift (unseen by its range) | range estimated without it | Dice on the shift, "
              "range without it | Dice on the shift, full range | in-domain Dice, range without it | "

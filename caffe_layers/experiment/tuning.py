@@ -83,6 +83,8 @@ def tune_augmentation(out_dir, settings=Settings(), jobs=None):
               "colour only": estimate(settings.color_margin, hed=False),
               "hue jitter 5°": {**reference, "stain_angle": 5.0}, "2× iterations": reference,
               "curriculum": reference}
+    iterations = {name: settings.finetune_iters for name in ranges}
+    iterations["2× iterations"] *= 2
     seed = settings.seed
 
     def param_str(keys):
@@ -104,8 +106,7 @@ def tune_augmentation(out_dir, settings=Settings(), jobs=None):
             spec("curriculum (first half)", _halved(keys), half, "patchmean_base")
             spec(name, keys, settings.finetune_iters - half, "curriculum (first half)")
         else:
-            spec(name, keys, 2 * settings.finetune_iters if name == "2× iterations" else settings.finetune_iters,
-                 "patchmean_base")
+            spec(name, keys, iterations[name], "patchmean_base")
     trained = _train_all(log, specs, jobs or 2)
 
     results = {}
@@ -122,8 +123,7 @@ def tune_augmentation(out_dir, settings=Settings(), jobs=None):
                 for condition, image in bands.val_conditions.items()}
         shifts = [dice[c] for c in shifted]
         in_domain = dice["in_domain"]
-        iterations = (2 if name == "2× iterations" else 1) * settings.finetune_iters
-        results[name] = dict(description=VARIANTS[name], param_str=param_str(keys), iterations=iterations,
+        results[name] = dict(description=VARIANTS[name], param_str=param_str(keys), iterations=iterations[name],
                              validation_dice=dice, mean_shift_dice=float(np.mean(shifts)),
                              mean_share=float(np.mean(shifts) / in_domain) if in_domain else None,
                              worst_share=float(min(shifts) / in_domain) if in_domain else None)
