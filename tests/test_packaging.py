@@ -94,7 +94,12 @@ def test_report_figures(tmp_path):
                                                 title="t")
     results = {model: {c: {"dice": d} for c, d in zip(("in_domain", "pale"), (0.8, 0.5))} for model in ("m1", "m2")}
     bars = reports.save_bar_figure(tmp_path / "b" / "bars.png", results, ["in_domain", "pale"], ["m1", "m2"])
-    for path in (comparison, bars):
+    # Several seeds (error bars) and an unseen condition (shaded).
+    seeds = [{m: {c: {"dice": d + 0.01 * k} for c, d in ((("in_domain", 0.8), ("pale", 0.5), ("real", 0.4)))}
+              for m in ("m1", "m2")} for k in range(3)]
+    seeded = reports.save_bar_figure(tmp_path / "b" / "seeded.png", seeds, ["in_domain", "pale", "real"], ["m1", "m2"],
+                                     seen={"in_domain": False, "pale": True, "real": False})
+    for path in (comparison, bars, seeded):
         assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

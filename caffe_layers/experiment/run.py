@@ -455,7 +455,7 @@ def run_experiment(out_dir="results", settings=Settings(), preset="custom", seed
     save_comparison_figure(figures / "stain_shifts.png",
                            [(f"{c}\nratios {np.round(shift_settings[c]['mean_ratios_vs_train'], 2).tolist()}",
                              image[crop]) for c, image in conditions.items()], panel_size=3.0)
-    save_bar_figure(figures / "dice_by_condition.png", results, list(conditions), model_names)
+    save_bar_figure(figures / "dice_by_condition.png", results_by_seed, list(conditions), model_names, seen=seen)
 
     log("segmenting the differently stained packaged images (no ground truth; first seed's models)")
     examples = {}
