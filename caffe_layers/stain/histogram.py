@@ -44,7 +44,7 @@ def check_reference(reference, reference_mask=None, name="reference"):
     if flat.size:
         channels = ", ".join("RGB"[c] for c in flat)
         raise ValueError(f"{name} is flat in channel {channels} (every pixel used has value "
-                         f"{low[flat[0]]!r}); matching to it would make that channel of every image uniform")
+                         f"{low[flat[0]].item()!r}); matching to it would make that channel of every image uniform")
 
 
 def _quantised_reference(values, counts, nbins, low, high):

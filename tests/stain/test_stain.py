@@ -612,8 +612,8 @@ def test_normalize_cli_refuses_degenerate_histogram_templates(tmp_path, capsys, 
     source = _save(tmp_path / "in.png", hgsc[:60, :60])
     single = _save(tmp_path / "single.png", np.full((30, 30, 3), (150, 80, 140), np.uint8))
     blank = _save(tmp_path / "blank.png", white())
-    for template, extra, message in ((single, [], "flat in channel R, G, B"),
-                                     (blank, [], "flat in channel R, G, B"),
+    for template, extra, message in ((single, [], "flat in channel R, G, B (every pixel used has value 150)"),
+                                     (blank, [], "flat in channel R, G, B (every pixel used has value 255)"),
                                      (blank, ["--ignore-white"], "no tissue")):
         output = tmp_path / "out.png"
         code = normalize_cli.main([source, "--template", template, "--output", str(output), *extra])
