@@ -264,7 +264,7 @@ def _load_solver(param, seed, max_iter):
 
 
 def train(solver_path, *, weights=None, resume=None, max_iter=None, log_csv=None, validate_every=None,
-          validate_fn=None, progress=True, seed=None):
+          validate_fn=None, progress=True, seed=None, overwrite_log=False):
     """Train with a Caffe solver, one iteration at a time.
 
     Parameters
@@ -281,7 +281,8 @@ def train(solver_path, *, weights=None, resume=None, max_iter=None, log_csv=None
         resuming at iteration 500 with ``max_iter=600`` it trains 100 iterations.
     log_csv : str or Path, optional
         CSV with one row per iteration: ``iter``, ``loss``, ``elapsed_s`` and the validation
-        metrics on the rows where validation ran.
+        metrics on the rows where validation ran. Never one of the files training reads (the
+        solver, its nets, ``weights``, ``resume``); an existing file only with ``overwrite_log``.
     validate_every : int, optional
         Validate every this many iterations and at the end (default: the solver's
         ``test_interval`` if it has a test net, else never; 0 disables).
@@ -293,6 +294,8 @@ def train(solver_path, *, weights=None, resume=None, max_iter=None, log_csv=None
     seed : int, optional
         Overrides the solver's ``random_seed`` (weight initialisation). Data layers are
         seeded by their own ``param_str``.
+    overwrite_log : bool
+        Replace an existing ``log_csv``.
 
     Returns
     -------
@@ -318,6 +321,12 @@ def train(solver_path, *, weights=None, resume=None, max_iter=None, log_csv=None
     for path, what in ((weights, "weights file"), (resume, "solver state file")):
         if path is not None and not os.path.isfile(path):
             raise FileNotFoundError(f"{what} not found: {path}")
+    if log_csv is not None:
+        inputs = [solver_path, param.net, param.train_net, *param.test_net, weights, resume]
+        if Path(log_csv).resolve() in {Path(path).resolve() for path in inputs if path}:
+            raise ValueError(f"log {log_csv}: is one of the files training reads; name another CSV")
+        if os.path.lexists(log_csv) and not overwrite_log:
+            raise FileExistsError(f"log {log_csv}: already exists (use --overwrite-log to replace it)")
     if param.snapshot_prefix:
         # Caffe aborts when it cannot write a snapshot.
         Path(param.snapshot_prefix).parent.mkdir(parents=True, exist_ok=True)

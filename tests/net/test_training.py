@@ -174,3 +174,20 @@ def test_validation_finds_a_classifiers_own_blob_names(caffe, tmp_path, capsys):
     log_path = tmp_path / "log.csv"
     assert train_cli.main(["--solver", str(solver_path), "--log", str(log_path), "--no-progress"]) == 0
     assert "val_acc" in open(log_path).readline()
+
+
+def test_the_log_never_replaces_an_input_or_an_existing_file(caffe, tmp_path, capsys):
+    solver_path, net_path = write_run(tmp_path, max_iter=2)
+    before = {path: path.read_bytes() for path in (solver_path, net_path)}
+    for path in before:
+        assert train_cli.main(["--solver", str(solver_path), "--log", str(path), "--no-progress"]) == 2
+        assert f"log {path}: is one of the files training reads" in capsys.readouterr().err
+    assert {path: path.read_bytes() for path in before} == before
+    log_path = tmp_path / "old.csv"
+    log_path.write_text("a previous run\n")
+    assert train_cli.main(["--solver", str(solver_path), "--log", str(log_path), "--no-progress"]) == 2
+    assert "already exists (use --overwrite-log" in capsys.readouterr().err
+    assert log_path.read_text() == "a previous run\n"
+    assert train_cli.main(["--solver", str(solver_path), "--log", str(log_path), "--no-progress",
+                           "--overwrite-log"]) == 0
+    assert log_path.read_text().startswith("iter,loss")
