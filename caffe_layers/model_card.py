@@ -9,6 +9,7 @@ A card is a small YAML or JSON file beside a ``deploy.prototxt`` (keys: ``MODEL_
     output: scores                  # no Softmax at the end: apply one
     foreground_class: 1
     patch_classifier: true
+    patch_stride: 4                 # classify every 4th pixel's patch, interpolate between
 
 The input follows the steps of pycaffe's ``caffe.io.Transformer``, in its order: RGB 0-255
 pixels are channel-swapped (``channel_order``), multiplied by ``raw_scale``, have the mean
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +50,7 @@ class ModelCard:
     output: str = "probabilities"
     foreground_class: int = 1
     patch_classifier: bool = False
+    patch_stride: int = 1
     size_multiple: int = 1
     mpp: float | None = None
     source: str = "defaults"
@@ -110,6 +113,18 @@ def load_model_card(path=None, **overrides):
         if not mean_path.is_file():
             raise FileNotFoundError(f"{where}: mean_file {mean_file!r} not found (looked for {mean_path})")
         values["mean_file"] = str(mean_path.resolve())
+    if values["patch_stride"] > 1:
+        if not values["patch_classifier"]:
+            raise ParamError(f"{where}: patch_stride {values['patch_stride']} needs patch_classifier: true",
+                             where=where, key="patch_stride", value=values["patch_stride"])
+        # Tiles start on multiples of size_multiple: on the stride's grid too, so that every
+        # tile (and slide block) samples the same pixels.
+        multiple = math.lcm(values["size_multiple"], values["patch_stride"])
+        if multiple > 1024:
+            raise ParamError(f"{where}: size_multiple {values['size_multiple']} and patch_stride "
+                             f"{values['patch_stride']} need tiles on multiples of {multiple} (at most 1024)",
+                             where=where, key="patch_stride", value=values["patch_stride"])
+        values["size_multiple"] = multiple
     return ModelCard(source=where, **values)
 
 

@@ -1190,6 +1190,9 @@ MODEL_CARD_SCHEMA = Schema(
         Param("foreground_class", "int", 1, min=0, max=1023, doc="output channel of the nucleus class"),
         Param("patch_classifier", "bool", False,
               doc="the net maps a P×P patch (its input size) to class scores for the centre pixel"),
+        Param("patch_stride", "int", 1, min=1, max=256,
+              doc="with patch_classifier: classify the patch centred on every this-many-th pixel of each row "
+                  "and column and interpolate between them (stride² fewer forward passes; 1: every pixel)"),
         Param("size_multiple", "int", 1, min=1, max=1024, doc="input sides must be multiples of this"),
         Param("mpp", "float", None, optional=True, min=0.0, min_inclusive=False, max=1000.0,
               doc="micrometres per pixel of the images the net was trained on: whole slides are segmented "

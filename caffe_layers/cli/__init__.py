@@ -104,6 +104,8 @@ CARD_FLAGS = {
     "foreground_class": dict(type=int, help="output channel of the nucleus class (default 1)"),
     "patch_classifier": dict(action="store_const", const=True,
                              help="the net labels the centre pixel of a P×P patch (its input size)"),
+    "patch_stride": dict(type=int, help="patch classifier: classify every N-th pixel's patch per row and column "
+                                        "and interpolate (N² fewer forwards; default 1, every pixel)"),
     "size_multiple": dict(type=int, help="net input sides must be multiples of this (default 1)"),
     "mpp": dict(type=float, help="micrometres per pixel the net was trained at: a whole slide is segmented at "
                                  "its pyramid level nearest to it (default: the card's mpp, else level 0)"),

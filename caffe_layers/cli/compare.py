@@ -46,6 +46,8 @@ def main(argv=None):
                         help="input sides must be multiples of this, for models without a card (default 1)")
     add_engine_argument(parser)
     parser.add_argument("--no-figures", action="store_true")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the tables, summary and figures of an earlier comparison in --out")
     args = parser.parse_args(argv)
 
     def body():
@@ -67,7 +69,8 @@ def main(argv=None):
         summary = compare_models(models, images, args.out, template_rgb=template,
                                  tile=args.tile, overlap=args.overlap, threshold=args.threshold,
                                  figures=not args.no_figures, tta=args.tta, batch_size=args.batch_tiles,
-                                 engine=args.engine, engine_log=engine_log(parser.prog))
+                                 engine=args.engine, engine_log=engine_log(parser.prog),
+                                 overwrite=args.overwrite)
         print((Path(args.out) / summary["files"]["table_md"]).read_text(), end="")
 
     return run(parser.prog, body)

@@ -96,6 +96,10 @@ def main(argv=None):
                                    multiple=card.size_multiple, batch=args.batch_tiles, log=engine_log(parser.prog),
                                    card=card)
         overlap = effective_overlap(args, segmenter, parser.prog)
+        if slides and getattr(segmenter, "geometry", None) == "patch" and card.patch_stride == 1:
+            print(f"{parser.prog}: note: a patch classifier runs one forward pass per pixel of tissue: on a whole "
+                  "slide that takes hours; patch_stride: 8 in the card (or --patch-stride 8) classifies every 8th "
+                  "pixel's patch per row and column and interpolates, 64× fewer passes", file=sys.stderr)
         if images:
             predict = dihedral_tta(segmenter) if args.tta else segmenter
             written = segment_files(predict, images, args.out, tile=args.tile, overlap=overlap,

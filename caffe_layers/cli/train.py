@@ -17,7 +17,9 @@ def main(argv=None):
     start.add_argument("--weights", help=".caffemodel to start from (fine-tuning)")
     start.add_argument("--resume", help=".solverstate to continue from")
     parser.add_argument("--iters", type=int, help="iteration to stop at (default: the solver's max_iter)")
-    parser.add_argument("--log", help="CSV log of loss and validation metrics per iteration")
+    parser.add_argument("--log", help="CSV log of loss and validation metrics per iteration (never "
+                        "replaces an existing file unless --overwrite-log)")
+    parser.add_argument("--overwrite-log", action="store_true", help="replace an existing --log file")
     parser.add_argument("--validate-every", type=int, help="validation period (default: the solver's "
                         "test_interval; 0 disables)")
     parser.add_argument("--seed", type=int, help="override the solver's random_seed")
@@ -33,7 +35,7 @@ def main(argv=None):
             raise UsageError(f"--seed must be in [0, 2**63); got {args.seed}")
         result = train(args.solver, weights=args.weights, resume=args.resume, max_iter=args.iters,
                        log_csv=args.log, validate_every=args.validate_every, progress=not args.no_progress,
-                       seed=args.seed)
+                       seed=args.seed, overwrite_log=args.overwrite_log)
         print(f"trained to iteration {result.iterations}; last loss {result.last_loss}")
         if result.validation:
             print("last validation: " + ", ".join(f"{key}={value:.4g}" for key, value in result.validation[-1].items()

@@ -110,7 +110,8 @@ def _train_model(name, centring, augment_param_str, lists, mean_file, settings, 
                           random_seed=settings.seed, display=0)
     solver_path = folder / f"{folder.name}_solver.prototxt"
     solver_path.write_text(solver_to_text(solver_param))
-    result = train(solver_path, weights=weights, log_csv=folder / "log.csv", progress=False, seed=settings.seed)
+    result = train(solver_path, weights=weights, log_csv=folder / "log.csv", progress=False, seed=settings.seed,
+                   overwrite_log=True)
     return Path(result.caffemodel), result
 
 

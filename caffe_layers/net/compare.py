@@ -18,6 +18,7 @@ The writers are in :mod:`caffe_layers.reports`. Command line (:mod:`caffe_layers
         --image IMG [--mask MASK] [--image ...] [--template T.png] --out DIR
 """
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,7 +65,7 @@ def _safe_name(text):
 def compare_models(models, images, out_dir, template_rgb=None, conditions=None, tile=DEFAULT_TILE,
                    overlap=DEFAULT_OVERLAP, threshold=DEFAULT_THRESHOLD, multiple=DEFAULT_MULTIPLE,
                    figures=True, progress=False, predictors=None, tta=False, batch_size=1, engine="auto",
-                   engine_log=report_to_stderr):
+                   engine_log=report_to_stderr, overwrite=False):
     """Segment images with several models and conditions; score and write the comparison.
 
     Parameters
@@ -97,6 +98,9 @@ def compare_models(models, images, out_dir, template_rgb=None, conditions=None, 
         each choice is recorded under ``engines`` in the summary.
     engine_log : callable or None
         Receives the one-line report of each engine choice (default: stderr; None: silent).
+    overwrite : bool
+        Replace the tables, summary and figures of an earlier comparison in ``out_dir``
+        (refused before anything runs otherwise).
 
     Returns
     -------
@@ -117,7 +121,19 @@ def compare_models(models, images, out_dir, template_rgb=None, conditions=None, 
         raise ValueError(f"image names must be unique, got {image_names}")
     if conditions is None:
         conditions = _default_conditions(template_rgb)
+    for image_name, rgb, truth in images:
+        if truth is not None and np.shape(truth) != tuple(rgb.shape[:2]):
+            raise ValueError(f"image {image_name!r}: mask shape {np.shape(truth)} does not "
+                             f"match image shape {tuple(rgb.shape[:2])}")
     out_dir = Path(out_dir)
+    outputs = [out_dir / name for name in ("table.md", "table.csv", "summary.json")]
+    if figures:
+        outputs += [out_dir / "figures" / f"{_safe_name(image)}_{_safe_name(condition)}.png"
+                    for image in image_names for condition in conditions]
+    existing = [path for path in outputs if os.path.lexists(path)]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]}: already exists, from an earlier comparison "
+                              "(use --overwrite to replace it, or another --out)")
     out_dir.mkdir(parents=True, exist_ok=True)
     predictors = dict(predictors or {})
     for model in models:

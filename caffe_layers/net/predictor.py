@@ -12,7 +12,8 @@ shapes, not assumed:
   back to the input grid, aligned with the receptive-field centres;
 * ``patch`` -- a patch classifier (``patch_classifier: true``): the map at each pixel is the
   classifier's output on the P×P patch centred there (the tile is reflect-padded by P/2),
-  computed by batched sliding windows.
+  computed by batched sliding windows; with ``patch_stride: s`` only on every s-th pixel of
+  each row and column (tiles start on multiples of s, so on one grid), interpolated between.
 
 :attr:`CaffeSegmenter.context` is how many pixels of context each output pixel needs on each
 side (when the geometry tells it); tools widen their tile overlap to twice that.
@@ -222,7 +223,9 @@ class CaffeSegmenter:
                 raise ValueError(f"{where}: patch_classifier is set, but a {self.patch} input gives output "
                                  f"{out}, not one score vector per patch")
             self._check_classes(out[1])
-            self.geometry, self.context = "patch", max(self.patch) // 2
+            # Output j of a tile sits on its pixel j * patch_stride (tiles start on multiples of it).
+            self.stride, self.offset = card.patch_stride, 0
+            self.geometry, self.context = "patch", max(self.patch) // 2 + card.patch_stride - 1
             return
         fixed = [layer.name for layer in layers_in_phase(self._param, caffe.TEST)
                  if getattr(layer, "type", None) in ("InnerProduct", "Reshape", "Flatten")]
@@ -281,12 +284,16 @@ class CaffeSegmenter:
         ph, pw = self.patch
         padded = _reflect_pad(batch, ph // 2, ph - 1 - ph // 2, pw // 2, pw - 1 - pw // 2)
         windows = np.lib.stride_tricks.sliding_window_view(padded, (ph, pw), axis=(2, 3))  # N,3,H,W,ph,pw
-        windows = windows.transpose(0, 2, 3, 1, 4, 5).reshape(n * height * width, 3, ph, pw)
+        step = self.stride
+        windows = windows[:, :, ::step, ::step]  # the patches centred on pixels 0, step, 2·step, ...
+        rows, cols = windows.shape[2:4]
+        windows = windows.transpose(0, 2, 3, 1, 4, 5).reshape(n * rows * cols, 3, ph, pw)
         fg = np.empty(len(windows), np.float32)
         for start in range(0, len(windows), PATCH_BATCH):
             chunk = np.ascontiguousarray(windows[start:start + PATCH_BATCH])
             fg[start:start + len(chunk)] = self._forward(preprocess(chunk, self.card, self.mean)).reshape(len(chunk))
-        return fg.reshape(n, height, width)
+        fg = fg.reshape(n, rows, cols)
+        return fg if step == 1 else self._upsample(fg, height, width)
 
     def __call__(self, batch):
         """RGB 0-255 tiles ``(N, 3, h, w)`` -> ``(N, 2, h, w)``: background and nucleus probability."""

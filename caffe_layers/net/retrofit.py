@@ -898,6 +898,12 @@ def _take_transform(layer, lines, state):
     if removed:
         lines.append(f"  {_describe(layer, state)}: removed {', '.join(removed)} from transform_param"
                      + (f" (kept {', '.join(kept)})" if kept else ""))
+    if "mean_file" in removed and param.mirror and not param.crop_size:
+        # Caffe's DataTransformer subtracts mean[x] from the pixel it moves to W-1-x.
+        lines.append(f"  note: {_describe(layer, state)} mirrors after subtracting its mean file; after the "
+                     "retrofit the mean is subtracted after mirroring, so a mirrored TRAIN sample is centred "
+                     "on the left-right mirror of the mean it had (a difference of the mean image's asymmetry; "
+                     "TEST is unchanged)")
     return ops
 
 

@@ -150,7 +150,25 @@ def _loss_of(net):
     return total
 
 
-def validate_segmentation(solver, n_batches, score="score", label="label"):
+#: Loss layers whose bottoms are (class scores, labels): where validation finds the blobs to score.
+_SCORE_LOSSES = ("SoftmaxWithLoss", "Accuracy")
+
+
+def _score_and_label(net, score, label):
+    """The (scores, labels) blob names to score: given, or the bottoms of the net's softmax loss."""
+    if score is not None and label is not None:
+        return score, label
+    for index, layer in enumerate(net.layers):
+        if layer.type in _SCORE_LOSSES:
+            bottoms = net.bottom_names[net._layer_names[index]]
+            if len(bottoms) >= 2:
+                return score or bottoms[0], label or bottoms[1]
+    if "score" in net.blobs and "label" in net.blobs:
+        return score or "score", label or "label"
+    return None
+
+
+def validate_segmentation(solver, n_batches, score=None, label=None):
     """Loss, accuracy and pooled Dice of the solver's first test net over ``n_batches`` batches.
 
     Parameters
@@ -159,29 +177,48 @@ def validate_segmentation(solver, n_batches, score="score", label="label"):
         Must have a test net (``test_iter``/``test_interval`` or ``test_net`` in the solver).
     n_batches : int
         Forward passes (the solver's ``test_iter``).
-    score, label : str
-        Blobs holding the N×2×H×W scores and N×1×H×W {0, 1} labels.
+    score, label : str, optional
+        Blobs holding the N×C×H×W (or N×C, a patch classifier's) scores and the N×1×H×W (N)
+        labels. Default: the two bottoms of the test net's first ``SoftmaxWithLoss`` (or
+        ``Accuracy``) layer, whatever the net names them; else ``score`` and ``label``.
 
     Returns
     -------
     dict
-        ``val_loss`` (mean over batches), ``val_accuracy`` (pixel accuracy) and ``val_dice``
-        (nucleus Dice of all pixels pooled, so small batches do not dominate).
+        ``val_loss`` (mean over batches); the mean of each other output of the test net
+        (``val_<blob>``, e.g. an ``Accuracy`` layer's); and, when the scores and labels are
+        found, ``val_accuracy`` (pixel or patch accuracy) and ``val_dice`` (Dice of class 1, or
+        every nonzero class, against the rest, all pixels pooled so small batches do not
+        dominate).
     """
     net = solver.test_nets[0]
     net.share_with(solver.net)  # Caffe shares weights only when it runs its own test
+    blobs = _score_and_label(net, score, label)
+    weights, names = net._blob_loss_weights, list(net._blob_names)
+    others = [name for name in net.outputs if not weights[names.index(name)]]
+    sums = dict.fromkeys(others, 0.0)
     tp = fp = fn = correct = total = 0
     loss = 0.0
     for _ in range(n_batches):
         net.forward()
         loss += _loss_of(net)
-        predicted = net.blobs[score].data.argmax(axis=1)
-        truth = net.blobs[label].data.reshape(predicted.shape)
+        for name in others:
+            sums[name] += float(np.mean(net.blobs[name].data))
+        if blobs is None:
+            continue
+        scores, truth = net.blobs[blobs[0]].data, net.blobs[blobs[1]].data
+        predicted = scores.argmax(axis=1)
+        truth = truth.reshape(predicted.shape)
         batch_tp, batch_fp, batch_fn = confusion(predicted, truth)
         tp, fp, fn = tp + batch_tp, fp + batch_fp, fn + batch_fn
-        correct += int(np.count_nonzero(predicted == (truth != 0)))
+        correct += int(np.count_nonzero(predicted == truth))
         total += predicted.size
-    return {"val_loss": loss / n_batches, "val_accuracy": correct / total, "val_dice": dice_from_counts(tp, fp, fn)}
+    metrics = {"val_loss": loss / n_batches}
+    metrics.update({f"val_{name}": value / n_batches for name, value in sums.items()
+                    if f"val_{name}" not in ("val_loss", "val_accuracy", "val_dice")})
+    if blobs is not None:
+        metrics.update({"val_accuracy": correct / total, "val_dice": dice_from_counts(tp, fp, fn)})
+    return metrics
 
 
 class _CsvLog:
@@ -227,7 +264,7 @@ def _load_solver(param, seed, max_iter):
 
 
 def train(solver_path, *, weights=None, resume=None, max_iter=None, log_csv=None, validate_every=None,
-          validate_fn=None, progress=True, seed=None):
+          validate_fn=None, progress=True, seed=None, overwrite_log=False):
     """Train with a Caffe solver, one iteration at a time.
 
     Parameters
@@ -244,7 +281,8 @@ def train(solver_path, *, weights=None, resume=None, max_iter=None, log_csv=None
         resuming at iteration 500 with ``max_iter=600`` it trains 100 iterations.
     log_csv : str or Path, optional
         CSV with one row per iteration: ``iter``, ``loss``, ``elapsed_s`` and the validation
-        metrics on the rows where validation ran.
+        metrics on the rows where validation ran. Never one of the files training reads (the
+        solver, its nets, ``weights``, ``resume``); an existing file only with ``overwrite_log``.
     validate_every : int, optional
         Validate every this many iterations and at the end (default: the solver's
         ``test_interval`` if it has a test net, else never; 0 disables).
@@ -256,6 +294,8 @@ def train(solver_path, *, weights=None, resume=None, max_iter=None, log_csv=None
     seed : int, optional
         Overrides the solver's ``random_seed`` (weight initialisation). Data layers are
         seeded by their own ``param_str``.
+    overwrite_log : bool
+        Replace an existing ``log_csv``.
 
     Returns
     -------
@@ -281,6 +321,12 @@ def train(solver_path, *, weights=None, resume=None, max_iter=None, log_csv=None
     for path, what in ((weights, "weights file"), (resume, "solver state file")):
         if path is not None and not os.path.isfile(path):
             raise FileNotFoundError(f"{what} not found: {path}")
+    if log_csv is not None:
+        inputs = [solver_path, param.net, param.train_net, *param.test_net, weights, resume]
+        if Path(log_csv).resolve() in {Path(path).resolve() for path in inputs if path}:
+            raise ValueError(f"log {log_csv}: is one of the files training reads; name another CSV")
+        if os.path.lexists(log_csv) and not overwrite_log:
+            raise FileExistsError(f"log {log_csv}: already exists (use --overwrite-log to replace it)")
     if param.snapshot_prefix:
         # Caffe aborts when it cannot write a snapshot.
         Path(param.snapshot_prefix).parent.mkdir(parents=True, exist_ok=True)

@@ -122,6 +122,14 @@ def test_compare_cli(two_models, tmp_path, capsys):
     assert summary["results"]["beta"]["original"]["images"] == 1
     assert summary["results"]["beta"]["original"]["images_segmented"] == 2
     assert (out / "figures" / "q_original.png").is_file()
+    # Run again into the same folder: refused before anything runs, nothing replaced...
+    written = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    assert compare_main(argv) == 2
+    assert "table.md: already exists, from an earlier comparison (use --overwrite" in capsys.readouterr().err
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == written
+    # ...unless asked.
+    assert compare_main(argv + ["--overwrite"]) == 0
+    capsys.readouterr()
     # A mask of the wrong size is reported with its file name.
     Image.fromarray(np.zeros((5, 5), np.uint8)).save(tmp_path / "small.png")
     argv_bad = models + ["--image", str(tmp_path / "p.png"), "--mask", str(tmp_path / "small.png"),

@@ -432,3 +432,32 @@ def test_caffe_data_layer_reads_the_same_arrays(caffe, tmp_path, seg_list, class
     np.testing.assert_array_equal(blobs["1_data"], np.stack(arrays(entries)).astype(np.float32))
     np.testing.assert_array_equal(blobs["1_label"], [d.label for _, d in entries])
     assert sorted(blobs["1_label"].tolist()) == [0, 0, 0, 1, 2, 2]
+
+
+def test_meanfile_of_an_lmdb_centres_what_caffes_data_layer_reads(caffe, tmp_path, seg_list, capsys):
+    """caffe-stain-meanfile --lmdb: the mean of a BGR Datum LMDB in its own channel order (what
+    compute_image_mean, which needs OpenCV in this build, writes): the Data layer's transform_param
+    mean_file then centres every pixel of the database on zero."""
+    from caffe_layers.cli import meanfile
+
+    seg = tmp_path / "seg_db"
+    write_segmentation_lmdbs(read_pair_list(seg_list), seg)
+    mean = tmp_path / "mean.binaryproto"
+    assert meanfile.main(["--lmdb", str(seg / "images"), "--output", str(mean)]) == 0
+    assert "database-order channel means" in capsys.readouterr().out
+    net = (f'layer {{ name: "data" type: "Data" top: "data" include {{ phase: TEST }}\n'
+           f'  transform_param {{ mean_file: "{mean}" }}\n'
+           f'  data_param {{ source: "{seg / "images"}" backend: LMDB batch_size: 4 }} }}\n')
+    centred = read_with_caffe(tmp_path, [net])["0_data"]
+    np.testing.assert_allclose(centred.mean(axis=0), 0, atol=1e-3)
+    bgr = np.mean([chw(np.asarray(Image.open(image)), "BGR") for image, _ in read_pair_list(seg_list)], axis=0)
+    np.testing.assert_allclose(centred[0], chw(np.asarray(Image.open(read_pair_list(seg_list)[0][0])), "BGR")
+                               - bgr, atol=1e-3)
+
+    assert meanfile.main(["--lmdb", str(seg / "labels"), "--output", str(tmp_path / "labels.binaryproto")]) == 2
+    assert "holds a 1-channel image" in capsys.readouterr().err
+    assert meanfile.main(["--lmdb", str(seg / "images"), "--output", str(seg / "images" / "m.binaryproto")]) == 2
+    assert "inside the database" in capsys.readouterr().err
+    assert meanfile.main(["--lmdb", str(tmp_path / "nope"), "--output", str(tmp_path / "m.binaryproto")]) == 2
+    assert "not an LMDB database folder" in capsys.readouterr().err
+    assert not (tmp_path / "labels.binaryproto").exists() and not (tmp_path / "m.binaryproto").exists()

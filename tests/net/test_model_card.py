@@ -268,3 +268,41 @@ def test_compare_command_takes_a_card_per_model(caffe, tmp_path, reference_weigh
     assert results["before"]["original"]["dice"] == pytest.approx(results["after"]["original"]["dice"], abs=1e-9)
     assert compare.main(["--model", "x", str(reference[0]), "--image", str(image), "--out", str(tmp_path / "o2")]) == 2
     assert "--model takes NAME DEPLOY WEIGHTS [CARD], got 2 values" in capsys.readouterr().err
+
+
+def test_patch_stride_classifies_every_nth_pixel_on_one_grid_across_tiles(caffe, tmp_path, tile):
+    """patch_stride: s runs the classifier on the pixels (s·i, s·j) only -- exactly what stride 1
+    gives there -- and interpolates between; tiles start on the same grid, so a tiled map is the
+    one-pass map, and a whole slide's blocks agree with each other."""
+    from caffe_layers.tiling import segment_tiled
+
+    deploy = tmp_path / "patch.prototxt"
+    deploy.write_text(textwrap.dedent(PATCH_NET))
+    net = caffe.Net(str(deploy), caffe.TEST)
+    rng = np.random.default_rng(5)
+    for name in ("conv1", "fc"):
+        for blob in net.params[name]:
+            blob.data[...] = rng.normal(0, 0.05, blob.data.shape)
+    weights = tmp_path / "patch.caffemodel"
+    net.save(str(weights))
+    options = dict(patch_classifier=True, output_blob="score", output="scores", mean_value=[128.0])
+    every = CaffeSegmenter(deploy, weights, load_model_card(**options))
+    card = load_model_card(patch_stride=4, **options)
+    assert card.size_multiple == 4  # tiles start on the stride's grid
+    assert load_model_card(patch_stride=4, size_multiple=6, **options).size_multiple == 12
+    strided = CaffeSegmenter(deploy, weights, card)
+    assert strided.geometry == "patch" and strided.context == 4 + 3
+    small = tile[:, :, :40, :48]
+    full, sparse = every(small)[0, 1], strided(small)[0, 1]
+    np.testing.assert_allclose(sparse[::4, ::4], full[::4, ::4], atol=1e-6)
+    between = 0.5 * (full[0:-4:4, ::4] + full[4::4, ::4])
+    np.testing.assert_allclose(sparse[2:-4:4, ::4], between, atol=1e-6)
+    image = np.ascontiguousarray(tile[0, :, :40, :48].transpose(1, 2, 0)).astype(np.uint8)
+    one_pass = segment_tiled(strided, image, tile=48, overlap=0, multiple=4, progress=False)
+    tiled = segment_tiled(strided, image, tile=24, overlap=16, multiple=4, progress=False)
+    np.testing.assert_allclose(tiled, one_pass, atol=1e-6)
+
+    with pytest.raises(ParamError, match="patch_stride 4 needs patch_classifier: true"):
+        load_model_card(patch_stride=4)
+    with pytest.raises(ParamError, match="patch_stride"):
+        load_model_card(patch_stride=0, patch_classifier=True)

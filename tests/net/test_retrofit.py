@@ -222,6 +222,18 @@ def test_v1_classifier_gets_augmentation_and_mean_after_it():
     assert "removed mean_file" in text
 
 
+def test_mirror_before_a_moved_mean_file_is_said():
+    """Caffe subtracts the mean file, then mirrors; after the retrofit the mean comes after the
+    mirror, so a mirrored TRAIN sample meets the mirrored mean: said, only where it happens."""
+    text = (FIXTURES / "digits_v1_classifier.prototxt").read_text()
+    no_crop = rf.parse_net(text.replace(" crop_size: 28", ""), "no_crop")
+    lines = "\n".join(rf.retrofit(no_crop, PARAM, where="no_crop").lines)
+    assert "mirrors after subtracting its mean file" in lines and "TEST is unchanged" in lines
+    assert "mirrors after subtracting" not in "\n".join(retro("digits_v1_classifier").lines)  # crop: channel means
+    no_mirror = rf.parse_net(text.replace(" crop_size: 28", "").replace(" mirror: true", ""), "no_mirror")
+    assert "mirrors after subtracting" not in "\n".join(rf.retrofit(no_mirror, PARAM, where="no_mirror").lines)
+
+
 def test_mean_values_and_scale_become_bias_and_power_layers():
     net = retro("v2_data_scale_meanvalue").net
     for phase in (TRAIN, TEST):

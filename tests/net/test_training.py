@@ -143,3 +143,51 @@ def test_a_few_iterations_on_real_he_patches_lower_the_loss(caffe, tmp_path):
     first, last = np.mean(losses[:10]), np.mean(losses[-10:])
     assert last < 0.75 * first, (first, last)
     assert 0 < result.validation[-1]["val_dice"] <= 1
+
+
+CLASSIFIER = """
+name: "PatchClassifier"
+layer { name: "patches" type: "DummyData" top: "im" top: "cls"
+  dummy_data_param { shape { dim: 4 dim: 3 dim: 8 dim: 8 } shape { dim: 4 }
+                     data_filler { type: "gaussian" std: 1 } data_filler { type: "constant" value: 1 } } }
+layer { name: "fc" type: "InnerProduct" bottom: "im" top: "logits"
+  inner_product_param { num_output: 2 weight_filler { type: "xavier" } } }
+layer { name: "acc" type: "Accuracy" bottom: "logits" bottom: "cls" top: "acc" include { phase: TEST } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "logits" bottom: "cls" top: "loss" }
+"""
+
+
+def test_validation_finds_a_classifiers_own_blob_names(caffe, tmp_path, capsys):
+    """A patch classifier whose scores and labels are not called score/label (DIGITS' ip2/label,
+    a user's logits/cls) is validated through its loss layer's bottoms, with its Accuracy output."""
+    net = tmp_path / "classifier.prototxt"
+    net.write_text(CLASSIFIER)
+    solver_path = tmp_path / "solver.prototxt"
+    solver_path.write_text(f'net: "{net}"\nbase_lr: 0.1\nlr_policy: "fixed"\nmax_iter: 4\ntest_iter: 2\n'
+                           f'test_interval: 2\nsnapshot_prefix: "{tmp_path / "snap" / "cls"}"\nrandom_seed: 1\n')
+    result = training.train(solver_path, progress=False)
+    assert [entry["iter"] for entry in result.validation] == [2, 4]
+    last = result.validation[-1]
+    assert {"val_loss", "val_acc", "val_accuracy", "val_dice"} <= set(last)
+    assert last["val_accuracy"] == pytest.approx(last["val_acc"])  # Caffe's own Accuracy agrees
+    assert last["val_dice"] == pytest.approx(2 * last["val_accuracy"] / (1 + last["val_accuracy"]))
+    log_path = tmp_path / "log.csv"
+    assert train_cli.main(["--solver", str(solver_path), "--log", str(log_path), "--no-progress"]) == 0
+    assert "val_acc" in open(log_path).readline()
+
+
+def test_the_log_never_replaces_an_input_or_an_existing_file(caffe, tmp_path, capsys):
+    solver_path, net_path = write_run(tmp_path, max_iter=2)
+    before = {path: path.read_bytes() for path in (solver_path, net_path)}
+    for path in before:
+        assert train_cli.main(["--solver", str(solver_path), "--log", str(path), "--no-progress"]) == 2
+        assert f"log {path}: is one of the files training reads" in capsys.readouterr().err
+    assert {path: path.read_bytes() for path in before} == before
+    log_path = tmp_path / "old.csv"
+    log_path.write_text("a previous run\n")
+    assert train_cli.main(["--solver", str(solver_path), "--log", str(log_path), "--no-progress"]) == 2
+    assert "already exists (use --overwrite-log" in capsys.readouterr().err
+    assert log_path.read_text() == "a previous run\n"
+    assert train_cli.main(["--solver", str(solver_path), "--log", str(log_path), "--no-progress",
+                           "--overwrite-log"]) == 0
+    assert log_path.read_text().startswith("iter,loss")
