@@ -119,7 +119,8 @@ def load_model_card(path=None, **overrides):
                              where=where, key="patch_stride", value=values["patch_stride"])
         # Tiles start on multiples of size_multiple: on the stride's grid too, so that every
         # tile (and slide block) samples the same pixels.
-        multiple = math.lcm(values["size_multiple"], values["patch_stride"])
+        size_multiple, stride = values["size_multiple"], values["patch_stride"]
+        multiple = size_multiple * stride // math.gcd(size_multiple, stride)  # math.lcm is Python 3.9+
         if multiple > 1024:
             raise ParamError(f"{where}: size_multiple {values['size_multiple']} and patch_stride "
                              f"{values['patch_stride']} need tiles on multiples of {multiple} (at most 1024)",

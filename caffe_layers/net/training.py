@@ -189,7 +189,8 @@ def validate_segmentation(solver, n_batches, score=None, label=None):
         (``val_<blob>``, e.g. an ``Accuracy`` layer's); and, when the scores and labels are
         found, ``val_accuracy`` (pixel or patch accuracy) and ``val_dice`` (Dice of class 1, or
         every nonzero class, against the rest, all pixels pooled so small batches do not
-        dominate).
+        dominate). Labels outside the score's classes (an ``ignore_label`` such as 255) are
+        not scored.
     """
     net = solver.test_nets[0]
     net.share_with(solver.net)  # Caffe shares weights only when it runs its own test
@@ -209,6 +210,10 @@ def validate_segmentation(solver, n_batches, score=None, label=None):
         scores, truth = net.blobs[blobs[0]].data, net.blobs[blobs[1]].data
         predicted = scores.argmax(axis=1)
         truth = truth.reshape(predicted.shape)
+        # A label outside [0, classes) can only be the loss's ignore_label (Caffe would have
+        # stopped on any other): it is not scored, as the loss does not count it.
+        scored = (truth >= 0) & (truth < scores.shape[1])
+        predicted, truth = predicted[scored], truth[scored]
         batch_tp, batch_fp, batch_fn = confusion(predicted, truth)
         tp, fp, fn = tp + batch_tp, fp + batch_fp, fn + batch_fn
         correct += int(np.count_nonzero(predicted == truth))

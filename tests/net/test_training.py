@@ -191,3 +191,32 @@ def test_the_log_never_replaces_an_input_or_an_existing_file(caffe, tmp_path, ca
     assert train_cli.main(["--solver", str(solver_path), "--log", str(log_path), "--no-progress",
                            "--overwrite-log"]) == 0
     assert log_path.read_text().startswith("iter,loss")
+
+
+IGNORING_CLASSIFIER = """
+name: "IgnoringClassifier"
+layer { name: "patches" type: "DummyData" top: "im" top: "kept" top: "ignored"
+  dummy_data_param { shape { dim: 4 dim: 3 dim: 8 dim: 8 } shape { dim: 2 } shape { dim: 2 }
+                     data_filler { type: "gaussian" std: 1 } data_filler { type: "constant" value: 1 }
+                     data_filler { type: "constant" value: 255 } } }
+layer { name: "labels" type: "Concat" bottom: "kept" bottom: "ignored" top: "cls" concat_param { axis: 0 } }
+layer { name: "fc" type: "InnerProduct" bottom: "im" top: "logits"
+  inner_product_param { num_output: 2 weight_filler { type: "xavier" } } }
+layer { name: "acc" type: "Accuracy" bottom: "logits" bottom: "cls" top: "acc" include { phase: TEST }
+  accuracy_param { ignore_label: 255 } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "logits" bottom: "cls" top: "loss"
+  loss_param { ignore_label: 255 } }
+"""
+
+
+def test_validation_does_not_score_ignored_labels(caffe, tmp_path):
+    """Labels equal to the loss's ignore_label (255 here, half of every batch) are left out of the
+    accuracy and Dice, as Caffe's own Accuracy layer with the same ignore_label leaves them out."""
+    net = tmp_path / "ignoring.prototxt"
+    net.write_text(IGNORING_CLASSIFIER)
+    solver_path = tmp_path / "solver.prototxt"
+    solver_path.write_text(f'net: "{net}"\nbase_lr: 0.1\nlr_policy: "fixed"\nmax_iter: 2\ntest_iter: 2\n'
+                           f'test_interval: 2\nsnapshot_prefix: "{tmp_path / "snap" / "cls"}"\nrandom_seed: 1\n')
+    last = training.train(solver_path, progress=False).validation[-1]
+    assert last["val_accuracy"] == pytest.approx(last["val_acc"])
+    assert last["val_dice"] == pytest.approx(2 * last["val_accuracy"] / (1 + last["val_accuracy"]))
