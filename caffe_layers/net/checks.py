@@ -12,6 +12,11 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import pickle
+import re
+import signal
+import sys
+import tempfile
 from pathlib import Path
 
 import caffe
@@ -22,6 +27,8 @@ from google.protobuf.message import DecodeError
 
 __all__ = [
     "MAX_PROTOTXT_BYTES",
+    "CaffeAborted",
+    "available_memory",
     "check_deploy_files",
     "check_net_param",
     "check_solver_param",
@@ -32,6 +39,7 @@ __all__ = [
     "read_solver_prototxt",
     "read_text_file",
     "read_weights",
+    "survives_caffe",
 ]
 
 #: Larger text prototxts are refused unread (a real net is a few hundred kilobytes at most).
@@ -381,3 +389,121 @@ def check_solverstate_fits(net, solverstate_path, solver_type="SGD"):
             for target, shape in zip(expected, history_shapes)):
         raise ValueError(f"solver state {solverstate_path} does not fit this {solver_type} solver's net: "
                          f"{len(history_shapes)} history blobs, expected {len(expected)} of the net's shapes")
+
+
+class CaffeAborted(ValueError):
+    """Caffe aborted (a failed ``CHECK``, ``LOG(FATAL)``, a fatal signal) on what a user gave it."""
+
+
+_GLOG_FATAL = re.compile(r"^F\d+ [\d:.]+\s+\d+ (\S+)\] (.*)$")
+
+
+def _fatal_message(text, number):
+    """Caffe's own reason from a child's captured output (glog's ``F...`` line), else the signal."""
+    for line in text.splitlines():
+        match = _GLOG_FATAL.match(line.strip())
+        if match:
+            return f"{match.group(2).strip()} ({match.group(1)})"
+    for line in text.splitlines():
+        if "Check failed" in line or "Error" in line:
+            return line.strip()
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        name = f"signal {number}"
+    return f"the process was killed by {name}"
+
+
+def survives_caffe(action, where, what="build the net"):
+    """Run ``action()`` in a forked copy of this process first; return its (picklable) result.
+
+    A failed ``CHECK`` or ``LOG(FATAL)`` in Caffe aborts the whole process, and no list of
+    Python-side checks can cover every one of them. So whatever may abort Caffe -- building a
+    net or a solver from a user's prototxt, reshaping a net to a new input size -- is tried in
+    a child first: if Caffe kills the child, this raises :class:`CaffeAborted` (a ValueError)
+    with Caffe's own message and ``where``, and the caller's process never reaches Caffe's
+    abort. The child's output is captured (not shown); a Python exception in the child is not
+    reported here (the caller then meets it itself, with its usual message), and None is
+    returned.
+
+    Parameters
+    ----------
+    action : callable
+        What Caffe may abort on; its return value is passed back (None if it cannot be pickled).
+    where : str
+        The file the message names first.
+    what : str
+        What was tried, for the message (``"build the net"``).
+
+    Raises
+    ------
+    CaffeAborted
+        If the child died of a signal (SIGABRT from a failed CHECK, SIGFPE, SIGSEGV, ...).
+    KeyboardInterrupt
+        Ctrl-C while the child runs (the child is killed first).
+    """
+    if not hasattr(os, "fork"):  # not on POSIX: run it in this process
+        return action()
+    with tempfile.TemporaryFile() as output, tempfile.TemporaryFile() as result:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        pid = os.fork()
+        if pid == 0:  # the child: never returns
+            code = 1
+            try:
+                import faulthandler
+                faulthandler.disable()  # Caffe's abort is expected here: no traceback dump
+                os.dup2(output.fileno(), 1)
+                os.dup2(output.fileno(), 2)
+                value = action()
+                try:
+                    result.write(pickle.dumps(value))
+                except Exception:  # noqa: BLE001 - an unpicklable result is only not passed back
+                    pass
+                result.flush()
+                code = 0
+            except BaseException:  # noqa: BLE001 - the caller sees a Python error itself
+                code = 1
+            finally:
+                os._exit(code)
+        try:
+            _, status = os.waitpid(pid, 0)
+        except BaseException:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except OSError:
+                pass
+            raise
+        if os.WIFSIGNALED(status):
+            number = os.WTERMSIG(status)
+            if number == signal.SIGINT:
+                raise KeyboardInterrupt
+            output.seek(0)
+            text = output.read().decode("utf-8", errors="replace")
+            if number == signal.SIGKILL and "Check failed" not in text:
+                raise CaffeAborted(f"{where}: Caffe could not {what}: the process was killed (out of memory?)")
+            raise CaffeAborted(f"{where}: Caffe cannot {what}: {_fatal_message(text, number)}")
+        if os.WEXITSTATUS(status) != 0:
+            return None
+        result.seek(0)
+        data = result.read()
+        try:
+            return pickle.loads(data) if data else None
+        except Exception:  # noqa: BLE001
+            return None
+
+
+def available_memory():
+    """Bytes of memory available to a new allocation (``MemAvailable``), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

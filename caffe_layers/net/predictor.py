@@ -30,7 +30,8 @@ from google.protobuf import text_format
 
 from ..model_card import ModelCard, card_means, preprocess
 from ..params import parse_param_str
-from .checks import check_deploy_files, check_net_param, check_weights_fit, layers_in_phase, read_net_prototxt
+from .checks import (CaffeAborted, available_memory, check_deploy_files, check_net_param, check_weights_fit,
+                     layers_in_phase, read_net_prototxt, survives_caffe)
 from .meanfile import read_mean_binaryproto
 
 __all__ = ["CaffeSegmenter", "prototxt_blobs", "resolve_mean_files", "use_cpu"]
@@ -190,20 +191,45 @@ class CaffeSegmenter:
         self._probe(tuple(self._in.data.shape))
 
     def _build(self, param, path):
+        def build(prototxt):
+            # A layer whose parameters Caffe CHECKs at setup (a missing kernel_size, a kernel
+            # larger than its input, ...) would abort this process: try it in a child first.
+            survives_caffe(lambda: caffe.Net(prototxt, caffe.TEST) and None, str(path))
+            return caffe.Net(prototxt, caffe.TEST)
+
         if not resolve_mean_files(param, path.parent):
-            return caffe.Net(str(path), caffe.TEST)
+            return build(str(path))
         with tempfile.NamedTemporaryFile("w", suffix=".prototxt", delete=False) as handle:
             handle.write(text_format.MessageToString(param))
         try:
-            return caffe.Net(handle.name, caffe.TEST)
+            return build(handle.name)
         finally:
             os.unlink(handle.name)
+
+    def _reshape(self, shape):
+        """Reshape the net to a ``shape`` input, first in a child for a shape not seen before:
+        Caffe aborts on an input too small for a layer, and memory must suffice."""
+        checked = self.__dict__.setdefault("_checked_shapes", set())
+        if shape not in checked:
+            def trial():
+                self._in.reshape(*shape)
+                self.net.reshape()
+                return 4 * sum(blob.count for blob in self.net.blobs.values())
+            size = "×".join(map(str, shape))
+            needed = survives_caffe(trial, str(self.deploy_prototxt), f"run the net on a {size} input")
+            available = available_memory()
+            if needed is not None and available is not None and needed > available:
+                raise CaffeAborted(f"{self.deploy_prototxt}: a {size} input needs at least {needed / 2**30:.1f} GiB "
+                                   f"for the net's blobs, more than the {available / 2**30:.1f} GiB of memory "
+                                   "available; use a smaller --tile or --batch-tiles")
+            checked.add(shape)
+        self._in.reshape(*shape)
+        self.net.reshape()
 
     def _output_shape(self, height, width, batch=1):
         shape = (batch, 3, height, width)
         if tuple(self._in.data.shape) != shape:
-            self._in.reshape(*shape)
-            self.net.reshape()
+            self._reshape(shape)
         return tuple(self.net.blobs[self.card.output_blob].data.shape)
 
     def _check_classes(self, classes):

@@ -32,7 +32,7 @@ from caffe.proto import caffe_pb2
 
 from ..metrics import confusion, dice_from_counts
 from .checks import (check_net_param, check_solver_param, check_solverstate_fits, check_weights_fit,
-                     layers_in_phase, read_net_prototxt, read_solver_prototxt)
+                     layers_in_phase, read_net_prototxt, read_solver_prototxt, survives_caffe)
 
 __all__ = [
     "TrainResult",
@@ -253,8 +253,12 @@ class _CsvLog:
             csv.DictWriter(handle, self.columns).writerow(row)
 
 
-def _load_solver(param, seed, max_iter):
-    """The pycaffe solver for ``param``, written to a temporary file with the overrides."""
+def _load_solver(param, seed, max_iter, where="solver"):
+    """The pycaffe solver for ``param``, written to a temporary file with the overrides.
+
+    Its nets are first built in a child process (:func:`.checks.survives_caffe`), so a layer
+    Caffe CHECKs at setup (a missing kernel_size, labels that do not match the predictions)
+    is a ValueError naming ``where``, not an abort of this process."""
     if seed is not None:
         param.random_seed = seed
     if max_iter is not None:
@@ -263,6 +267,7 @@ def _load_solver(param, seed, max_iter):
     with tempfile.NamedTemporaryFile("w", suffix=".solver.prototxt", delete=False) as handle:
         handle.write(str(param))
     try:
+        survives_caffe(lambda: caffe.get_solver(handle.name) and None, str(where), "build the solver's nets")
         return caffe.get_solver(handle.name)
     finally:
         os.unlink(handle.name)
@@ -346,7 +351,7 @@ def train(solver_path, *, weights=None, resume=None, max_iter=None, log_csv=None
     param.snapshot = 0
 
     caffe.set_mode_cpu()  # check_solver_param refused GPU: this Caffe is CPU-only
-    solver = _load_solver(param, seed, max_iter)
+    solver = _load_solver(param, seed, max_iter, solver_path)
     if weights is not None:
         check_weights_fit(solver.net, weights)
         solver.net.copy_from(str(weights))

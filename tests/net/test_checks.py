@@ -177,3 +177,57 @@ def test_diverging_training_stops_at_the_first_nan_loss_and_saves_no_nan(caffe, 
     # Either the loss went NaN first, or the weights did just before a snapshot.
     assert ("the loss is nan at iteration" in out and "stopped without saving the non-finite weights" in out) \
         or "the weights are NaN or infinite at iteration" in out, out
+
+
+# Mistakes no Python-side check lists: Caffe's own CHECKs at layer setup or reshape. The net is
+# first built in a forked child, so they are ValueErrors here, not an abort of the test process.
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t.replace("kernel_size: 3 pad: 1", "pad: 1"), r"kernel_size must be specified once"),
+    (lambda t: t.replace("kernel_size: 3 pad: 1", "kernel_size: 64"), r"Check failed: shape\[i\] >= 0"),
+])
+def test_caffe_checks_at_setup_are_value_errors(caffe, tmp_path, change, message):
+    good = _weights(caffe, tmp_path, NET, "good")
+    path = write(tmp_path / "net.prototxt", change(NET))
+    with pytest.raises(checks.CaffeAborted, match=r"net\.prototxt: Caffe cannot build the net: .*" + message):
+        CaffeSegmenter(path, good)
+
+
+def test_a_tile_too_small_for_the_net_is_a_value_error(caffe, tmp_path):
+    # A strided 7×7 convolution without padding: a 2×2 input makes a negative blob shape.
+    text = NET.replace("kernel_size: 3 pad: 1", "kernel_size: 7 stride: 2")
+    weights = _weights(caffe, tmp_path, text, "valid")
+    segmenter = CaffeSegmenter(write(tmp_path / "net.prototxt", text), weights)
+    with pytest.raises(checks.CaffeAborted, match=r"net\.prototxt: Caffe cannot run the net on a 1×3×2×2 input"):
+        segmenter(np.zeros((1, 3, 2, 2), np.float32))
+    assert segmenter(np.full((1, 3, 32, 32), 128, np.float32)).shape == (1, 2, 32, 32)  # still usable
+
+
+def test_solver_whose_net_caffe_checks_is_refused(caffe, tmp_path):
+    net = write(tmp_path / "net.prototxt", """
+        layer { name: "data" type: "DummyData" top: "data" top: "label"
+          dummy_data_param { shape { dim: 2 dim: 3 dim: 8 dim: 8 } shape { dim: 2 dim: 1 dim: 4 dim: 4 } } }
+        layer { name: "conv" type: "Convolution" bottom: "data" top: "score"
+          convolution_param { num_output: 2 kernel_size: 3 pad: 1 } }
+        layer { name: "loss" type: "SoftmaxWithLoss" bottom: "score" bottom: "label" top: "loss" }
+        """)
+    solver = tmp_path / "solver.prototxt"
+    solver.write_text(SOLVER.format(net=net))
+    with pytest.raises(checks.CaffeAborted, match=r"solver\.prototxt: Caffe cannot build the solver's nets: "
+                                                  r"Check failed: .*Number of labels must match"):
+        training.train(solver, progress=False)
+
+
+def test_segment_cli_with_a_net_caffe_aborts_on_exits_2(caffe, tmp_path):
+    good = _weights(caffe, tmp_path, NET, "good")
+    path = write(tmp_path / "net.prototxt", NET.replace("kernel_size: 3 pad: 1", "pad: 1"))
+    from PIL import Image
+    Image.fromarray(np.full((16, 16, 3), 120, np.uint8)).save(tmp_path / "x.png")
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), GLOG_minloglevel="2")
+    for engine in ("caffe", "opencv", "auto"):
+        result = subprocess.run([sys.executable, "-m", "caffe_layers.cli.segment", "--model", str(path), "--weights",
+                                 str(good), "--out", str(tmp_path / "out"), "--engine", engine, "--no-progress",
+                                 str(tmp_path / "x.png")], capture_output=True, text=True, timeout=120, env=env)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith("caffe-stain-segment: error: "), result.stderr
+        assert "kernel_size must be specified once" in result.stderr and "Check failure stack" not in result.stderr
+    assert not (tmp_path / "out").exists()
