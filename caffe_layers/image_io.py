@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["DEFAULT_MAX_PIXELS", "IMAGE_SUFFIXES", "WRITE_FORMATS", "max_pixels", "check_rgb", "find_images", "image_stem", "read_mask",
-           "read_rgb", "write_atomic", "write_image"]
+           "read_rgb", "same_file", "write_atomic", "write_image"]
 
 #: File name endings (lower case) that :func:`read_rgb` and :func:`read_mask` accept.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".svs", ".npy")
@@ -361,6 +361,18 @@ def find_images(entries):
 WRITE_FORMATS = {".png": ("PNG", {}), ".tif": ("TIFF", {"compression": "tiff_deflate"}),
                  ".tiff": ("TIFF", {"compression": "tiff_deflate"}), ".jpg": ("JPEG", {"quality": 95}),
                  ".jpeg": ("JPEG", {"quality": 95})}
+
+
+def same_file(a, b):
+    """Whether paths ``a`` and ``b`` name the same file: the same inode when both exist (symbolic
+    and hard links, ``./x`` and ``x``, a case-insensitive file system), else the same resolved path."""
+    a, b = Path(a), Path(b)
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()
 
 
 def write_atomic(path, write, *, overwrite=False):

@@ -20,6 +20,9 @@ def main(argv=None):
     parser.add_argument("--log", help="CSV log of loss and validation metrics per iteration (never "
                         "replaces an existing file unless --overwrite-log)")
     parser.add_argument("--overwrite-log", action="store_true", help="replace an existing --log file")
+    parser.add_argument("--overwrite-snapshots", action="store_true",
+                        help="replace snapshots of an earlier run under the solver's snapshot_prefix (never "
+                             "the --weights or --resume file)")
     parser.add_argument("--validate-every", type=int, help="validation period (default: the solver's "
                         "test_interval; 0 disables)")
     parser.add_argument("--seed", type=int, help="override the solver's random_seed")
@@ -35,7 +38,8 @@ def main(argv=None):
             raise UsageError(f"--seed must be in [0, 2**63); got {args.seed}")
         result = train(args.solver, weights=args.weights, resume=args.resume, max_iter=args.iters,
                        log_csv=args.log, validate_every=args.validate_every, progress=not args.no_progress,
-                       seed=args.seed, overwrite_log=args.overwrite_log)
+                       seed=args.seed, overwrite_log=args.overwrite_log,
+                       overwrite_snapshots=args.overwrite_snapshots)
         print(f"trained to iteration {result.iterations}; last loss {result.last_loss}")
         if result.validation:
             print("last validation: " + ", ".join(f"{key}={value:.4g}" for key, value in result.validation[-1].items()

@@ -111,7 +111,7 @@ def _train_model(name, centring, augment_param_str, lists, mean_file, settings, 
     solver_path = folder / f"{folder.name}_solver.prototxt"
     solver_path.write_text(solver_to_text(solver_param))
     result = train(solver_path, weights=weights, log_csv=folder / "log.csv", progress=False, seed=settings.seed,
-                   overwrite_log=True)
+                   overwrite_log=True, overwrite_snapshots=True)  # the experiment's own folder
     return Path(result.caffemodel), result
 
 

@@ -51,7 +51,7 @@ import caffe  # noqa: F401 - caffe.proto below needs the package; net/ owns the 
 from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 
-from ..image_io import write_atomic
+from ..image_io import same_file, write_atomic
 from ..params import AUGMENT_SCHEMA, PATCH_DATA_SCHEMA, ParamError, parse_param_str
 from .checks import read_text_file
 
@@ -1322,16 +1322,6 @@ def net_to_text(net, header=None):
     return head + text_format.MessageToString(net)
 
 
-def _same_file(a, b):
-    a, b = Path(a), Path(b)
-    try:
-        if a.exists() and b.exists():
-            return os.path.samefile(a, b)
-    except OSError:
-        pass
-    return a.resolve() == b.resolve()
-
-
 def retrofit_files(source, out, param_str=None, *, centring="keep", input_range=255, label="auto",
                    image_top=None, label_top=None, deploy=None, deploy_out=None, overwrite=False,
                    drop_unknown_keys=False):
@@ -1351,9 +1341,9 @@ def retrofit_files(source, out, param_str=None, *, centring="keep", input_range=
     outputs = [("the output", out)] + ([("the deploy output", deploy_out)] if deploy_out is not None else [])
     for out_what, out_path in outputs:
         for in_what, in_path in inputs:
-            if _same_file(out_path, in_path):
+            if same_file(out_path, in_path):
                 raise ValueError(f"{out_path}: {out_what} would replace {in_what}; write it elsewhere")
-    if len(outputs) == 2 and _same_file(out, deploy_out):
+    if len(outputs) == 2 and same_file(out, deploy_out):
         raise ValueError(f"{out}: the output and the deploy output are the same file")
     for _, out_path in outputs:
         out_path = Path(out_path)

@@ -30,6 +30,7 @@ import caffe
 import numpy as np
 from caffe.proto import caffe_pb2
 
+from ..image_io import same_file
 from ..metrics import confusion, dice_from_counts
 from .checks import (check_net_param, check_solver_param, check_solverstate_fits, check_weights_fit,
                      layers_in_phase, read_net_prototxt, read_solver_prototxt, survives_caffe)
@@ -273,8 +274,39 @@ def _load_solver(param, seed, max_iter, where="solver"):
         os.unlink(handle.name)
 
 
+def _snapshot_iterations(param):
+    """Snapshot files that already exist under the solver's ``snapshot_prefix``, by iteration."""
+    prefix = Path(param.snapshot_prefix)
+    folder = prefix.parent if str(prefix.parent) else Path(".")
+    if not folder.is_dir():
+        return {}
+    found = {}
+    for path in sorted(folder.glob(prefix.name + "_iter_*")):
+        number = path.name[len(prefix.name) + len("_iter_"):].split(".", 1)[0]
+        if number.isdigit() and path.name in {Path(p).name for p in snapshot_paths(param, int(number))}:
+            found.setdefault(int(number), []).append(path)
+    return found
+
+
+def _check_snapshots(param, solver_path, start, weights, resume, overwrite):
+    """This run snapshots at iterations in (start, max_iter] (Ctrl-C: wherever it is): refuse
+    writing over the weights or state it starts from, and over an earlier run's snapshots."""
+    if not param.snapshot_prefix:
+        return
+    later = {n: paths for n, paths in _snapshot_iterations(param).items() if start < n <= max(start, param.max_iter)}
+    for number, paths in sorted(later.items()):
+        for what, given in (("the weights", weights), ("the solver state", resume)):
+            if given is not None and any(same_file(path, given) for path in paths):
+                raise ValueError(f"{given}: this run would snapshot iteration {number} over {what} it starts "
+                                 f"from; copy it elsewhere first or change snapshot_prefix in {solver_path}")
+    if later and not overwrite:
+        first = sorted(later)[0]
+        raise FileExistsError(f"{later[first][0]}: a snapshot of an earlier run at an iteration this run would write "
+                              f"(use --overwrite-snapshots to replace it, or change snapshot_prefix in {solver_path})")
+
+
 def train(solver_path, *, weights=None, resume=None, max_iter=None, log_csv=None, validate_every=None,
-          validate_fn=None, progress=True, seed=None, overwrite_log=False):
+          validate_fn=None, progress=True, seed=None, overwrite_log=False, overwrite_snapshots=False):
     """Train with a Caffe solver, one iteration at a time.
 
     Parameters
@@ -306,6 +338,9 @@ def train(solver_path, *, weights=None, resume=None, max_iter=None, log_csv=None
         seeded by their own ``param_str``.
     overwrite_log : bool
         Replace an existing ``log_csv``.
+    overwrite_snapshots : bool
+        Replace snapshots of an earlier run at the iterations this run may snapshot (default:
+        refuse before training). Never the ``weights`` or ``resume`` file training starts from.
 
     Returns
     -------
@@ -333,7 +368,7 @@ def train(solver_path, *, weights=None, resume=None, max_iter=None, log_csv=None
             raise FileNotFoundError(f"{what} not found: {path}")
     if log_csv is not None:
         inputs = [solver_path, param.net, param.train_net, *param.test_net, weights, resume]
-        if Path(log_csv).resolve() in {Path(path).resolve() for path in inputs if path}:
+        if any(same_file(log_csv, path) for path in inputs if path):
             raise ValueError(f"log {log_csv}: is one of the files training reads; name another CSV")
         if os.path.lexists(log_csv) and not overwrite_log:
             raise FileExistsError(f"log {log_csv}: already exists (use --overwrite-log to replace it)")
@@ -358,6 +393,7 @@ def train(solver_path, *, weights=None, resume=None, max_iter=None, log_csv=None
     if resume is not None:
         check_solverstate_fits(solver.net, resume, check_solver_param(param, str(solver_path)))
         solver.restore(str(resume))
+    _check_snapshots(param, solver_path, solver.iter, weights, resume, overwrite_snapshots)
 
     if validate_every and validate_fn is None:
         if len(solver.test_nets) == 0:
@@ -381,6 +417,10 @@ def train(solver_path, *, weights=None, resume=None, max_iter=None, log_csv=None
     def snapshot():
         nonlocal last_snapshot
         if not param.snapshot_prefix:
+            return
+        paths = snapshot_paths(param, solver.iter)
+        if any(given is not None and same_file(path, given) for path in paths for given in (weights, resume)):
+            last_snapshot = paths  # nothing trained since the file it started from was saved: that is it
             return
         if not _weights_finite(solver.net):
             raise TrainingDiverged(f"the weights are NaN or infinite at iteration {solver.iter}; "

@@ -172,7 +172,8 @@ def test_validation_finds_a_classifiers_own_blob_names(caffe, tmp_path, capsys):
     assert last["val_accuracy"] == pytest.approx(last["val_acc"])  # Caffe's own Accuracy agrees
     assert last["val_dice"] == pytest.approx(2 * last["val_accuracy"] / (1 + last["val_accuracy"]))
     log_path = tmp_path / "log.csv"
-    assert train_cli.main(["--solver", str(solver_path), "--log", str(log_path), "--no-progress"]) == 0
+    assert train_cli.main(["--solver", str(solver_path), "--log", str(log_path), "--no-progress",
+                           "--overwrite-snapshots"]) == 0  # the run above wrote the same snapshots
     assert "val_acc" in open(log_path).readline()
 
 
@@ -220,3 +221,22 @@ def test_validation_does_not_score_ignored_labels(caffe, tmp_path):
     last = training.train(solver_path, progress=False).validation[-1]
     assert last["val_accuracy"] == pytest.approx(last["val_acc"])
     assert last["val_dice"] == pytest.approx(2 * last["val_accuracy"] / (1 + last["val_accuracy"]))
+
+
+def test_snapshots_never_replace_the_start_or_an_earlier_run(caffe, tmp_path, capsys):
+    solver_path, _ = write_run(tmp_path, max_iter=2)
+    first = training.train(solver_path, progress=False, validate_every=0)
+    model = open(first.caffemodel, "rb").read()
+    with pytest.raises(FileExistsError, match=r"run_iter_2\.caffemodel: a snapshot of an earlier run"):
+        training.train(solver_path, progress=False, validate_every=0)
+    for start in (first.caffemodel, str(tmp_path / "snapshots" / "." / "run_iter_2.caffemodel")):
+        with pytest.raises(ValueError, match="would snapshot iteration 2 over the weights it starts from"):
+            training.train(solver_path, weights=start, progress=False, validate_every=0, overwrite_snapshots=True)
+    assert open(first.caffemodel, "rb").read() == model
+    # resuming at the last iteration trains nothing and keeps the state it was given
+    state = open(first.solverstate, "rb").read()
+    resumed = training.train(solver_path, resume=first.solverstate, progress=False, validate_every=0)
+    assert resumed.caffemodel == first.caffemodel and open(first.solverstate, "rb").read() == state
+    assert train_cli.main(["--solver", str(solver_path), "--no-progress"]) == 2
+    assert "--overwrite-snapshots" in capsys.readouterr().err
+    assert train_cli.main(["--solver", str(solver_path), "--no-progress", "--overwrite-snapshots"]) == 0
