@@ -18,7 +18,7 @@ from ..datasets import DataPackageMissing
 from ..tiling import DEFAULT_OVERLAP, DEFAULT_THRESHOLD, DEFAULT_TILE, check_threshold
 
 __all__ = ["CARD_FLAGS", "USER_ERRORS", "UsageError", "add_model_card_arguments", "add_tiling_arguments",
-           "check_tiling_arguments", "effective_overlap", "model_card_from_args", "run"]
+           "check_tiling_arguments", "check_white_threshold", "effective_overlap", "model_card_from_args", "run"]
 
 # Before anything imports caffe: keep Caffe's log to warnings and errors unless asked.
 os.environ.setdefault("GLOG_minloglevel", "1")
@@ -89,6 +89,13 @@ def check_tiling_arguments(args):
         raise UsageError(f"--batch-tiles must be in [1, 256]; got {args.batch_tiles}")
     if getattr(args, "size_multiple", None) is not None and not 1 <= args.size_multiple <= 1024:
         raise UsageError(f"--size-multiple must be in [1, 1024]; got {args.size_multiple}")
+
+
+def check_white_threshold(args):
+    """``--white-threshold`` is a grey level of the 8-bit images the commands read: [0, 255]."""
+    value = getattr(args, "white_threshold", None)
+    if value is not None and not 0 <= value <= 255:  # NaN fails too
+        raise UsageError(f"--white-threshold must be a grey level in [0, 255]; got {value}")
 
 
 #: Model-card keys that are also flags (``--input-blob`` ...), with their argparse options.

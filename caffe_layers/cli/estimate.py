@@ -13,7 +13,7 @@ import numpy as np
 from ..image_io import find_images, read_rgb
 from ..params import format_param_str
 from ..stain import suggest_color_params, suggest_hed_params, suggest_stain_angle, tissue_mask
-from . import UsageError, run
+from . import UsageError, check_white_threshold, run
 
 __all__ = ["main"]
 
@@ -70,6 +70,7 @@ def main(argv=None):
     def body():
         if not (math.isfinite(args.margin) and 0 <= args.margin <= 10):
             raise UsageError(f"--margin must be a number in [0, 10]; got {args.margin}")
+        check_white_threshold(args)
         groups = {}
         for group, entries in (("train", args.train), ("test", args.test)):
             files = find_images(entries)

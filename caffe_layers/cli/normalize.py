@@ -16,7 +16,7 @@ from ..image_io import find_images, read_rgb, write_image
 from ..stain import (MacenkoNormalizer, ReinhardNormalizer, VahadaneNormalizer, match_histograms,
                      tissue_mask)
 from ..stain.histogram import check_reference
-from . import UsageError, run
+from . import UsageError, check_white_threshold, run
 
 __all__ = ["main"]
 
@@ -189,6 +189,7 @@ def main(argv=None):
             # Macenko and Vahadane pick tissue themselves and re-compose every pixel.
             raise UsageError(f"--ignore-white only applies to --method histmatch and reinhard; "
                              f"{args.method} selects tissue itself and re-composes every pixel")
+        check_white_threshold(args)
         if args.jobs is not None and not 1 <= args.jobs <= 1024:
             raise UsageError(f"--jobs must be in [1, 1024]; got {args.jobs}")
         jobs = _available_cores() if args.jobs is None else args.jobs

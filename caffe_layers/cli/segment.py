@@ -9,7 +9,8 @@ from ..tiling import dihedral_tta
 from ..wsi.pipeline import DEFAULT_BLOCK, SlideSettings, find_slides, slide_name, slide_outputs
 from ..wsi.reader import is_slide, open_slide
 from . import (UsageError, add_engine_argument, add_model_card_arguments, add_tiling_arguments,
-               check_tiling_arguments, effective_overlap, engine_log, model_card_from_args, run)
+               check_tiling_arguments, check_white_threshold, effective_overlap, engine_log,
+               model_card_from_args, run)
 
 __all__ = ["main"]
 
@@ -80,8 +81,7 @@ def main(argv=None):
             raise UsageError(f"--workers must be in [1, 1024]; got {args.workers}")
         if not 16 <= args.block <= 16384:
             raise UsageError(f"--block must be in [16, 16384]; got {args.block}")
-        if not 0 <= args.white_threshold <= 255:
-            raise UsageError(f"--white-threshold must be in [0, 255]; got {args.white_threshold}")
+        check_white_threshold(args)
         images, slides = _split_inputs(args.images)
         state["slides"] = slides
         if not slides and (args.workers is not None or args.scheduler is not None or args.prob_tiff):

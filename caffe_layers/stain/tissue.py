@@ -16,7 +16,7 @@ from scipy import ndimage
 
 from ..image_io import check_rgb
 
-__all__ = ["NoTissueWarning", "background_planes", "check_mask", "masked_channel_means", "resolve_masks", "tissue_mask"]
+__all__ = ["NoTissueWarning", "background_planes", "check_mask", "check_white_threshold", "masked_channel_means", "resolve_masks", "tissue_mask"]
 
 
 class NoTissueWarning(UserWarning):
@@ -33,6 +33,29 @@ def check_mask(mask, image, name):
     if mask.dtype != bool:
         raise ValueError(f"{name} must be a boolean array; got dtype {mask.dtype}")
     return mask
+
+
+def check_white_threshold(white_threshold):
+    """Return ``white_threshold`` as a float, or raise ValueError if it is not a number or NaN.
+
+    Every value of a number is meaningful (below 0: no pixel is tissue; +inf: every pixel is).
+    """
+    try:
+        value = float(white_threshold)
+    except (TypeError, ValueError):
+        raise ValueError(f"white_threshold must be a number; got {white_threshold!r}") from None
+    if math.isnan(value):
+        raise ValueError("white_threshold must be a number; got NaN (no pixel would be tissue or background)")
+    return value
+
+
+def _threshold_limit(white_threshold):
+    """``floor(3 * t)`` clipped to [-1, 3 * 255]: the same test ``R + G + B <= 3 t`` for uint8 pixels."""
+    if white_threshold < 0:
+        return -1
+    if white_threshold >= 255:
+        return 3 * 255
+    return math.floor(3 * white_threshold)
 
 
 def tissue_mask(rgb, white_threshold=200, min_size=0, fill_holes=False):
@@ -59,6 +82,7 @@ def tissue_mask(rgb, white_threshold=200, min_size=0, fill_holes=False):
         True on tissue.
     """
     rgb = check_rgb(rgb, "rgb")
+    white_threshold = check_white_threshold(white_threshold)
     if min_size < 0 or int(min_size) != min_size:
         raise ValueError(f"min_size must be a non-negative integer; got {min_size!r}")
     if rgb.dtype == np.uint8:
@@ -86,7 +110,7 @@ def _uint8_tissue(rgb, white_threshold):
     megapixels; the 1-row form is not, and numpy's channel-by-channel uint16 sum takes ~2-3x as
     long, which is kept for images OpenCV cannot view).
     """
-    limit = math.floor(3 * white_threshold) if math.isfinite(white_threshold) else None
+    limit = _threshold_limit(white_threshold)
     if limit is not None and limit < 0:
         return np.zeros(rgb.shape[:2], bool)
     if limit is not None and limit >= 3 * 255:
@@ -116,7 +140,7 @@ def background_planes(rgb, white_threshold=200):
     """
     if rgb.dtype != np.uint8 or not rgb.flags.c_contiguous or not math.isfinite(white_threshold):
         return None
-    limit = math.floor(3 * white_threshold)
+    limit = _threshold_limit(check_white_threshold(white_threshold))
     if limit < 0 or limit >= 3 * 255:
         return np.full(rgb.shape, 255 if limit < 0 else 0, np.uint8)
     matrix = np.tile([1.0, 1.0, 1.0, 254.0 - limit], (3, 1))

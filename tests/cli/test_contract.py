@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -45,6 +46,22 @@ def test_bad_values_are_refused_before_any_work(caffe, command, args, tmp_path):
     result = _run(command, args, tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command, args", [
+    ("normalize", ["x.png", "--template", "t.png", "--output", "o.png"]),
+    ("estimate", ["--train", "x.png", "--test", "t.png"]),
+    ("segment", ["--model", "m", "--weights", "w", "--out", "o", "x.png"])])
+@pytest.mark.parametrize("value", ["nan", "1e308", "-1", "256"])
+def test_white_threshold_outside_the_grey_levels_is_named(caffe, command, args, value, tmp_path):
+    from PIL import Image
+    for name in ("x.png", "t.png"):
+        Image.fromarray(np.full((8, 8, 3), 100, np.uint8)).save(tmp_path / name)
+    result = _run(command, [*args, "--white-threshold", value], tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip() == (f"caffe-stain-{command}: error: --white-threshold must be a grey level in "
+                                     f"[0, 255]; got {float(value)}"), result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.png", "x.png"]
 
 
 @pytest.mark.parametrize("command", ["compare", "estimate", "experiment", "lmdb", "meanfile", "normalize",

@@ -71,6 +71,18 @@ def test_tissue_mask_threshold_is_inclusive_mean_of_rgb():
     ]
 
 
+def test_tissue_mask_thresholds_of_any_size_and_nan():
+    from caffe_layers.stain.tissue import background_planes
+    rgb = np.array([[[0, 0, 0], [255, 255, 255], [120, 130, 140]]], np.uint8)
+    for huge in (1e308, float("inf"), 255):
+        assert stain.tissue_mask(rgb, huge).all()
+        assert not background_planes(rgb, huge if np.isfinite(huge) else 1e308).any()
+    for low in (-1e308, float("-inf"), -0.5):
+        assert not stain.tissue_mask(rgb, low).any()
+    with pytest.raises(ValueError, match="white_threshold must be a number; got NaN"):
+        stain.tissue_mask(rgb, float("nan"))
+
+
 def test_tissue_mask_cleanup():
     image = white((30, 30))
     image[2, 2] = 0  # one-pixel speck
