@@ -375,6 +375,17 @@ def same_file(a, b):
     return a.resolve() == b.resolve()
 
 
+def _replaced_mode(path):
+    """Permission bits for a file written at ``path``: those of the file there, else 0666 less the umask."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        pass
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_atomic(path, write, *, overwrite=False):
     """Write a file atomically: ``write(temporary_path)``, then rename it to ``path``.
 
@@ -406,6 +417,9 @@ def write_atomic(path, write, *, overwrite=False):
     os.close(handle)
     try:
         write(tmp)
+        # mkstemp makes the file private (0600); the output gets the mode of the file it replaces,
+        # else that of any new file (0666 less the umask), as open() would have given it.
+        os.chmod(tmp, _replaced_mode(path))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -1,4 +1,6 @@
 """caffe_layers.image_io: the one image/mask reader (formats, colour rules, errors, memmap)."""
+import os
+
 import numpy as np
 import pytest
 import tifffile
@@ -311,3 +313,18 @@ def test_random_and_truncated_bytes_give_a_clear_error(tmp_path_factory, suffix,
                 assert str(path) in str(error) or path.name in str(error)
             else:
                 assert isinstance(result, np.ndarray) and result.ndim in (2, 3)
+
+
+def test_written_files_are_not_private(tmp_path):
+    # The temporary file of an atomic write is made 0600; the output must not stay that way.
+    old = os.umask(0o022)
+    try:
+        new = image_io.write_image(tmp_path / "new.png", np.zeros((4, 4, 3), np.uint8))
+        assert new.stat().st_mode & 0o777 == 0o644
+        shared = tmp_path / "shared.png"
+        shared.write_bytes(b"")
+        shared.chmod(0o664)
+        image_io.write_image(shared, np.zeros((4, 4, 3), np.uint8), overwrite=True)
+        assert shared.stat().st_mode & 0o777 == 0o664  # a replaced file keeps its mode
+    finally:
+        os.umask(old)
