@@ -70,7 +70,9 @@ def main(argv=None):
                                  tile=args.tile, overlap=args.overlap, threshold=args.threshold,
                                  figures=not args.no_figures, tta=args.tta, batch_size=args.batch_tiles,
                                  engine=args.engine, engine_log=engine_log(parser.prog),
-                                 overwrite=args.overwrite)
+                                 overwrite=args.overwrite,
+                                 inputs=[path for entry in args.entries for path in entry if path is not None]
+                                 + ([args.template] if args.template else []))
         print((Path(args.out) / summary["files"]["table_md"]).read_text(), end="")
 
     return run(parser.prog, body)

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import metrics
+from ..image_io import same_file
 from ..reports import save_comparison_figure, write_summary, write_table
 from ..stain import match_histograms
 from ..model_card import ModelCard
@@ -65,7 +66,7 @@ def _safe_name(text):
 def compare_models(models, images, out_dir, template_rgb=None, conditions=None, tile=DEFAULT_TILE,
                    overlap=DEFAULT_OVERLAP, threshold=DEFAULT_THRESHOLD, multiple=DEFAULT_MULTIPLE,
                    figures=True, progress=False, predictors=None, tta=False, batch_size=1, engine="auto",
-                   engine_log=report_to_stderr, overwrite=False):
+                   engine_log=report_to_stderr, overwrite=False, inputs=()):
     """Segment images with several models and conditions; score and write the comparison.
 
     Parameters
@@ -101,6 +102,9 @@ def compare_models(models, images, out_dir, template_rgb=None, conditions=None, 
     overwrite : bool
         Replace the tables, summary and figures of an earlier comparison in ``out_dir``
         (refused before anything runs otherwise).
+    inputs : sequence of path
+        The files the images, masks and template were read from. No output may replace one of
+        them, nor a model's deploy, weights or card file, even with ``overwrite``.
 
     Returns
     -------
@@ -130,6 +134,16 @@ def compare_models(models, images, out_dir, template_rgb=None, conditions=None, 
     if figures:
         outputs += [out_dir / "figures" / f"{_safe_name(image)}_{_safe_name(condition)}.png"
                     for image in image_names for condition in conditions]
+    protected = list(inputs)
+    for model in models:
+        protected += [model.deploy, model.weights]
+        source = None if model.card is None else getattr(model.card, "source", None)
+        if source and os.path.isfile(str(source)):
+            protected.append(source)
+    for path in outputs:
+        for given in protected:
+            if same_file(path, given):
+                raise ValueError(f"{path}: the comparison would replace the input {given}; choose another --out")
     existing = [path for path in outputs if os.path.lexists(path)]
     if existing and not overwrite:
         raise FileExistsError(f"{existing[0]}: already exists, from an earlier comparison "

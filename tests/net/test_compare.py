@@ -138,3 +138,20 @@ def test_compare_cli(two_models, tmp_path, capsys):
     assert "small.png" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         compare_main(models + ["--mask", str(tmp_path / "p_mask.png"), "--out", str(out)])
+
+
+def test_compare_never_writes_over_an_input_even_with_overwrite(two_models, tmp_path, capsys):
+    # The figure of image "p" (condition original) is figures/p_original.png: here an input.
+    rng = np.random.default_rng(4)
+    (tmp_path / "figures").mkdir()
+    for path in (tmp_path / "p.png", tmp_path / "figures" / "p_original.png"):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(path)
+    before = (tmp_path / "figures" / "p_original.png").read_bytes()
+    model = two_models[0]
+    argv = ["--model", model.name, str(model.deploy), str(model.weights), "--image", str(tmp_path / "p.png"),
+            "--image", str(tmp_path / "figures" / "p_original.png"), "--out", str(tmp_path), "--tile", "16",
+            "--overlap", "4", "--overwrite"]
+    assert compare_main(argv) == 2
+    assert "would replace the input" in capsys.readouterr().err
+    assert (tmp_path / "figures" / "p_original.png").read_bytes() == before
+    assert not (tmp_path / "summary.json").exists()
