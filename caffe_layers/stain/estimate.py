@@ -255,6 +255,11 @@ def stain_concentration_means(rgb, mask=None, ignore_white=True, white_threshold
     return masked_channel_means(stain_concentrations(rgb, max_value), mask, "image")
 
 
+#: Mean haematoxylin and eosin concentrations (optical density units) at or below which an image
+#: counts as unstained in :func:`suggest_hed_params` (white glass: ~0; H&E tissue: ~0.2-1).
+MIN_STAIN_CONCENTRATION = 0.01
+
+
 def suggest_hed_params(train_images, test_images, margin=0.1, ignore_white=True, white_threshold=200,
                        max_value=255.0):
     """Suggest the augmentation layer's stain-space jitter range covering a stain shift.
@@ -270,16 +275,30 @@ def suggest_hed_params(train_images, test_images, margin=0.1, ignore_white=True,
     HedRangeEstimate
         ``params`` = ``{"hed": True, "hed_alpha": ...}``; ``ratios`` per image hold the
         (H, E, DAB) concentration ratios.
+
+    Raises
+    ------
+    ValueError
+        If an image's mean haematoxylin or eosin concentration is at most
+        :data:`MIN_STAIN_CONCENTRATION` (blank glass, a grey image), naming it.
     """
     train = _named_images(train_images, "train")
     test = _named_images(test_images, "test")
 
-    def means(name, image):
-        return stain_concentration_means(image, ignore_white=ignore_white,
-                                         white_threshold=white_threshold, max_value=max_value)
+    def means(group, name, image):
+        values = stain_concentration_means(image, ignore_white=ignore_white,
+                                           white_threshold=white_threshold, max_value=max_value)
+        for index, stain in enumerate(("haematoxylin", "eosin")):
+            # Blank glass, or grey pixels, have (nearly) no stain: a ratio to that is noise.
+            if not values[index] > MIN_STAIN_CONCENTRATION:
+                raise ValueError(f"{group} image {name!r} has (almost) no {stain}: mean concentration "
+                                 f"{values[index]:.3g} <= {MIN_STAIN_CONCENTRATION:g} over its "
+                                 f"{'tissue' if ignore_white else 'pixels'} (a blank or grey image?); its "
+                                 "stain ratio is undefined")
+        return values
 
-    ratios, _ = _shift_table([(name, means(name, image)) for name, image in train],
-                             [(name, means(name, image)) for name, image in test])
+    ratios, _ = _shift_table([(name, means("train", name, image)) for name, image in train],
+                             [(name, means("test", name, image)) for name, image in test])
     # DAB is (nearly) absent from H&E: its ratio is noise, so only H and E set the range.
     largest = max(float(np.abs(1.0 - r[:2]).max()) for r in ratios.values()) * (1.0 + margin)
     params = {"hed": True, "hed_alpha": min(math.ceil(largest * 100) / 100, 0.95)}

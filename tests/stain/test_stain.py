@@ -335,6 +335,13 @@ def test_suggest_hed_params_caps_alpha_and_rejects_blank_images(hgsc):
     assert estimate.params["hed_alpha"] == 0.95  # a stain is never scaled down to nothing
     with pytest.raises(ValueError, match="no tissue"):
         stain.suggest_hed_params([white()], [train])
+    # All pixels of a blank or grey image: no stain to take a ratio of (it gave ratios of 1e7).
+    grey = np.full((32, 32, 3), 250, np.uint8)
+    for blank in (white(), grey):
+        with pytest.raises(ValueError, match=r"train image '0' has \(almost\) no (haematoxylin|eosin)"):
+            stain.suggest_hed_params([blank], [train], ignore_white=False)
+        with pytest.raises(ValueError, match=r"test image '0' has \(almost\) no (haematoxylin|eosin)"):
+            stain.suggest_hed_params([train], [blank], ignore_white=False)
 
 
 def test_format_param_str():
