@@ -214,6 +214,8 @@ def read_rgb(path, memmap=False):
     if raw.ndim != 3 or raw.shape[-1] not in (3, 4):
         raise ValueError(f"image {path!r} has shape {raw.shape}; expected an RGB image H×W×3 "
                          f"(or H×W×4 with alpha)")
+    if raw.shape[0] == 0 or raw.shape[1] == 0:
+        raise ValueError(f"image {path!r} is empty (shape {raw.shape})")
     image = _to_uint8(raw[..., :3], path)
     if isinstance(image, np.memmap):
         return image  # a view: stays on disk
@@ -260,6 +262,8 @@ def read_mask(path, shape=None):
                          f"H×W mask (nucleus > 0; an RGB mask must have identical channels)")
     if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
         raise ValueError(f"mask {path!r} has non-numeric dtype {array.dtype}")
+    if array.size == 0:
+        raise ValueError(f"mask {path!r} is empty (shape {array.shape})")
     if shape is not None and array.shape != tuple(shape):
         raise ValueError(f"mask {path!r} is {array.shape[0]}×{array.shape[1]} (H×W), which "
                          f"does not match the image's {tuple(shape)[0]}×{tuple(shape)[1]}")

@@ -328,3 +328,12 @@ def test_written_files_are_not_private(tmp_path):
         assert shared.stat().st_mode & 0o777 == 0o664  # a replaced file keeps its mode
     finally:
         os.umask(old)
+
+
+def test_empty_images_and_masks_are_refused_by_name(tmp_path):
+    np.save(tmp_path / "empty.npy", np.zeros((0, 5, 3), np.uint8))
+    np.save(tmp_path / "empty_mask.npy", np.zeros((4, 0), np.uint8))
+    with pytest.raises(ValueError, match=r"image '.*empty\.npy' is empty"):
+        read_rgb(tmp_path / "empty.npy")
+    with pytest.raises(ValueError, match=r"mask '.*empty_mask\.npy' is empty"):
+        read_mask(tmp_path / "empty_mask.npy")
