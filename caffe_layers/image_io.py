@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DEFAULT_MAX_PIXELS", "IMAGE_SUFFIXES", "WRITE_FORMATS", "max_pixels", "check_rgb", "find_images", "image_stem", "read_mask",
+__all__ = ["DEFAULT_MAX_PIXELS", "IMAGE_SUFFIXES", "WRITE_FORMATS", "max_pixels", "check_rgb", "find_images", "image_shape", "image_stem", "read_mask",
            "read_rgb", "same_file", "write_atomic", "write_image"]
 
 #: File name endings (lower case) that :func:`read_rgb` and :func:`read_mask` accept.
@@ -220,6 +220,35 @@ def read_rgb(path, memmap=False):
     if isinstance(image, np.memmap):
         return image  # a view: stays on disk
     return np.ascontiguousarray(image)
+
+
+def image_shape(path):
+    """``(height, width)`` of an image file from its header, without decoding its pixels.
+
+    Raises FileNotFoundError / ValueError as :func:`read_rgb` does for a missing or unreadable file.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image file {path!r} does not exist (or is not a file)")
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        if ext == ".npy":
+            return tuple(int(s) for s in _read_npy(path, "image", memmap=True).shape[:2])
+        if ext in _TIFF_SUFFIXES:
+            import tifffile
+            try:
+                with tifffile.TiffFile(path) as tiff:
+                    level0 = tiff.series[0].levels[0]
+                    return tuple(int(size) for axis, size in zip(level0.axes, level0.shape) if axis in "YX")[:2]
+            except Exception:  # noqa: BLE001 - Pillow may still read it
+                pass
+        from PIL import Image
+        with Image.open(path) as image:
+            return int(image.height), int(image.width)
+    except (MemoryError, _TooLarge):
+        raise
+    except Exception as error:  # noqa: BLE001
+        raise ValueError(f"image {path!r} cannot be read: {error}") from error
 
 
 def read_mask(path, shape=None):

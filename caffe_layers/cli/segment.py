@@ -3,6 +3,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..image_io import image_shape
 from ..net.engines import make_segmenter
 from ..net.segment import segment_files
 from ..tiling import dihedral_tta
@@ -31,6 +32,16 @@ def _split_inputs(entries):
         else:
             images.append(entry)
     return images, slides
+
+
+def _probe_side(args, images, slides):
+    """The largest tile side the run will feed the net: ``--tile``, but no larger than the largest
+    image (a tile is cut to the image) or a slide's block and its margins, so that the engine's
+    probe of ``--batch-tiles`` tiles is not larger than the work itself."""
+    sides = [max(image_shape(image)) for image in images]
+    if slides:
+        sides.append(args.block + 2 * args.overlap)
+    return max(1, min(args.tile, max(sides))) if sides else args.tile
 
 
 def main(argv=None):
@@ -92,7 +103,7 @@ def main(argv=None):
                 if output.exists() and not args.overwrite:
                     raise FileExistsError(f"{output}: already exists (use --overwrite to replace it)")
         card = model_card_from_args(args)
-        segmenter = make_segmenter(args.model, args.weights, args.engine, tile=args.tile,
+        segmenter = make_segmenter(args.model, args.weights, args.engine, tile=_probe_side(args, images, slides),
                                    multiple=card.size_multiple, batch=args.batch_tiles, log=engine_log(parser.prog),
                                    card=card)
         overlap = effective_overlap(args, segmenter, parser.prog)

@@ -150,11 +150,13 @@ def compare_models(models, images, out_dir, template_rgb=None, conditions=None, 
                               "(use --overwrite to replace it, or another --out)")
     out_dir.mkdir(parents=True, exist_ok=True)
     predictors = dict(predictors or {})
+    # The engine's probe: tiles no larger than the largest image (a tile is cut to the image).
+    probe_side = max(1, min(tile, max((max(rgb.shape[:2]) for _, rgb, _ in images), default=tile)))
     for model in models:
         if model.name not in predictors:
             predictors[model.name] = make_segmenter(
-                model.deploy, model.weights, engine, tile=tile, batch=batch_size, log=engine_log, card=model.card,
-                multiple=model.card.size_multiple if model.card else multiple)
+                model.deploy, model.weights, engine, tile=probe_side, batch=batch_size, log=engine_log,
+                card=model.card, multiple=model.card.size_multiple if model.card else multiple)
     # Each model tiles with its card's size multiple and at least twice the context it needs.
     tiling = {}
     engines = {name: predict.engine_choice.as_dict() for name, predict in predictors.items()

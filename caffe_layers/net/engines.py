@@ -197,6 +197,8 @@ def _auto(deploy, weights, shape, tolerance, threads, deploy_name):
         opencv_segmenter = OpenCVSegmenter(deploy, weights, threads=threads, check_weights=False)
     except OpenCVUnsupported as error:
         return fall_back(f"OpenCV cannot run it: {error}")
+    # Refuses a probe whose blobs would not fit in memory, before the probe itself is made.
+    caffe_segmenter.check_input_shape(shape)
     probe = probe_tile(shape[2], shape[3], batch=shape[0])
     expected = caffe_segmenter(probe)
     try:

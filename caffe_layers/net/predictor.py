@@ -206,6 +206,10 @@ class CaffeSegmenter:
         finally:
             os.unlink(handle.name)
 
+    def check_input_shape(self, shape):
+        """Refuse (ValueError) an ``(N, 3, H, W)`` input Caffe would abort on or memory could not hold."""
+        self._reshape(tuple(int(s) for s in shape))
+
     def _reshape(self, shape):
         """Reshape the net to a ``shape`` input, first in a child for a shape not seen before:
         Caffe aborts on an input too small for a layer, and memory must suffice."""

@@ -231,3 +231,28 @@ def test_segment_cli_with_a_net_caffe_aborts_on_exits_2(caffe, tmp_path):
         assert result.stderr.strip().splitlines()[-1].startswith("caffe-stain-segment: error: "), result.stderr
         assert "kernel_size must be specified once" in result.stderr and "Check failure stack" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_an_input_larger_than_memory_is_refused_before_it_is_made(caffe, tmp_path, monkeypatch):
+    from caffe_layers.net import predictor
+    weights = _weights(caffe, tmp_path, NET, "good")
+    segmenter = CaffeSegmenter(write(tmp_path / "net.prototxt", NET), weights)
+    monkeypatch.setattr(predictor, "available_memory", lambda: 2 ** 20)  # 1 MiB left
+    with pytest.raises(checks.CaffeAborted, match=r"a 4×3×256×256 input needs at least .* GiB for the net's blobs, "
+                                                  r"more than the 0\.0 GiB of memory available; use a smaller --tile"):
+        segmenter.check_input_shape((4, 3, 256, 256))
+    segmenter.check_input_shape((1, 3, 16, 16))  # 5 kB: fine
+
+
+def test_segment_probes_no_larger_than_the_largest_image(caffe, tmp_path):
+    # --tile 4096 on a small image: the engine probed a 4096×4096 tile (--tile 16384 with 4 tiles a batch: 13 GB).
+    weights = _weights(caffe, tmp_path, NET, "good")
+    from PIL import Image
+    Image.fromarray(np.full((40, 30, 3), 120, np.uint8)).save(tmp_path / "x.png")
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), GLOG_minloglevel="2")
+    result = subprocess.run([sys.executable, "-m", "caffe_layers.cli.segment", "--model", str(tmp_path / "good.prototxt"),
+                             "--weights", str(weights), "--out", str(tmp_path / "out"), "--tile", "4096",
+                             "--batch-tiles", "1", "--no-progress", str(tmp_path / "x.png")], capture_output=True, text=True, timeout=120,
+                            env=env)
+    assert result.returncode == 0, result.stderr
+    assert "1×3×40×40 probe tile" in result.stderr
