@@ -3,7 +3,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..image_io import image_shape
+from ..image_io import image_shape, same_file
 from ..net.engines import make_segmenter
 from ..net.segment import segment_files
 from ..tiling import dihedral_tta
@@ -100,6 +100,10 @@ def main(argv=None):
         for slide in slides:  # a corrupt slide or an existing output is refused before any net is loaded
             open_slide(slide).close()
             for output in slide_outputs(args.out, slide_name(slide), args.prob_tiff).values():
+                for given in [*images, *slides]:  # e.g. an image case_pred.tif beside the slide case.svs
+                    if same_file(output, given):
+                        raise UsageError(f"{output}: the output of slide {slide} would replace the input {given}; "
+                                         "choose another --out")
                 if output.exists() and not args.overwrite:
                     raise FileExistsError(f"{output}: already exists (use --overwrite to replace it)")
         card = model_card_from_args(args)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..image_io import image_stem, read_rgb, write_image
+from ..image_io import image_stem, read_rgb, same_file, write_image
 from ..reports import overlay
 from ..tiling import (DEFAULT_MULTIPLE, DEFAULT_OVERLAP, DEFAULT_THRESHOLD, DEFAULT_TILE, check_threshold,
                       segment_tiled)
@@ -66,9 +66,8 @@ def segment_files(segmenter, paths, out_dir, tile=DEFAULT_TILE, overlap=DEFAULT_
     out_dir = Path(out_dir)
     outputs = [out_dir / f"{name}{suffix}" for name in names
                for suffix in (f"_prob.{prob_format}", "_pred.png", "_overlay.png")]
-    inputs = {Path(p).resolve() for p in paths}
     for output in outputs:
-        if output.resolve() in inputs:
+        if any(same_file(output, p) for p in paths):
             raise ValueError(f"output {output} would replace one of the input images")
         if not overwrite and output.exists():
             raise FileExistsError(f"{output}: already exists (use --overwrite to replace it)")

@@ -202,3 +202,18 @@ def test_a_folder_of_slides_fans_out_over_the_cluster(caffe, case, client, tmp_p
     np.testing.assert_array_equal(a, b)
     assert sorted(p.name for p in out.iterdir()) == sorted(f"{n}{s}" for n in "ab"
                                                            for s in ("_pred.tif", "_nuclei.geojson", "_slide.json"))
+
+
+def test_a_slide_output_never_replaces_an_input_image(caffe, tmp_path, capsys):
+    # Slide case.tif and a plain image case_pred.tif in one run: the slide's mask is case_pred.tif.
+    deploy, weights = make_tiny_net(caffe, tmp_path / "net")
+    rgb = slide_image()[::4, ::4]
+    slide = make_pyramid_tiff(tmp_path / "case.tif", rgb, mpp=2.0, smallest=100)
+    image = tmp_path / "case_pred.tif"
+    tifffile.imwrite(image, rgb[:64, :64])
+    before = image.read_bytes()
+    argv = [str(slide), str(image), "--model", str(deploy), "--weights", str(weights), "--out", str(tmp_path),
+            "--no-progress", "--overwrite"]
+    assert segment_main(argv) == 2
+    assert "the output of slide" in capsys.readouterr().err and image.read_bytes() == before
+    assert not (tmp_path / "case_slide.json").exists()
