@@ -129,6 +129,31 @@ def _read_pil(path, what="image"):
     return image
 
 
+def _png_bit_depth(path):
+    """Bits per sample of a PNG from its IHDR chunk (None if the header is not a PNG's)."""
+    with open(path, "rb") as handle:
+        header = handle.read(26)
+    if len(header) < 26 or header[:8] != b"\x89PNG\r\n\x1a\n" or header[12:16] != b"IHDR":
+        return None
+    return header[24]
+
+
+def _read_png16(path, what):
+    """A 16-bit PNG as its uint16 array (RGB order): Pillow would silently keep only the high byte
+    of each 16-bit RGB sample, so the 8-bit rule (:func:`_to_uint8`) could not see it."""
+    import cv2
+
+    from PIL import Image
+    with Image.open(path) as image:
+        _check_claimed_size(path, what, (image.height, image.width))
+    array = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if array is None:
+        raise ValueError("OpenCV cannot decode this 16-bit PNG")
+    if array.ndim == 3:
+        array = cv2.cvtColor(array, cv2.COLOR_BGRA2RGBA if array.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+    return array
+
+
 def _decode(path, what, memmap=False):
     """Raw pixels of an image file: an ndarray (``.npy``, TIFF) or a PIL image."""
     path = os.fspath(path)
@@ -151,6 +176,8 @@ def _decode(path, what, memmap=False):
                     return _read_pil(path, what)
                 except Exception:  # noqa: BLE001 - report tifffile's reason, not Pillow's
                     raise tiff_error from None
+        if ext == ".png" and _png_bit_depth(path) == 16:
+            return _read_png16(path, what)
         return _read_pil(path, what)
     except (MemoryError, _TooLarge):
         raise

@@ -337,3 +337,15 @@ def test_empty_images_and_masks_are_refused_by_name(tmp_path):
         read_rgb(tmp_path / "empty.npy")
     with pytest.raises(ValueError, match=r"mask '.*empty_mask\.npy' is empty"):
         read_mask(tmp_path / "empty_mask.npy")
+
+
+def test_16_bit_rgb_png_is_not_silently_cut_to_its_high_byte(tmp_path):
+    import cv2
+    rgb = np.zeros((6, 5, 3), np.uint16)
+    rgb[..., 0], rgb[..., 2] = 16383, 40  # 14-bit data in 16 bits: Pillow gave (63, 0, 0)
+    cv2.imwrite(str(tmp_path / "deep.png"), rgb[..., ::-1])
+    with pytest.raises(ValueError, match=r"deep\.png' has dtype uint16 with values 0\.\.16383; expected 8-bit"):
+        read_rgb(tmp_path / "deep.png")
+    rgb[..., 0] = 200  # values an 8-bit image holds: accepted, as for a 16-bit TIFF
+    cv2.imwrite(str(tmp_path / "shallow.png"), rgb[..., ::-1])
+    assert read_rgb(tmp_path / "shallow.png")[0, 0].tolist() == [200, 0, 40]
