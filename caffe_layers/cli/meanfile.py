@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..image_io import read_rgb
+from ..image_io import read_rgb, same_file
 from ..net.meanfile import write_mean_binaryproto
 from ..patches import compute_mean_image, read_pair_list
 from . import UsageError, run
@@ -63,7 +63,7 @@ def main(argv=None):
         else:
             # The data layer's own list reader and image reader, so both see the same pixels.
             pairs = read_pair_list(args.list)
-            if output.resolve() in {Path(p).resolve() for pair in pairs for p in pair} | {Path(args.list).resolve()}:
+            if any(same_file(output, p) for p in [args.list, *(p for pair in pairs for p in pair)]):
                 raise UsageError(f"{output}: the output would replace the list file or one of its images")
             if output.exists() and not args.overwrite:
                 raise UsageError(f"{output}: already exists (use --overwrite to replace it)")

@@ -12,7 +12,7 @@ import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from ..image_io import find_images, read_rgb, write_image
+from ..image_io import find_images, read_rgb, same_file, write_image
 from ..stain import (MacenkoNormalizer, ReinhardNormalizer, VahadaneNormalizer, match_histograms,
                      tissue_mask)
 from ..stain.histogram import check_reference
@@ -76,9 +76,8 @@ def _output_paths(inputs, files, output, protected, overwrite):
                 raise UsageError(f"{file} and {seen[target]} would both be written to {target}")
             seen[target] = file
             targets.append(target)
-    protected = {Path(p).resolve() for p in protected}
     for target in targets:
-        if target.resolve() in protected:
+        if any(same_file(target, p) for p in protected):
             raise UsageError(f"{target}: output would replace an input image or the template; "
                              "choose another --output")
         if target.exists() and not overwrite:

@@ -103,3 +103,17 @@ def test_no_command_changes_an_input(data_folder, capsys):
     assert all(code == 0 for name, code in codes.items() if name not in refused), codes
     # The prediction never takes the ground truth's name.
     assert (data_folder / "a_pred.png").is_file() and (data_folder / "a_mask.png").is_file()
+
+
+def test_an_output_that_is_a_hard_link_of_an_input_is_refused(data_folder, capsys):
+    # Another name of the same file (a hard link, or a case variant on a case-insensitive disk).
+    image = data_folder / "a.png"
+    (data_folder / "link.png").hardlink_to(image)
+    (data_folder / "link.binaryproto").hardlink_to(image)
+    before = image.read_bytes()
+    assert normalize.main([str(data_folder / "b.png"), "--template", str(image), "--output",
+                           str(data_folder / "link.png"), "--overwrite"]) == 2
+    assert meanfile.main(["--list", str(data_folder / "list.txt"), "--output", str(data_folder / "link.binaryproto"),
+                          "--overwrite"]) == 2
+    assert capsys.readouterr().err.count("would replace") == 2
+    assert image.read_bytes() == before
