@@ -473,7 +473,10 @@ def write_atomic(path, write, *, overwrite=False):
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise FileNotFoundError(f"{path}: output folder {folder} does not exist")
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=folder)
+    try:
+        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=folder)
+    except OSError as error:  # read-only, full or special folder: name the output, not the temporary
+        raise OSError(f"{path}: cannot write in folder {folder} ({error.strerror or error})") from None
     os.close(handle)
     try:
         write(tmp)

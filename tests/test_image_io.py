@@ -349,3 +349,8 @@ def test_16_bit_rgb_png_is_not_silently_cut_to_its_high_byte(tmp_path):
     rgb[..., 0] = 200  # values an 8-bit image holds: accepted, as for a 16-bit TIFF
     cv2.imwrite(str(tmp_path / "shallow.png"), rgb[..., ::-1])
     assert read_rgb(tmp_path / "shallow.png")[0, 0].tolist() == [200, 0, 40]
+
+
+def test_an_unwritable_folder_is_named_with_the_output(tmp_path):
+    with pytest.raises(OSError, match=r"^/proc/x\.png: cannot write in folder /proc \("):
+        image_io.write_image("/proc/x.png", np.zeros((2, 2, 3), np.uint8))
