@@ -264,7 +264,9 @@ class _Writer:
     """Batched puts into one LMDB environment, growing the map if it is ever full."""
 
     def __init__(self, path, map_size):
-        self.env = lmdb.open(str(path), map_size=map_size, subdir=True, meminit=False, map_async=False)
+        # meminit (LMDB's default): the unused bytes of each page are zeros, not whatever this
+        # process's heap held there, so the same input and seed give byte-identical files.
+        self.env = lmdb.open(str(path), map_size=map_size, subdir=True, meminit=True, map_async=False)
         self.batch = []
         self.batch_bytes = 0
 
