@@ -414,6 +414,26 @@ def _fatal_message(text, number):
     return f"the process was killed by {name}"
 
 
+#: Seconds :func:`survives_caffe` waits for its child before giving up on the trial (and returning None).
+SURVIVAL_TIMEOUT = 600.0
+
+
+def _wait(pid, timeout):
+    """``os.waitpid`` status of child ``pid``, or None if it has not ended within ``timeout`` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
 def survives_caffe(action, where, what="build the net"):
     """Run ``action()`` in a forked copy of this process first; return its (picklable) result.
 
@@ -424,7 +444,8 @@ def survives_caffe(action, where, what="build the net"):
     with Caffe's own message and ``where``, and the caller's process never reaches Caffe's
     abort. The child's output is captured (not shown); a Python exception in the child is not
     reported here (the caller then meets it itself, with its usual message), and None is
-    returned.
+    returned, as it is when the child has not ended after :data:`SURVIVAL_TIMEOUT` seconds
+    (it is killed: a child of a multi-threaded process can wait forever on a lock).
 
     Parameters
     ----------
@@ -470,7 +491,11 @@ def survives_caffe(action, where, what="build the net"):
             finally:
                 os._exit(code)
         try:
-            _, status = os.waitpid(pid, 0)
+            status = _wait(pid, SURVIVAL_TIMEOUT)
+            if status is None:  # the child hangs (a lock another thread held at the fork): not Caffe's abort
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return None
         except BaseException:
             try:
                 os.kill(pid, signal.SIGKILL)

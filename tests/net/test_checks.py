@@ -256,3 +256,12 @@ def test_segment_probes_no_larger_than_the_largest_image(caffe, tmp_path):
                             env=env)
     assert result.returncode == 0, result.stderr
     assert "1×3×40×40 probe tile" in result.stderr
+
+
+def test_survival_trial_of_a_hanging_child_gives_up(monkeypatch):
+    import time
+    monkeypatch.setattr(checks, "SURVIVAL_TIMEOUT", 0.5)
+    started = time.monotonic()
+    assert checks.survives_caffe(lambda: time.sleep(60), "x") is None
+    assert time.monotonic() - started < 10
+    assert checks.survives_caffe(lambda: 7, "x") == 7
