@@ -26,7 +26,9 @@ Rules, the same everywhere:
 """
 import math
 import os
+import struct
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -173,8 +175,13 @@ def _decode(path, what, memmap=False):
                 raise
             except Exception as tiff_error:  # noqa: BLE001 - Pillow may still decode it
                 try:
-                    return _read_pil(path, what)
+                    with warnings.catch_warnings():  # its complaints about a file it then refuses
+                        warnings.simplefilter("ignore")
+                        return _read_pil(path, what)
                 except Exception:  # noqa: BLE001 - report tifffile's reason, not Pillow's
+                    if isinstance(tiff_error, (IndexError, KeyError, struct.error, EOFError)):
+                        raise ValueError(f"a truncated or corrupt TIFF ({type(tiff_error).__name__}: "
+                                         f"{tiff_error})") from None
                     raise tiff_error from None
         if ext == ".png" and _png_bit_depth(path) == 16:
             return _read_png16(path, what)

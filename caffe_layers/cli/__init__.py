@@ -11,6 +11,7 @@ the exit code:
 
 Library modules never import argparse; only this package does.
 """
+import logging
 import os
 import sys
 
@@ -22,6 +23,9 @@ __all__ = ["CARD_FLAGS", "USER_ERRORS", "UsageError", "add_model_card_arguments"
 
 # Before anything imports caffe: keep Caffe's log to warnings and errors unless asked.
 os.environ.setdefault("GLOG_minloglevel", "1")
+# tifffile logs what it cannot parse (a truncated slide) before raising; the command's own
+# one-line error says it, naming the file.
+logging.getLogger("tifffile").setLevel(logging.ERROR)
 
 
 class UsageError(Exception):

