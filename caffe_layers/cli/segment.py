@@ -38,7 +38,12 @@ def _probe_side(args, images, slides):
     """The largest tile side the run will feed the net: ``--tile``, but no larger than the largest
     image (a tile is cut to the image) or a slide's block and its margins, so that the engine's
     probe of ``--batch-tiles`` tiles is not larger than the work itself."""
-    sides = [max(image_shape(image)) for image in images]
+    sides = []
+    for image in images:
+        try:
+            sides.append(max(image_shape(image)))
+        except (OSError, ValueError):  # reported, naming the file, when it is segmented
+            sides.append(args.tile)
     if slides:
         sides.append(args.block + 2 * args.overlap)
     return max(1, min(args.tile, max(sides))) if sides else args.tile
