@@ -19,7 +19,7 @@ from ..datasets import DataPackageMissing
 from ..tiling import DEFAULT_OVERLAP, DEFAULT_THRESHOLD, DEFAULT_TILE, check_threshold
 
 __all__ = ["CARD_FLAGS", "USER_ERRORS", "UsageError", "add_model_card_arguments", "add_tiling_arguments",
-           "check_tiling_arguments", "check_white_threshold", "effective_overlap", "model_card_from_args", "run"]
+           "check_output_folder", "check_tiling_arguments", "check_white_threshold", "effective_overlap", "model_card_from_args", "run"]
 
 # Before anything imports caffe: keep Caffe's log to warnings and errors unless asked.
 os.environ.setdefault("GLOG_minloglevel", "1")
@@ -100,6 +100,12 @@ def check_white_threshold(args):
     value = getattr(args, "white_threshold", None)
     if value is not None and not 0 <= value <= 255:  # NaN fails too
         raise UsageError(f"--white-threshold must be a grey level in [0, 255]; got {value}")
+
+
+def check_output_folder(path, option="--out"):
+    """An output folder option names a folder or nothing yet, not a file (checked before any work)."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise UsageError(f"{option} {path}: exists and is not a folder; name a folder for the outputs")
 
 
 #: Model-card keys that are also flags (``--input-blob`` ...), with their argparse options.

@@ -6,7 +6,8 @@ from pathlib import Path
 from ..image_io import read_mask, read_rgb
 from ..net.compare import ModelSpec, compare_models
 from ..model_card import load_model_card
-from . import UsageError, add_engine_argument, add_tiling_arguments, check_tiling_arguments, engine_log, run
+from . import (UsageError, add_engine_argument, add_tiling_arguments, check_output_folder, check_tiling_arguments,
+               engine_log, run)
 
 __all__ = ["main"]
 
@@ -52,6 +53,7 @@ def main(argv=None):
 
     def body():
         check_tiling_arguments(args)
+        check_output_folder(args.out)
         models = []
         for entry in args.model:
             if len(entry) not in (3, 4):

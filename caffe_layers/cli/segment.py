@@ -10,8 +10,8 @@ from ..tiling import dihedral_tta
 from ..wsi.pipeline import DEFAULT_BLOCK, SlideSettings, find_slides, slide_name, slide_outputs
 from ..wsi.reader import is_slide, open_slide
 from . import (UsageError, add_engine_argument, add_model_card_arguments, add_tiling_arguments,
-               check_tiling_arguments, check_white_threshold, effective_overlap, engine_log,
-               model_card_from_args, run)
+               check_output_folder, check_tiling_arguments, check_white_threshold, effective_overlap,
+               engine_log, model_card_from_args, run)
 
 __all__ = ["main"]
 
@@ -91,6 +91,7 @@ def main(argv=None):
 
     def body():
         check_tiling_arguments(args)
+        check_output_folder(args.out)
         if args.workers is not None and args.scheduler is not None:
             raise UsageError("give --workers or --scheduler, not both")
         if args.workers is not None and not 1 <= args.workers <= 1024:

@@ -119,3 +119,15 @@ def test_a_truncated_slide_is_one_line(caffe, tmp_path):
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"caffe-stain-{command}: error: ") and "cut.svs" in lines[0], \
             result.stderr
+
+
+@pytest.mark.parametrize("command, args", [
+    ("segment", ["--model", "m", "--weights", "w", "--out", "x.png", "x.png"]),
+    ("compare", ["--model", "m", "d", "w", "--image", "x.png", "--out", "x.png"])])
+def test_an_output_folder_that_is_a_file_is_refused_first(caffe, command, args, tmp_path):
+    from PIL import Image
+    Image.fromarray(np.full((8, 8, 3), 100, np.uint8)).save(tmp_path / "x.png")
+    result = _run(command, args, tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"caffe-stain-{command}: error: --out x.png: exists and is not a folder; "
+                                     "name a folder for the outputs"), result.stderr
