@@ -343,7 +343,7 @@ class PatchSampler:
 
 # --------------------------------------------------------------------------- mean image
 
-def compute_mean_image(images, patch_size=None):
+def compute_mean_image(images, patch_size=None, names=None):
     """Mean image of RGB training images, as a Caffe mean blob's 3×H×W array.
 
     Two kinds of mean, chosen by ``patch_size``:
@@ -363,6 +363,8 @@ def compute_mean_image(images, patch_size=None):
         once, so a generator that reads files lazily is fine.
     patch_size : int, optional
         Side of the square training patches.
+    names : sequence of str, optional
+        The images' names (e.g. file names), for the messages.
 
     Returns
     -------
@@ -381,11 +383,12 @@ def compute_mean_image(images, patch_size=None):
     total = None
     count = 0
     for index, image in enumerate(images):
-        image = check_rgb(image, f"image {index}", alpha=True).astype(np.float64)
+        name = f"image {index}" if names is None else f"image {names[index]}"
+        image = check_rgb(image, name, alpha=True).astype(np.float64)
         if patch_size is None:
             if total is not None and image.shape != total.shape:
                 raise ValueError(
-                    f"image {index} has shape {image.shape} but earlier images have {total.shape}; "
+                    f"{name} has shape {image.shape} but earlier images have {total.shape}; "
                     "a per-pixel mean needs equal sizes (pass patch_size for a per-channel mean)")
             total = image if total is None else total + image
             count += 1

@@ -263,3 +263,10 @@ def test_sampler_does_not_share_memory_with_its_output(dataset):
     data[...] = -1  # writing into a batch must not reach the source images
     for image, original in zip(images, before):
         np.testing.assert_array_equal(image, original)
+
+
+def test_mean_image_of_unequal_sizes_names_the_file():
+    from caffe_layers.patches import compute_mean_image
+    images = [np.zeros((4, 4, 3), np.uint8), np.zeros((5, 4, 3), np.uint8)]
+    with pytest.raises(ValueError, match=r"image b\.png has shape \(5, 4, 3\) but earlier images have"):
+        compute_mean_image(images, names=["a.png", "b.png"])

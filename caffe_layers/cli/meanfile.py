@@ -67,7 +67,8 @@ def main(argv=None):
                 raise UsageError(f"{output}: the output would replace the list file or one of its images")
             if output.exists() and not args.overwrite:
                 raise UsageError(f"{output}: already exists (use --overwrite to replace it)")
-            mean = compute_mean_image((read_rgb(image) for image, _ in pairs), args.patch_size)
+            mean = compute_mean_image((read_rgb(image) for image, _ in pairs), args.patch_size,
+                                      names=[str(image) for image, _ in pairs])
             order, what, count = "RGB", "images", [len(pairs)]
         write_mean_binaryproto(output, mean, overwrite=args.overwrite)
         channel_mean = ", ".join(f"{value:.2f}" for value in mean.mean(axis=(1, 2)))
