@@ -28,6 +28,7 @@ import math
 import os
 import struct
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -123,9 +124,23 @@ def _read_tiff(path, memmap=False):
     return array
 
 
-def _read_pil(path, what="image"):
+_PIL_LOCK = threading.Lock()
+
+
+def _pil_open(path):
+    """``PIL.Image.open`` without Pillow's own decompression-bomb limit (89 M pixels warns, 179 M
+    fails): :func:`max_pixels` is the one limit, checked from the header right after."""
     from PIL import Image
-    with Image.open(path) as image:
+    with _PIL_LOCK:
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+
+
+def _read_pil(path, what="image"):
+    with _pil_open(path) as image:
         _check_claimed_size(path, what, (image.height, image.width))  # from the header, not decoded yet
         image.load()  # decode now: the file is closed on return
     return image
@@ -145,8 +160,7 @@ def _read_png16(path, what):
     of each 16-bit RGB sample, so the 8-bit rule (:func:`_to_uint8`) could not see it."""
     import cv2
 
-    from PIL import Image
-    with Image.open(path) as image:
+    with _pil_open(path) as image:
         _check_claimed_size(path, what, (image.height, image.width))
     array = cv2.imread(path, cv2.IMREAD_UNCHANGED)
     if array is None:
@@ -276,8 +290,7 @@ def image_shape(path):
                     return tuple(int(size) for axis, size in zip(level0.axes, level0.shape) if axis in "YX")[:2]
             except Exception:  # noqa: BLE001 - Pillow may still read it
                 pass
-        from PIL import Image
-        with Image.open(path) as image:
+        with _pil_open(path) as image:
             return int(image.height), int(image.width)
     except (MemoryError, _TooLarge):
         raise

@@ -354,3 +354,19 @@ def test_16_bit_rgb_png_is_not_silently_cut_to_its_high_byte(tmp_path):
 def test_an_unwritable_folder_is_named_with_the_output(tmp_path):
     with pytest.raises(OSError, match=r"^/proc/x\.png: cannot write in folder /proc \("):
         image_io.write_image("/proc/x.png", np.zeros((2, 2, 3), np.uint8))
+
+
+def test_the_pixel_limit_is_the_packages_not_pillows(tmp_path, monkeypatch):
+    # Pillow refuses PNG/JPEG above its MAX_IMAGE_PIXELS (179 M by default, a 13 400² image) as a
+    # "decompression bomb", whatever CAFFE_STAIN_MAX_PIXELS says; here it is made 100 pixels.
+    from PIL import Image as PILImage
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 100)
+    Image.fromarray(np.full((20, 30, 3), 90, np.uint8)).save(tmp_path / "x.png")
+    Image.fromarray(np.full((20, 30, 3), 90, np.uint8)).save(tmp_path / "x.jpg")
+    for name in ("x.png", "x.jpg"):
+        assert read_rgb(tmp_path / name).shape == (20, 30, 3)
+        assert image_io.image_shape(tmp_path / name) == (20, 30)
+    monkeypatch.setenv("CAFFE_STAIN_MAX_PIXELS", "500")
+    with pytest.raises(ValueError, match=r"claims 20×30 = 600 pixels, more than the limit of 500"):
+        read_rgb(tmp_path / "x.png")
+    assert PILImage.MAX_IMAGE_PIXELS == 100  # Pillow's own setting is left as it was
