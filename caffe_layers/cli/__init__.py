@@ -9,11 +9,15 @@ the exit code:
   traceback (argparse's own usage errors also exit 2);
 * 130 on Ctrl-C, with one line saying what was saved where.
 
+Warnings (a blank image left unchanged, ...) are one line each too:
+``caffe-stain-<name>: warning: <message>``.
+
 Library modules never import argparse; only this package does.
 """
 import logging
 import os
 import sys
+import warnings
 
 from ..datasets import DataPackageMissing
 from ..tiling import DEFAULT_OVERLAP, DEFAULT_THRESHOLD, DEFAULT_TILE, check_threshold
@@ -54,8 +58,14 @@ def run(prog, body, interrupted=None):
         Called with the KeyboardInterrupt on Ctrl-C; returns a sentence saying what was saved
         where (or None).
     """
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        # One line like the errors, not Python's "file:line: Category: message" and source line.
+        print(f"{prog}: warning: {_one_line(message)}", file=sys.stderr if file is None else file)
+
     try:
-        return body() or 0
+        with warnings.catch_warnings():
+            warnings.showwarning = show_warning
+            return body() or 0
     except USER_ERRORS as error:
         print(f"{prog}: error: {_one_line(error)}", file=sys.stderr)
         return 2

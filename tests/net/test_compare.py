@@ -155,3 +155,15 @@ def test_compare_never_writes_over_an_input_even_with_overwrite(two_models, tmp_
     assert "would replace the input" in capsys.readouterr().err
     assert (tmp_path / "figures" / "p_original.png").read_bytes() == before
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_a_blank_template_is_a_one_line_warning(two_models, tmp_path, capsys):
+    Image.fromarray(np.random.default_rng(5).integers(0, 200, (20, 20, 3), dtype=np.uint8)).save(tmp_path / "p.png")
+    Image.fromarray(np.full((20, 20, 3), 255, np.uint8)).save(tmp_path / "blank.png")
+    model = two_models[0]
+    assert compare_main(["--model", model.name, str(model.deploy), str(model.weights), "--image",
+                         str(tmp_path / "p.png"), "--template", str(tmp_path / "blank.png"), "--out",
+                         str(tmp_path / "out"), "--tile", "16", "--overlap", "4", "--no-figures"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "engine" not in line]
+    assert lines == ["caffe-stain-compare: warning: reference has no tissue pixels (mask empty); "
+                     "returning the image unchanged"], lines
