@@ -17,6 +17,7 @@ import re
 import signal
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import caffe
@@ -471,7 +472,9 @@ def survives_caffe(action, where, what="build the net"):
                 stream.flush()
             except (OSError, ValueError):
                 pass
-        pid = os.fork()
+        with warnings.catch_warnings():  # Python 3.12+ warns of fork() in a multi-threaded process
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
         if pid == 0:  # the child: never returns
             code = 1
             try:
