@@ -160,7 +160,8 @@ layer { name: "fc" type: "InnerProduct" bottom: "pool1" top: "score" inner_produ
 """
 
 
-def test_patch_classifier_labels_each_pixel_by_the_patch_centred_there(caffe, tmp_path, tile):
+def _patch_classifier(caffe, tmp_path):
+    """PATCH_NET with fixed random weights: (deploy, weights) paths."""
     deploy = tmp_path / "patch.prototxt"
     deploy.write_text(textwrap.dedent(PATCH_NET))
     net = caffe.Net(str(deploy), caffe.TEST)
@@ -170,6 +171,11 @@ def test_patch_classifier_labels_each_pixel_by_the_patch_centred_there(caffe, tm
             blob.data[...] = rng.normal(0, 0.05, blob.data.shape)
     weights = tmp_path / "patch.caffemodel"
     net.save(str(weights))
+    return deploy, weights
+
+
+def test_patch_classifier_labels_each_pixel_by_the_patch_centred_there(caffe, tmp_path, tile):
+    deploy, weights = _patch_classifier(caffe, tmp_path)
     card = load_model_card(patch_classifier=True, output_blob="score", output="scores", foreground_class=2,
                            mean_value=[128.0])
     small = tile[:, :, :20, :24]
@@ -178,6 +184,7 @@ def test_patch_classifier_labels_each_pixel_by_the_patch_centred_there(caffe, tm
     prob = segmenter(small)[0, 1]
     # Brute force, pixel by pixel: the classifier on the reflect-padded 9×9 patch centred there.
     padded = np.pad(small[0], ((0, 0), (4, 4), (4, 4)), mode="reflect")
+    net = caffe.Net(str(deploy), str(weights), caffe.TEST)
     net.blobs["data"].reshape(1, 3, 9, 9)
     for y, x in [(0, 0), (5, 7), (19, 23), (10, 0), (13, 17)]:
         net.blobs["data"].data[...] = padded[:, y:y + 9, x:x + 9] - 128.0
@@ -276,15 +283,7 @@ def test_patch_stride_classifies_every_nth_pixel_on_one_grid_across_tiles(caffe,
     one-pass map, and a whole slide's blocks agree with each other."""
     from caffe_layers.tiling import segment_tiled
 
-    deploy = tmp_path / "patch.prototxt"
-    deploy.write_text(textwrap.dedent(PATCH_NET))
-    net = caffe.Net(str(deploy), caffe.TEST)
-    rng = np.random.default_rng(5)
-    for name in ("conv1", "fc"):
-        for blob in net.params[name]:
-            blob.data[...] = rng.normal(0, 0.05, blob.data.shape)
-    weights = tmp_path / "patch.caffemodel"
-    net.save(str(weights))
+    deploy, weights = _patch_classifier(caffe, tmp_path)
     options = dict(patch_classifier=True, output_blob="score", output="scores", mean_value=[128.0])
     every = CaffeSegmenter(deploy, weights, load_model_card(**options))
     card = load_model_card(patch_stride=4, **options)
