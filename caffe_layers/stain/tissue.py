@@ -111,11 +111,11 @@ def _uint8_tissue(rgb, white_threshold):
     long, which is kept for images OpenCV cannot view).
     """
     limit = _threshold_limit(white_threshold)
-    if limit is not None and limit < 0:
+    if limit < 0:
         return np.zeros(rgb.shape[:2], bool)
-    if limit is not None and limit >= 3 * 255:
+    if limit >= 3 * 255:
         return np.ones(rgb.shape[:2], bool)
-    if limit is not None and rgb.flags.c_contiguous:
+    if rgb.flags.c_contiguous:
         matrix = np.zeros((3, 4))
         matrix[0] = (1.0, 1.0, 1.0, 254.0 - limit)
         return cv2.extractChannel(cv2.transform(rgb, matrix), 0) <= 254
@@ -124,7 +124,7 @@ def _uint8_tissue(rgb, white_threshold):
     grey_sum = rgb[..., 0].astype(np.uint16)
     grey_sum += rgb[..., 1]
     grey_sum += rgb[..., 2]
-    return grey_sum <= 3 * white_threshold
+    return grey_sum <= limit
 
 
 def background_planes(rgb, white_threshold=200):
@@ -135,10 +135,9 @@ def background_planes(rgb, white_threshold=200):
     (``saturate(S + 254 - L)``, 255 exactly on background) in all three rows, then a threshold
     at 254 -- give an operand for unmasked saturating arithmetic (``cv2.subtract`` blacks out
     the background) and a mask for ``cv2.copyTo``, without a boolean pass. None when OpenCV
-    cannot view the image (not C-contiguous) or the threshold is not finite: use
-    :func:`tissue_mask` then.
+    cannot view the image (not C-contiguous): use :func:`tissue_mask` then.
     """
-    if rgb.dtype != np.uint8 or not rgb.flags.c_contiguous or not math.isfinite(white_threshold):
+    if rgb.dtype != np.uint8 or not rgb.flags.c_contiguous:
         return None
     limit = _threshold_limit(check_white_threshold(white_threshold))
     if limit < 0 or limit >= 3 * 255:
