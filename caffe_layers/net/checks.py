@@ -30,6 +30,7 @@ __all__ = [
     "MAX_PROTOTXT_BYTES",
     "CaffeAborted",
     "available_memory",
+    "build_test_net",
     "check_deploy_files",
     "check_net_param",
     "check_solver_param",
@@ -523,6 +524,14 @@ def survives_caffe(action, where, what="build the net"):
             return pickle.loads(data) if data else None
         except Exception:  # noqa: BLE001
             return None
+
+
+def build_test_net(prototxt, where):
+    """``caffe.Net(prototxt, caffe.TEST)``, first built in a child (:func:`survives_caffe`): a layer
+    whose parameters Caffe CHECKs at setup (a missing kernel_size, a kernel larger than its
+    input, ...) is a :class:`CaffeAborted` naming ``where``, not an abort of this process."""
+    survives_caffe(lambda: caffe.Net(str(prototxt), caffe.TEST) and None, str(where))
+    return caffe.Net(str(prototxt), caffe.TEST)
 
 
 def available_memory():

@@ -40,8 +40,8 @@ import numpy as np
 from caffe.proto import caffe_pb2
 
 from ..params import MEAN_SUBTRACT_SCHEMA, ParamError, load_params
-from .checks import (check_deploy_files, check_net_param, check_weights_fit, layers_in_phase, read_net_prototxt,
-                     survives_caffe)
+from .checks import (build_test_net, check_deploy_files, check_net_param, check_weights_fit, layers_in_phase,
+                     read_net_prototxt)
 from .meanfile import read_mean_binaryproto
 from .predictor import resolve_mean_files, prototxt_blobs
 
@@ -356,8 +356,7 @@ class OpenCVSegmenter:
         if "prob" not in tops:
             raise ValueError(f"{deploy_prototxt}: the net has no output blob 'prob'")
         if check_weights:
-            survives_caffe(lambda: caffe.Net(str(deploy_prototxt), caffe.TEST) and None, str(deploy_prototxt))
-            check_weights_fit(caffe.Net(str(deploy_prototxt), caffe.TEST), weights)
+            check_weights_fit(build_test_net(deploy_prototxt, deploy_prototxt), weights)
         self.plan = plan_opencv_net(param, str(deploy_prototxt))
         if self.plan.custom_layers:
             _register_custom_layers()

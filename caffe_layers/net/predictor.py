@@ -30,8 +30,8 @@ from google.protobuf import text_format
 
 from ..model_card import ModelCard, card_means, preprocess
 from ..params import parse_param_str
-from .checks import (CaffeAborted, available_memory, check_deploy_files, check_net_param, check_weights_fit,
-                     layers_in_phase, read_net_prototxt, survives_caffe)
+from .checks import (CaffeAborted, available_memory, build_test_net, check_deploy_files, check_net_param,
+                     check_weights_fit, layers_in_phase, read_net_prototxt, survives_caffe)
 from .meanfile import read_mean_binaryproto
 
 __all__ = ["CaffeSegmenter", "prototxt_blobs", "resolve_mean_files", "use_cpu"]
@@ -175,6 +175,7 @@ class CaffeSegmenter:
                              f"(blobs: {', '.join(sorted(tops))}); set output_blob in the model card")
         self.deploy_prototxt, self.weights = deploy_prototxt, weights
         self._param = param
+        self._checked_shapes = set()  # input shapes already tried in a child (see _reshape)
         self.net = self._build(param, deploy_prototxt)
         check_weights_fit(self.net, weights)
         self.net.copy_from(str(weights))
@@ -191,18 +192,12 @@ class CaffeSegmenter:
         self._probe(tuple(self._in.data.shape))
 
     def _build(self, param, path):
-        def build(prototxt):
-            # A layer whose parameters Caffe CHECKs at setup (a missing kernel_size, a kernel
-            # larger than its input, ...) would abort this process: try it in a child first.
-            survives_caffe(lambda: caffe.Net(prototxt, caffe.TEST) and None, str(path))
-            return caffe.Net(prototxt, caffe.TEST)
-
         if not resolve_mean_files(param, path.parent):
-            return build(str(path))
+            return build_test_net(path, path)
         with tempfile.NamedTemporaryFile("w", suffix=".prototxt", delete=False) as handle:
             handle.write(text_format.MessageToString(param))
         try:
-            return build(handle.name)
+            return build_test_net(handle.name, path)
         finally:
             os.unlink(handle.name)
 
@@ -213,8 +208,7 @@ class CaffeSegmenter:
     def _reshape(self, shape):
         """Reshape the net to a ``shape`` input, first in a child for a shape not seen before:
         Caffe aborts on an input too small for a layer, and memory must suffice."""
-        checked = self.__dict__.setdefault("_checked_shapes", set())
-        if shape not in checked:
+        if shape not in self._checked_shapes:
             def trial():
                 self._in.reshape(*shape)
                 self.net.reshape()
@@ -226,7 +220,7 @@ class CaffeSegmenter:
                 raise CaffeAborted(f"{self.deploy_prototxt}: a {size} input needs at least {needed / 2**30:.1f} GiB "
                                    f"for the net's blobs, more than the {available / 2**30:.1f} GiB of memory "
                                    "available; use a smaller --tile or --batch-tiles")
-            checked.add(shape)
+            self._checked_shapes.add(shape)
         self._in.reshape(*shape)
         self.net.reshape()
 
