@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 from ..image_io import image_shape, same_file
-from ..net.engines import make_segmenter
+from ..net.engines import make_segmenter, probe_side
 from ..net.segment import segment_files
 from ..tiling import dihedral_tta
 from ..wsi.pipeline import DEFAULT_BLOCK, SlideSettings, find_slides, slide_name, slide_outputs
@@ -46,7 +46,7 @@ def _probe_side(args, images, slides):
             sides.append(args.tile)
     if slides:
         sides.append(args.block + 2 * args.overlap)
-    return max(1, min(args.tile, max(sides))) if sides else args.tile
+    return probe_side(args.tile, sides)
 
 
 def main(argv=None):

@@ -31,7 +31,7 @@ from ..stain import match_histograms
 from ..model_card import ModelCard
 from ..tiling import (DEFAULT_MULTIPLE, DEFAULT_OVERLAP, DEFAULT_THRESHOLD, DEFAULT_TILE, check_threshold,
                       dihedral_tta, segment_tiled)
-from .engines import make_segmenter, report_to_stderr
+from .engines import make_segmenter, probe_side, report_to_stderr
 
 __all__ = ["ModelSpec", "compare_models"]
 
@@ -137,9 +137,8 @@ def compare_models(models, images, out_dir, template_rgb=None, conditions=None, 
     protected = list(inputs)
     for model in models:
         protected += [model.deploy, model.weights]
-        source = None if model.card is None else getattr(model.card, "source", None)
-        if source and os.path.isfile(str(source)):
-            protected.append(source)
+        if model.card is not None and os.path.isfile(model.card.source):  # "defaults" etc.: no file
+            protected.append(model.card.source)
     for path in outputs:
         for given in protected:
             if same_file(path, given):
@@ -150,12 +149,11 @@ def compare_models(models, images, out_dir, template_rgb=None, conditions=None, 
                               "(use --overwrite to replace it, or another --out)")
     out_dir.mkdir(parents=True, exist_ok=True)
     predictors = dict(predictors or {})
-    # The engine's probe: tiles no larger than the largest image (a tile is cut to the image).
-    probe_side = max(1, min(tile, max((max(rgb.shape[:2]) for _, rgb, _ in images), default=tile)))
+    probe = probe_side(tile, [max(rgb.shape[:2]) for _, rgb, _ in images])
     for model in models:
         if model.name not in predictors:
             predictors[model.name] = make_segmenter(
-                model.deploy, model.weights, engine, tile=probe_side, batch=batch_size, log=engine_log,
+                model.deploy, model.weights, engine, tile=probe, batch=batch_size, log=engine_log,
                 card=model.card, multiple=model.card.size_multiple if model.card else multiple)
     # Each model tiles with its card's size multiple and at least twice the context it needs.
     tiling = {}

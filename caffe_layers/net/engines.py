@@ -35,7 +35,7 @@ from .opencv_net import OpenCVSegmenter, OpenCVUnsupported
 from .predictor import CaffeSegmenter
 
 __all__ = ["DEFAULT_ENGINE", "ENGINES", "PROBE_TOLERANCE", "EngineChoice", "check_engine", "make_segmenter",
-           "probe_tile", "report_to_stderr"]
+           "probe_side", "probe_tile", "report_to_stderr"]
 
 ENGINES = ("auto", "caffe", "opencv")
 DEFAULT_ENGINE = "auto"
@@ -115,6 +115,13 @@ def _probe_shape(tile, multiple, batch):
     multiple = max(1, int(multiple))
     tile_h, tile_w = (-(-int(t) // multiple) * multiple for t in (tile_h, tile_w))
     return (int(batch), 3, tile_h, tile_w)
+
+
+def probe_side(tile, sides):
+    """Side of the engine's probe tiles: ``tile``, but no larger than the largest of ``sides``
+    (the images' or a slide block's): a tile is cut to its image, so a larger probe would test,
+    and allocate for, more than the work itself."""
+    return max(1, min(tile, max(sides))) if sides else tile
 
 
 def make_segmenter(deploy_prototxt, weights, engine=DEFAULT_ENGINE, *, tile=DEFAULT_TILE,
