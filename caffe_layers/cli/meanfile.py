@@ -47,33 +47,37 @@ def main(argv=None):
                 raise UsageError(f"--lmdb {database}: not an LMDB database folder (no data.mdb)")
             if database.resolve() in output.resolve().parents:
                 raise UsageError(f"{output}: the output would be written inside the database {database}")
-            if output.exists() and not args.overwrite:
-                raise UsageError(f"{output}: already exists (use --overwrite to replace it)")
-            count = [0]
 
             def images():
                 for key, array, _ in iter_datums(database):
                     if array.ndim != 3 or array.shape[0] != 3:
                         raise ValueError(f"{database}: entry {key} holds a {array.shape[0]}-channel "
                                          "image; a mean file is made from the 3-channel image database")
-                    count[0] += 1
                     yield array.transpose(1, 2, 0)
 
-            mean, order, what = compute_mean_image(images(), args.patch_size), "database-order", "entries"
+            source, names, order, what = images(), None, "database-order", "entries"
         else:
             # The data layer's own list reader and image reader, so both see the same pixels.
             pairs = read_pair_list(args.list)
             if any(same_file(output, p) for p in [args.list, *(p for pair in pairs for p in pair)]):
                 raise UsageError(f"{output}: the output would replace the list file or one of its images")
-            if output.exists() and not args.overwrite:
-                raise UsageError(f"{output}: already exists (use --overwrite to replace it)")
-            mean = compute_mean_image((read_rgb(image) for image, _ in pairs), args.patch_size,
-                                      names=[str(image) for image, _ in pairs])
-            order, what, count = "RGB", "images", [len(pairs)]
+            source = (read_rgb(image) for image, _ in pairs)
+            names, order, what = [str(image) for image, _ in pairs], "RGB", "images"
+        if output.exists() and not args.overwrite:
+            raise UsageError(f"{output}: already exists (use --overwrite to replace it)")
+        count = 0
+
+        def counted():
+            nonlocal count
+            for image in source:
+                count += 1
+                yield image
+
+        mean = compute_mean_image(counted(), args.patch_size, names=names)
         write_mean_binaryproto(output, mean, overwrite=args.overwrite)
         channel_mean = ", ".join(f"{value:.2f}" for value in mean.mean(axis=(1, 2)))
         print(f"wrote {output}: 1×{mean.shape[0]}×{mean.shape[1]}×{mean.shape[2]}, "
-              f"{order} channel means {channel_mean} from {count[0]} {what}")
+              f"{order} channel means {channel_mean} from {count} {what}")
 
     return run(parser.prog, body)
 
