@@ -194,6 +194,11 @@ def overlay(rgb, mask, color=(0, 255, 0), mode="outline", alpha=0.4):
     return result
 
 
+def _per_seed(results):
+    """One results dict (one seed) or a sequence of them, as a list."""
+    return [results] if isinstance(results, dict) else list(results)
+
+
 def write_dice_table(path, results, conditions, model_names, seen=None):
     """Markdown Dice matrix: models × conditions, the mean over shifts and its share of in-domain.
 
@@ -209,7 +214,7 @@ def write_dice_table(path, results, conditions, model_names, seen=None):
         Condition -> whether the augmentation range estimate saw it: the shifts the estimate
         saw and those it never saw get separate means, and unseen columns are marked ``(unseen)``.
     """
-    runs = [results] if isinstance(results, dict) else list(results)
+    runs = _per_seed(results)
     shifts = [c for c in conditions if c != "in_domain"]
     groups = {"shifts": shifts} if seen is None else {
         "seen shifts": [c for c in shifts if seen[c]], "unseen conditions": [c for c in shifts if not seen[c]]}
@@ -250,7 +255,7 @@ def save_bar_figure(path, results, conditions, model_names, seen=None):
     """
     from matplotlib.figure import Figure
 
-    runs = [results] if isinstance(results, dict) else list(results)
+    runs = _per_seed(results)
     dice = np.array([[[run[m][c]["dice"] for c in conditions] for m in model_names] for run in runs])
     figure = Figure(figsize=(2 + 1.6 * len(conditions), 4.8))
     ax = figure.subplots()

@@ -17,6 +17,7 @@ import re
 import signal
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -422,8 +423,6 @@ SURVIVAL_TIMEOUT = 600.0
 
 def _wait(pid, timeout):
     """``os.waitpid`` status of child ``pid``, or None if it has not ended within ``timeout`` seconds."""
-    import time
-
     deadline = time.monotonic() + timeout
     delay = 0.001
     while True:
