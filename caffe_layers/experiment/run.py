@@ -24,14 +24,9 @@ Run it with ``bash scripts/run_experiment.sh`` (or ``caffe-stain-experiment``).
 """
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
 import dataclasses
 import json
-import multiprocessing
 import os
-import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -40,8 +35,6 @@ import numpy as np
 from .. import datasets, metrics
 from ..net.engines import make_segmenter
 from ..net.predictor import use_cpu
-from ..net.training import train
-from ..net.unet import net_to_text, solver, solver_to_text, unet_deploy, unet_train_val
 from ..patches import derived_seed
 from ..image_io import write_atomic
 from ..params import format_param_str
@@ -66,138 +59,13 @@ from ..stain import (
     suggest_color_params,
     suggest_hed_params,
 )
-from ..model_card import load_model_card, write_model_card
+from ..model_card import load_model_card
 from ..tiling import dihedral_tta, segment_tiled
 from .regions import prepare_data
+from .trainings import ProgressLog, export_model, relative_to, train_all
 from .settings import BASELINE, INPUT_CONVENTION, MODELS, TTA_MODELS, Settings
 
 __all__ = ["run_experiment"]
-
-
-class _Log:
-    """Progress lines on stderr, timed from the start of one run."""
-
-    def __init__(self):
-        self.start = time.perf_counter()
-
-    def __call__(self, message):
-        print(f"[experiment {time.perf_counter() - self.start:7.1f} s] {message}", file=sys.stderr, flush=True)
-
-
-def _relative_to(path, folder):
-    """``path`` relative to ``folder`` when it is inside it, else absolute (as the summary records)."""
-    path = Path(path).resolve()
-    try:
-        return str(path.relative_to(Path(folder).resolve()))
-    except ValueError:
-        return str(path)
-
-
-def _train_model(name, centring, augment_param_str, lists, mean_file, settings, folder, *, iters, lr,
-                 weights=None):
-    """Write a train/val net and solver for one model and train it; return (weights path, TrainResult)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    net = unet_train_val(str(lists["train"]), str(lists["val"]), centring=centring,
-                         mean_file=str(mean_file) if centring == "meanfile" else None,
-                         augment_param_str=augment_param_str, batch_size=settings.batch_size,
-                         patch_size=settings.patch_size, depth=settings.depth,
-                         base_width=settings.base_width, seed=settings.seed)
-    (folder / "train_val.prototxt").write_text(net_to_text(net))
-    solver_param = solver(str(folder / "train_val.prototxt"), base_lr=lr, max_iter=iters,
-                          snapshot_prefix=str(folder / "snapshot"), snapshot=0,
-                          test_iter=settings.val_batches, test_interval=settings.validate_every,
-                          random_seed=settings.seed, display=0)
-    solver_path = folder / f"{folder.name}_solver.prototxt"
-    solver_path.write_text(solver_to_text(solver_param))
-    result = train(solver_path, weights=weights, log_csv=folder / "log.csv", progress=False, seed=settings.seed,
-                   overwrite_log=True, overwrite_snapshots=True)  # the experiment's own folder
-    return Path(result.caffemodel), result
-
-
-def _train_task(task):
-    """One training in a worker process (top level: the pool pickles it by name)."""
-    use_cpu()
-    return _train_model(**task)
-
-
-@contextlib.contextmanager
-def _one_blas_thread():
-    """Worker processes started inside inherit one BLAS / OpenMP thread (the parent keeps its own)."""
-    names = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-    saved = {name: os.environ.get(name) for name in names}
-    os.environ.update({name: "1" for name in names})
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-def _train_all(log, specs, jobs):
-    """Train every model of ``specs`` on ``jobs`` worker processes, each model once its base is done.
-
-    ``specs``: key -> dict(task=<_train_model keywords>, base=<key of the model to start from> or
-    None). Returns key -> (weights path, TrainResult). Each training runs single-threaded in a
-    fresh process, so its result does not depend on ``jobs``.
-    """
-    done, pending = {}, dict(specs)
-    context = multiprocessing.get_context("spawn")  # Caffe and OpenBLAS do not survive fork safely
-    with _one_blas_thread(), concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-        running = {}
-
-        def submit_ready():
-            # No more than one training per worker at a time, so "training ..." means it started.
-            ready = [k for k, spec in pending.items() if spec["base"] is None or spec["base"] in done]
-            for key in ready[:max(0, jobs - len(running))]:
-                spec = pending.pop(key)
-                task = dict(spec["task"])
-                if spec["base"] is not None:
-                    task["weights"] = str(done[spec["base"]][0])
-                log(f"training {_label(key)}: {task['iters']} iterations"
-                    + (f" from {_label(spec['base'])}" if spec["base"] is not None else ""))
-                running[pool.submit(_train_task, task)] = key
-
-        submit_ready()
-        while running:
-            finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
-            for future in finished:
-                key = running.pop(future)
-                done[key] = future.result()
-                result = done[key][1]
-                last = result.validation[-1] if result.validation else {}
-                log(f"trained {_label(key)}: loss {result.first_loss:.3f} -> {result.last_loss:.3f}, "
-                    f"val Dice {last.get('val_dice', float('nan')):.3f}")
-            submit_ready()
-    return done
-
-
-def _label(key):
-    seed, name = key
-    return f"{name} (seed {seed})"
-
-
-def _export_model(name, centring, weights, mean_file, settings, out_dir):
-    """A self-contained model folder ``out_dir/models/<name>``: deploy prototxt, weights, model
-    card (and mean file, named relative to the folder: the tools resolve it from there)."""
-    folder = out_dir / "models" / name.replace("+", "_")
-    folder.mkdir(parents=True, exist_ok=True)
-    deployed_mean = None
-    if centring == "meanfile":
-        deployed_mean = folder / "mean.binaryproto"
-        shutil.copyfile(mean_file, deployed_mean)
-    side = settings.tile
-    deploy = unet_deploy(centring=centring, depth=settings.depth, base_width=settings.base_width,
-                         mean_file="mean.binaryproto" if deployed_mean else None, input_shape=(1, 3, side, side))
-    (folder / "deploy.prototxt").write_text(net_to_text(deploy))
-    shutil.copyfile(weights, folder / "weights.caffemodel")
-    card = folder / "model_card.yaml"
-    write_model_card(card, dict(size_multiple=2 ** settings.depth), overwrite=True,
-                     comment=f"{name}: RGB 0-255 in, softmax 'prob' out, nucleus = channel 1 (the defaults)")
-    return folder / "deploy.prototxt", folder / "weights.caffemodel", deployed_mean, card
 
 
 def _estimate_record(estimate):
@@ -285,7 +153,7 @@ def run_experiment(out_dir="results", settings=Settings(), preset="custom", seed
     if jobs is not None and jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     use_cpu()
-    log = _Log()
+    log = ProgressLog()
     out_dir = Path(out_dir)
     work = out_dir / "work"
     work.mkdir(parents=True, exist_ok=True)
@@ -363,7 +231,7 @@ def run_experiment(out_dir="results", settings=Settings(), preset="custom", seed
                  settings.finetune_iters, settings.finetune_lr, base="patchmean_base")
     jobs = jobs or max(1, min(len(os.sched_getaffinity(0)), 2 * len(seed_list)))
     log(f"{len(specs)} trainings for seed(s) {', '.join(map(str, seed_list))} on {jobs} worker process(es)")
-    trained = _train_all(log, specs, jobs)
+    trained = train_all(log, specs, jobs)
 
     # Test-time normalisers, fitted once on the training band, and every condition normalised
     # once: the "normalise at test time" rows beside the "augment at train time" ones.
@@ -389,9 +257,9 @@ def run_experiment(out_dir="results", settings=Settings(), preset="custom", seed
         first = seed == seed_list[0]
         models_dir = out_dir if first else work / f"seed_{seed}"
         seed_settings = dataclasses.replace(settings, seed=seed)
-        exported = {name: _export_model(name, centring, trained[seed, name][0], mean_file, seed_settings, models_dir)
+        exported = {name: export_model(name, centring, trained[seed, name][0], mean_file, seed_settings, models_dir)
                     for name, centring, _ in MODELS}
-        exported.update({_leave_one_out_name(s): _export_model(_leave_one_out_name(s), "patchmean",
+        exported.update({_leave_one_out_name(s): export_model(_leave_one_out_name(s), "patchmean",
                                                                trained[seed, _leave_one_out_name(s)][0], mean_file,
                                                                seed_settings, work / f"seed_{seed}")
                          for s in loso_trained})
@@ -505,10 +373,10 @@ def run_experiment(out_dir="results", settings=Settings(), preset="custom", seed
         hed_estimate=None if hed_estimate is None else _estimate_record(hed_estimate),
         augment_param_str=param_str(augment, seed_list[0]),
         models={name: dict(centring=centring, augmented=augmented,
-                           deploy=_relative_to(first["exported"][name][0], out_dir),
-                           weights=_relative_to(first["exported"][name][1], out_dir),
-                           mean_file=_relative_to(first["exported"][name][2], out_dir) if first["exported"][name][2] else None,
-                           model_card=_relative_to(first["exported"][name][3], out_dir),
+                           deploy=relative_to(first["exported"][name][0], out_dir),
+                           weights=relative_to(first["exported"][name][1], out_dir),
+                           mean_file=relative_to(first["exported"][name][2], out_dir) if first["exported"][name][2] else None,
+                           model_card=relative_to(first["exported"][name][3], out_dir),
                            input=dict(INPUT_CONVENTION, size_multiple=multiple),
                            training={str(seed): dict(first_loss=per_seed[seed]["training"][name].first_loss,
                                                      last_loss=per_seed[seed]["training"][name].last_loss,
