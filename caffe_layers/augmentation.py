@@ -23,7 +23,8 @@ true. It has no backward: it sits on data.
 import caffe
 
 from .layer_api import layer_param_str, layer_phase
-from .params import AUGMENT_SCHEMA, load_params
+from .schema import load_params
+from .transforms.schema import AUGMENT_SCHEMA
 from .transforms import BatchAugmenter
 from .transforms.functional import check_batch
 

@@ -30,7 +30,8 @@ import os
 import caffe
 
 from .layer_api import layer_param_str, layer_phase
-from .params import PATCH_DATA_SCHEMA, load_params
+from .patches import PATCH_DATA_SCHEMA
+from .schema import load_params
 from .patches import PatchSampler, derived_seed, load_pairs, read_pair_list
 from .transforms import BatchAugmenter
 

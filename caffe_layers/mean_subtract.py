@@ -11,7 +11,8 @@ import caffe
 
 from .layer_api import layer_param_str
 from .net.meanfile import read_mean_binaryproto
-from .params import MEAN_SUBTRACT_SCHEMA, load_params
+from .patches import MEAN_SUBTRACT_SCHEMA
+from .schema import load_params
 
 
 class MeanSubtractLayer(caffe.Layer):

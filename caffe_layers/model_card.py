@@ -28,9 +28,42 @@ import numpy as np
 import yaml
 
 from .image_io import write_atomic
-from .params import MODEL_CARD_SCHEMA, ParamError, parse_param_str
+from .param_str import ParamError, parse_param_str
+from .schema import Param, Schema
 
-__all__ = ["ModelCard", "card_means", "load_model_card", "preprocess", "write_model_card"]
+__all__ = ["MODEL_CARD_SCHEMA", "ModelCard", "card_means", "load_model_card", "preprocess", "write_model_card"]
+
+MODEL_CARD_SCHEMA = Schema(
+    [
+        Param("input_blob", "str", "data", doc="the deploy net's input blob"),
+        Param("channel_order", "str", "RGB", choices=("RGB", "BGR"),
+              doc="channel order the net was trained on (Caffe's OpenCV-based tools and DIGITS: BGR)"),
+        Param("raw_scale", "float", 1.0, min=0.0, min_inclusive=False,
+              doc="step 1: pixel values 0-255 are multiplied by this (1/255 for a net trained on 0-1 images)"),
+        Param("mean_file", "str", None, optional=True,
+              doc="step 2: a .binaryproto mean (net channel order, raw-scaled units) subtracted; "
+                  "relative to the card's folder"),
+        Param("mean_value", "floats", None, optional=True, min=-1e6, max=1e6,
+              doc="step 2, or: per-channel means (net channel order, raw-scaled units) subtracted"),
+        Param("input_scale", "float", 1.0, min=0.0, min_inclusive=False,
+              doc="step 3: multiplied last (transform_param { scale } after its mean)"),
+        Param("output_blob", "str", "prob", doc="the blob holding the class map or class scores"),
+        Param("output", "str", "probabilities", choices=("probabilities", "scores"),
+              doc="probabilities (a softmax) or raw scores (a softmax over channels is applied)"),
+        Param("foreground_class", "int", 1, min=0, max=1023, doc="output channel of the nucleus class"),
+        Param("patch_classifier", "bool", False,
+              doc="the net maps a P×P patch (its input size) to class scores for the centre pixel"),
+        Param("patch_stride", "int", 1, min=1, max=256,
+              doc="with patch_classifier: classify the patch centred on every this-many-th pixel of each row "
+                  "and column and interpolate between them (stride² fewer forward passes; 1: every pixel)"),
+        Param("size_multiple", "int", 1, min=1, max=1024, doc="input sides must be multiples of this"),
+        Param("mpp", "float", None, optional=True, min=0.0, min_inclusive=False, max=1000.0,
+              doc="micrometres per pixel of the images the net was trained on: whole slides are segmented "
+                  "at the pyramid level nearest to it"),
+    ],
+    name="model card",
+)
+"""Keys of a model card: how to feed a deploy net and read its output (see :mod:`caffe_layers.model_card`)."""
 
 #: Model cards larger than this are refused unread.
 MAX_CARD_BYTES = 64 * 1024

@@ -16,8 +16,12 @@ import os
 import numpy as np
 
 from .image_io import check_rgb, read_mask, read_rgb
+from .schema import INT64_MAX, INT_MAX, REQUIRED, Param, Schema
+from .transforms.schema import AUGMENT_SCHEMA
 
 __all__ = [
+    "MEAN_SUBTRACT_SCHEMA",
+    "PATCH_DATA_SCHEMA",
     "MAX_LIST_BYTES",
     "list_file_lines",
     "read_pair_list",
@@ -26,6 +30,39 @@ __all__ = [
     "compute_mean_image",
     "derived_seed",
 ]
+
+
+# --------------------------------------------------------------------------- layer parameters
+# The keys of the patch data and mean-subtract layers live here, beside the code those layers
+# run, because the layer modules import caffe and the keys must be readable without it
+# (caffe-stain-retrofit and the OpenCV engine check them).
+
+PATCH_DATA_SCHEMA = Schema(
+    [
+        Param("source", "str", REQUIRED, doc="list file of image/label pairs"),
+        Param("root", "str", None, optional=True,
+              doc="base directory of relative paths in the list file (None: the list file's directory)"),
+        Param("batch_size", "int", 8, min=1, max=4096,
+              doc="samples per batch (at most 4096, and batch_size*3*patch_size**2 <= INT_MAX)"),
+        Param("patch_size", "int", 128, min=1, max=8192,
+              doc="side of the square patches, pixels (at most 8192, and batch_size*3*patch_size**2 <= INT_MAX)"),
+        Param("shuffle", "bool", True, doc="shuffle the list every epoch"),
+        Param("seed", "int", None, optional=True, min=0, max=INT64_MAX,
+              doc="random seed for numpy.random.default_rng, 0 to 2**63-1; None draws fresh entropy"),
+    ],
+    nested={"augment": AUGMENT_SCHEMA},
+    name="patch data",
+    # Caffe refuses a blob of more than INT_MAX elements; the data top is N×3×P×P.
+    size_limits=[(("batch_size", 3, "patch_size", "patch_size"), INT_MAX,
+                  "elements in the N×3×P×P data blob (Caffe's limit is INT_MAX)")],
+)
+"""Parameters of the patch data layer; ``augment`` (None: no augmentation) uses :data:`AUGMENT_SCHEMA`."""
+
+MEAN_SUBTRACT_SCHEMA = Schema(
+    [Param("mean_file", "str", REQUIRED, doc="Caffe mean file (.binaryproto), 1×C×H×W or C×H×W")],
+    name="mean subtract",
+)
+"""Parameters of :class:`~caffe_layers.mean_subtract.MeanSubtractLayer`."""
 
 
 # --------------------------------------------------------------------------- list files

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 
 from ..image_io import find_images, read_rgb
-from ..params import format_param_str
+from ..param_str import format_param_str
 from ..stain import suggest_color_params, suggest_hed_params, suggest_stain_angle, tissue_mask
 from . import UsageError, check_white_threshold, run
 

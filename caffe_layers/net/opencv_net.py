@@ -39,7 +39,9 @@ import cv2
 import numpy as np
 from caffe.proto import caffe_pb2
 
-from ..params import MEAN_SUBTRACT_SCHEMA, ParamError, load_params
+from ..param_str import ParamError
+from ..patches import MEAN_SUBTRACT_SCHEMA
+from ..schema import load_params
 from .checks import (build_test_net, check_deploy_files, check_net_param, check_weights_fit, layers_in_phase,
                      read_net_prototxt)
 from .meanfile import read_mean_binaryproto

@@ -29,7 +29,7 @@ import numpy as np
 from google.protobuf import text_format
 
 from ..model_card import ModelCard, card_means, preprocess
-from ..params import parse_param_str
+from ..param_str import parse_param_str
 from .checks import (CaffeAborted, available_memory, build_test_net, check_deploy_files, check_net_param,
                      check_weights_fit, layers_in_phase, read_net_prototxt, survives_caffe)
 from .meanfile import read_mean_binaryproto

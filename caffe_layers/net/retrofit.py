@@ -52,7 +52,9 @@ from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 
 from ..image_io import same_file, write_atomic
-from ..params import AUGMENT_SCHEMA, PATCH_DATA_SCHEMA, ParamError, parse_param_str
+from ..param_str import ParamError, parse_param_str
+from ..patches import PATCH_DATA_SCHEMA
+from ..transforms.schema import AUGMENT_SCHEMA
 from .checks import read_text_file
 
 __all__ = [

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..image_io import check_rgb
-from ..params import format_param_str
+from ..param_str import format_param_str
 from .colours import sample_pixels
 from .normalizers import MacenkoNormalizer
 from .optical_density import stain_concentrations

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from ..params import AUGMENT_SCHEMA
+from .schema import AUGMENT_SCHEMA
 from ..stain.optical_density import StainAffine
 from .functional import (Scratch, apply_dihedral, check_batch, check_output, clip_in_place,
                          dihedral_element, dihedral_planes, label_plane, plane_mode, rotate_label_into,

@@ -12,7 +12,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from ..params import AUGMENT_SCHEMA
+from .schema import AUGMENT_SCHEMA
 from ..stain.optical_density import RGB_FROM_HED, intensity, stain_concentrations
 from .batch import AugmentDraws, draw_augmentation
 from .functional import NDIMAGE_LABEL_DTYPES, check_batch, label_plane
