@@ -1,4 +1,5 @@
-"""Segmentation scores for binary nucleus masks: pixel Dice/IoU and object-level F1.
+"""Segmentation scores: pixel Dice/IoU and object F1 of binary nucleus masks, and the
+instance scores of label images (aggregated Jaccard index, panoptic quality).
 
 Conventions (chosen so that blank images, which are normal input, never give NaN):
 
@@ -26,6 +27,9 @@ __all__ = [
     "segmentation_scores",
     "pool_scores",
     "pooled_segmentation_scores",
+    "aggregated_jaccard_index",
+    "panoptic_quality",
+    "instance_scores",
 ]
 
 # Above this many cells the label-pair contingency table is counted sparsely (np.unique)
@@ -272,3 +276,151 @@ def pooled_segmentation_scores(pairs, iou_threshold=0.5):
     dict
     """
     return pool_scores(segmentation_scores(p, t, iou_threshold) for p, t in pairs)
+
+
+# --------------------------------------------------------------------------- instance labels
+
+def _compact_labels(labels, name):
+    """Labels renumbered 1..n (0 stays background) and n; any non-negative integer ids."""
+    labels = np.asarray(labels)
+    if labels.dtype == bool:
+        return labels.astype(np.int64), int(labels.any())
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{name} must hold integer instance labels, got dtype {labels.dtype}")
+    if labels.size and labels.min() < 0:
+        raise ValueError(f"{name} has negative labels (minimum {labels.min()}); expected 0 = background")
+    flat = labels.ravel()
+    top = int(flat.max()) if flat.size else 0
+    if top <= _DENSE_TABLE_LIMIT:  # a lookup table is faster than sorting the image
+        ids = np.flatnonzero(np.bincount(flat, minlength=1)[1:]) + 1
+        lookup = np.zeros(top + 1, np.int64)
+        lookup[ids] = np.arange(1, ids.size + 1)
+        return lookup[labels], int(ids.size)
+    ids, inverse = np.unique(flat, return_inverse=True)
+    inverse = inverse.reshape(labels.shape) + (0 if ids[0] == 0 else 1)
+    return inverse.astype(np.int64), int(ids.size - (ids[0] == 0))
+
+
+def _instance_pairs(pred_labels, true_labels):
+    """Areas and the overlapping pairs of two label images.
+
+    Returns ``pred_area (n_pred + 1,)``, ``true_area (n_true + 1,)`` and per overlapping pair
+    ``(pred index, true index, intersection, IoU)`` arrays, indices 1-based.
+    """
+    pred_labels, true_labels = np.asarray(pred_labels), np.asarray(true_labels)
+    if pred_labels.shape != true_labels.shape:
+        raise ValueError(f"prediction and ground truth shapes differ: {pred_labels.shape} vs {true_labels.shape}")
+    pred, n_pred = _compact_labels(pred_labels, "prediction")
+    true, n_true = _compact_labels(true_labels, "ground truth")
+    pred_area = np.bincount(pred.ravel(), minlength=n_pred + 1)
+    true_area = np.bincount(true.ravel(), minlength=n_true + 1)
+    pi, ti, inter = _pair_table(pred, n_pred, true, n_true)
+    pair_iou = inter / (pred_area[pi] + true_area[ti] - inter)
+    return pred_area, true_area, (pi, ti, inter, pair_iou)
+
+
+def _aji(pred_area, true_area, pairs):
+    pi, ti, inter, pair_iou = pairs
+    if pred_area.size == 1 and true_area.size == 1:
+        return 1.0  # nothing to find, nothing found
+    # Best prediction of each true object: highest IoU, ties to the lowest prediction label.
+    order = np.lexsort((pi, -pair_iou, ti))
+    first = np.ones(order.size, bool)
+    first[1:] = ti[order][1:] != ti[order][:-1]
+    best = order[first]
+    matched_true = ti[best]
+    used = np.zeros(pred_area.size, bool)
+    used[pi[best]] = True
+    union_pairs = pred_area[pi[best]] + true_area[matched_true] - inter[best]
+    unmatched_true = np.ones(true_area.size, bool)
+    unmatched_true[0] = False
+    unmatched_true[matched_true] = False
+    used[0] = True
+    intersection = int(inter[best].sum())
+    union = int(union_pairs.sum()) + int(true_area[unmatched_true].sum()) + int(pred_area[~used].sum())
+    return _ratio(intersection, union)
+
+
+def aggregated_jaccard_index(pred_labels, true_labels):
+    """Aggregated Jaccard index (AJI) of Kumar et al. 2017.
+
+    Each true object ``G`` is paired with the predicted object ``S`` of highest IoU with it
+    (ties: the lowest predicted label; a prediction may serve several true objects). Then
+    ``AJI = Σ|G ∩ S| / (Σ|G ∪ S| + Σ|unused S|)``: the areas of predicted objects paired with
+    no true object are added to the union. A true object that overlaps no prediction adds its
+    own area to the union (the published code would pair it with an arbitrary prediction;
+    this follows the corrected version used since, e.g. HoVer-Net's ``get_fast_aji``).
+    AJI penalises both missed/extra pixels and wrong splits and merges: a merged pair of
+    nuclei counts the merged object's whole area against each.
+
+    Parameters
+    ----------
+    pred_labels, true_labels : (H, W) integer array
+        Instance label images of the same shape; 0 background, any other value one object
+        (ids need not be consecutive; a bool mask is one object).
+
+    Returns
+    -------
+    float in [0, 1]
+        1.0 when both are empty, 0.0 when exactly one is.
+    """
+    return _aji(*_instance_pairs(pred_labels, true_labels))
+
+
+def _panoptic(pred_area, true_area, pairs):
+    pi, ti, inter, pair_iou = pairs
+    # IoU > 0.5 makes a match unique (see object_counts): no assignment problem to solve.
+    matched = pair_iou > 0.5
+    tp = int(np.count_nonzero(matched))
+    fp = pred_area.size - 1 - tp
+    fn = true_area.size - 1 - tp
+    if tp + fp + fn == 0:
+        return dict(dq=1.0, sq=1.0, pq=1.0, tp=0, fp=0, fn=0)
+    dq = tp / (tp + 0.5 * fp + 0.5 * fn)
+    sq = float(pair_iou[matched].sum()) / tp if tp else 0.0
+    return dict(dq=dq, sq=sq, pq=dq * sq, tp=tp, fp=fp, fn=fn)
+
+
+def panoptic_quality(pred_labels, true_labels):
+    """Panoptic quality of Kirillov et al. 2019 for one class (nuclei), PQ = DQ × SQ.
+
+    A predicted and a true object match when their IoU is > 0.5 (each object matches at
+    most one other). Detection quality ``DQ = TP / (TP + FP/2 + FN/2)`` (the object F1),
+    segmentation quality ``SQ`` = mean IoU of the matched pairs (0 without matches).
+
+    Parameters
+    ----------
+    pred_labels, true_labels : (H, W) integer array
+        Instance label images of the same shape (see :func:`aggregated_jaccard_index`).
+
+    Returns
+    -------
+    dict
+        ``dq, sq, pq`` (floats in [0, 1]; all 1.0 when both images are empty) and the counts
+        ``tp, fp, fn``.
+    """
+    return _panoptic(*_instance_pairs(pred_labels, true_labels))
+
+
+def instance_scores(pred_labels, true_labels):
+    """Pixel Dice, AJI and PQ of one pair of instance label images, from one contingency table.
+
+    Parameters
+    ----------
+    pred_labels, true_labels : (H, W) integer array
+        Instance label images of the same shape (see :func:`aggregated_jaccard_index`).
+
+    Returns
+    -------
+    dict
+        ``dice`` (of the foregrounds, labels > 0), ``aji``, ``pq``, ``dq``, ``sq`` and ``f1``,
+        the object F1 at IoU > 0.5 from the PQ matching (equal to ``dq`` by definition).
+    """
+    pred_area, true_area, pairs = _instance_pairs(pred_labels, true_labels)
+    panoptic = _panoptic(pred_area, true_area, pairs)
+    tp = int(pairs[2].sum())
+    fp = int(pred_area[1:].sum()) - tp
+    fn = int(true_area[1:].sum()) - tp
+    return dict(dice=dice_from_counts(tp, fp, fn), aji=_aji(pred_area, true_area, pairs),
+                pq=panoptic["pq"], dq=panoptic["dq"], sq=panoptic["sq"],
+                f1=_ratio(2 * panoptic["tp"], 2 * panoptic["tp"] + panoptic["fp"] + panoptic["fn"]))

@@ -171,3 +171,115 @@ def test_pooled_equals_concatenation(pairs):
     whole = segmentation_scores(np.hstack(pieces_p), np.hstack(pieces_t))
     for key in ("dice", "iou", "object_f1", "precision", "recall"):
         assert pooled[key] == pytest.approx(whole[key])
+
+
+# --------------------------------------------------------------------------- instance scores
+
+from pathlib import Path  # noqa: E402
+
+from scipy import ndimage  # noqa: E402
+
+from caffe_layers.metrics import aggregated_jaccard_index, instance_scores, panoptic_quality  # noqa: E402
+
+
+def labels(*rows):
+    return np.array([[int(c) if c != "." else 0 for c in row] for row in rows])
+
+
+def test_merged_prediction_hand_computed():
+    truth = labels("1122",
+                   "1122",
+                   "....")
+    pred = labels("5555",
+                  "5555",
+                  "....")
+    # Each true object (4 px) pairs with the merged prediction (8 px): IoU 4/8 each.
+    # AJI = (4 + 4) / (8 + 8) = 0.5: the merged object's area counts against both.
+    assert aggregated_jaccard_index(pred, truth) == pytest.approx(0.5)
+    # IoU 0.5 is not > 0.5: no match; TP 0, FP 1, FN 2, DQ = SQ = PQ = 0.
+    assert panoptic_quality(pred, truth) == dict(dq=0.0, sq=0.0, pq=0.0, tp=0, fp=1, fn=2)
+    scores = instance_scores(pred, truth)
+    assert scores["dice"] == 1.0 and scores["f1"] == 0.0 and scores["aji"] == pytest.approx(0.5)
+
+
+def test_mixed_case_hand_computed():
+    truth = labels("111...",
+                   "111...",
+                   "....2.",
+                   "......",
+                   "33....")
+    pred = labels("77....",
+                  "77....",
+                  "......",
+                  ".....9",
+                  "4.....")
+    # Pairs: G1 (6 px) ~ S7 (4 px): ∩ 4, ∪ 6, IoU 2/3.  G3 (2 px) ~ S4 (1 px): ∩ 1, ∪ 2, IoU 1/2.
+    # G2 (1 px) overlaps nothing: adds 1 to the union.  S9 (1 px) is unused: adds 1.
+    # AJI = (4 + 1) / (6 + 2 + 1 + 1) = 5 / 10.
+    assert aggregated_jaccard_index(pred, truth) == pytest.approx(0.5)
+    # PQ: only G1~S7 has IoU > 0.5. TP 1, FP 2 (S4, S9), FN 2 (G2, G3).
+    # DQ = 1 / (1 + 2/2 + 2/2) = 1/3, SQ = 2/3, PQ = 2/9.
+    pq = panoptic_quality(pred, truth)
+    assert (pq["tp"], pq["fp"], pq["fn"]) == (1, 2, 2)
+    assert (pq["dq"], pq["sq"], pq["pq"]) == pytest.approx((1 / 3, 2 / 3, 2 / 9))
+    # Dice of the foregrounds: |P| = 6, |T| = 9, |P∩T| = 5: 2·5 / 15 = 2/3.
+    # Object F1 = 2·1 / (2·1 + 2 + 2) = 1/3 (= DQ).
+    scores = instance_scores(pred, truth)
+    assert scores == pytest.approx(dict(dice=2 / 3, aji=0.5, pq=2 / 9, dq=1 / 3, sq=2 / 3, f1=1 / 3))
+
+
+def test_aji_best_pairing_and_ties():
+    truth = labels("1111",
+                   "....")
+    pred = labels("2233",
+                  "....")
+    # G1 ~ S2 and G1 ~ S3 both have IoU 2/4: the lower label (S2) is taken, S3 is unused.
+    # AJI = 2 / (4 + 2) = 1/3.
+    assert aggregated_jaccard_index(pred, truth) == pytest.approx(1 / 3)
+    assert aggregated_jaccard_index(pred[:, ::-1], truth[:, ::-1]) == pytest.approx(1 / 3)
+
+
+def test_instance_scores_of_empty_images():
+    empty = np.zeros((3, 3), int)
+    one = empty.copy()
+    one[1, 1] = 4
+    assert instance_scores(empty, empty) == dict(dice=1.0, aji=1.0, pq=1.0, dq=1.0, sq=1.0, f1=1.0)
+    for pred, truth in [(one, empty), (empty, one)]:
+        assert instance_scores(pred, truth) == dict(dice=0.0, aji=0.0, pq=0.0, dq=0.0, sq=0.0, f1=0.0)
+
+
+def test_label_values_do_not_matter():
+    rng = np.random.default_rng(0)
+    truth = ndimage.label(rng.random((40, 50)) > 0.6)[0]
+    pred = ndimage.label(ndimage.binary_dilation(truth > 0) & (rng.random((40, 50)) > 0.1))[0]
+    reference = instance_scores(pred, truth)
+    # Renumbered with gaps and huge ids (the sparse path), and as other dtypes.
+    big = np.where(truth > 0, truth.astype(np.uint64) * 7919 + 3_000_000_000, 0).astype(np.uint64)
+    shuffled = np.concatenate([[0], rng.permutation(pred.max()) + 1])[pred].astype(np.uint16)
+    assert instance_scores(shuffled, big) == pytest.approx(reference)
+    assert 0 < reference["aji"] < reference["dice"] < 1
+
+
+def test_instance_scores_bad_input():
+    with pytest.raises(ValueError, match="shapes differ"):
+        instance_scores(np.zeros((2, 2), int), np.zeros((2, 3), int))
+    with pytest.raises(ValueError, match="integer instance labels"):
+        instance_scores(np.zeros((2, 2)), np.zeros((2, 2), int))
+    with pytest.raises(ValueError, match="negative"):
+        aggregated_jaccard_index(np.full((2, 2), -1), np.zeros((2, 2), int))
+
+
+def test_instance_scores_on_a_real_tile():
+    from caffe_layers.annotations import read_imagescope_xml
+
+    path = Path(__file__).resolve().parents[1].parent / "shared/data/monuseg/MoNuSegTestData/TCGA-44-2665-01B-06-BS6.xml"
+    truth = read_imagescope_xml(path, (1000, 1000))
+    assert instance_scores(truth, truth) == dict(dice=1.0, aji=1.0, pq=1.0, dq=1.0, sq=1.0, f1=1.0)
+    # One pixel eroded from every nucleus (and from the borders between touching ones).
+    eroded = ndimage.grey_erosion(truth, size=3)
+    eroded[ndimage.grey_dilation(truth, size=3) != eroded] = 0
+    scores = instance_scores(eroded, truth)
+    assert 0.75 < scores["dice"] < 0.95
+    assert 0.6 < scores["aji"] < 0.9 and scores["aji"] < scores["dice"]
+    assert 0.5 < scores["pq"] < 0.9 and scores["sq"] < 1
+    assert scores["f1"] == scores["dq"] > 0.8
