@@ -17,33 +17,15 @@ Examples
 >>> params["rotate"], params["color_a_min"], params["color_a_max"]
 (True, 0.3, 1.1)
 """
+from . import param_str, schema
 from .model_card import MODEL_CARD_SCHEMA
-from .param_str import (ACCEPTED_FORMATS, MAX_PARAM_DEPTH, MAX_PARAM_STR_CHARS, ParamError, _short_repr,
-                        format_param_str, parse_param_str)
+from .param_str import (ACCEPTED_FORMATS, MAX_PARAM_DEPTH, MAX_PARAM_STR_CHARS, ParamError, format_param_str,
+                        parse_param_str)
 from .patches import MEAN_SUBTRACT_SCHEMA, PATCH_DATA_SCHEMA
 from .schema import (FLOAT32_MAX, FLOAT32_TINY, INT64_MAX, INT64_MIN, INT_MAX, MAX_FLOATS_ITEMS, REQUIRED, Param,
                      Schema, load_params)
 from .transforms.schema import AUGMENT_SCHEMA
 
-__all__ = [
-    "ACCEPTED_FORMATS",
-    "AUGMENT_SCHEMA",
-    "FLOAT32_MAX",
-    "FLOAT32_TINY",
-    "INT64_MAX",
-    "INT64_MIN",
-    "INT_MAX",
-    "MAX_FLOATS_ITEMS",
-    "MAX_PARAM_DEPTH",
-    "MAX_PARAM_STR_CHARS",
-    "MEAN_SUBTRACT_SCHEMA",
-    "MODEL_CARD_SCHEMA",
-    "PATCH_DATA_SCHEMA",
-    "REQUIRED",
-    "Param",
-    "ParamError",
-    "Schema",
-    "format_param_str",
-    "load_params",
-    "parse_param_str",
-]
+# Every public name of the parser and the schema machinery, and the four schemas.
+__all__ = sorted(param_str.__all__ + schema.__all__
+                 + ["AUGMENT_SCHEMA", "MEAN_SUBTRACT_SCHEMA", "MODEL_CARD_SCHEMA", "PATCH_DATA_SCHEMA"])

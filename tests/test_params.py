@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from caffe_layers.param_str import _short_repr
 from caffe_layers.params import (
     AUGMENT_SCHEMA,
     FLOAT32_MAX,
@@ -24,7 +25,6 @@ from caffe_layers.params import (
     Param,
     ParamError,
     Schema,
-    _short_repr,
     load_params,
     parse_param_str,
 )
