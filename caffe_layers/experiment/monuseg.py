@@ -71,11 +71,11 @@ class MonusegSettings:
     batch_size: int = 8
     depth: int = 2
     base_width: int = 16
-    base_iters: int = 1000
-    finetune_iters: int = 500
+    base_iters: int = 800
+    finetune_iters: int = 400
     base_lr: float = 1e-3
     finetune_lr: float = 5e-4
-    validate_every: int = 250
+    validate_every: int = 200
     val_batches: int = 8
     color_margin: float = 0.1
     hed_jitter: bool = True
@@ -237,6 +237,34 @@ def _score_seed(seed, data, settings, trained, normalised, out_dir, work, log):
                           + [m for m, _, _ in MONUSEG_MODELS]}), masks, exported
 
 
+def _train_seeds(data, settings, ranges, seed_list, work, jobs, log):
+    specs = {}
+    for seed in seed_list:
+        specs.update(_training_specs(data, settings, ranges, seed, work))
+    jobs = jobs or max(1, min(len(os.sched_getaffinity(0)), len(specs)))
+    log(f"{len(specs)} trainings for seed(s) {', '.join(map(str, seed_list))} on {jobs} worker process(es)")
+    return train_all(log, specs, jobs)
+
+
+def _normalised_test_tiles(data, settings):
+    """Every test tile after every test-time normaliser: normaliser -> tile name -> image."""
+    normalise = _normalisers(_template_mosaic(data.train, settings.template_crop))
+    return {n: {name: f(t.rgb) for name, t in data.test.items()} for n, f in normalise.items()}
+
+
+def _write_seed_record(out_dir, record):
+    path = seed_file(out_dir, record["seed"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(record, indent=1, default=float) + "\n"
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text), overwrite=True)
+    return path
+
+
+def _tile_record(data):
+    return dict(train=sorted(data.train), val=sorted(data.val),
+                test={n: dict(organ=t.organ, site=t.site) for n, t in data.test.items()})
+
+
 def run_monuseg(data_root, out_dir="results/monuseg", settings=MonusegSettings(), preset="default", seeds=1,
                 jobs=None):
     """Run the benchmark for ``seeds`` seeds from ``settings.seed``; write the combined report.
@@ -250,45 +278,54 @@ def run_monuseg(data_root, out_dir="results/monuseg", settings=MonusegSettings()
     log = ProgressLog("monuseg")
     out_dir = Path(out_dir)
     work = out_dir / "work"
-    work.mkdir(parents=True, exist_ok=True)
     seed_list = [s for s in range(settings.seed, settings.seed + seeds) if not seed_file(out_dir, s).exists()]
-    timings = {}
+    if not seed_list:
+        log(f"seed(s) {settings.seed}-{settings.seed + seeds - 1} are on record already: only the report is made")
+        return write_report(out_dir, log=log)
     started = time.perf_counter()
+    timer = _Timer()
     log(f"loading MoNuSeg from {data_root} at {settings.mpp} µm/px")
-    data = prepare_monuseg(data_root, work / "data", mpp=settings.mpp, val_sites=settings.val_sites,
-                           patch_size=settings.patch_size, touching_gap=settings.touching_gap, limit=settings.limit)
+    with timer("data_s"):
+        data = prepare_monuseg(data_root, work / "data", mpp=settings.mpp, val_sites=settings.val_sites,
+                               patch_size=settings.patch_size, touching_gap=settings.touching_gap,
+                               limit=settings.limit)
+        ranges = _ranges(data, settings)
     log(f"{len(data.train)} training, {len(data.val)} validation (sites {', '.join(settings.val_sites)}), "
         f"{len(data.test)} test tiles")
-    timings["data_s"] = time.perf_counter() - started
-    ranges = _ranges(data, settings)
     for key, keys in ranges.items():
         log(f"{key}: {json.dumps(keys)}")
-    if seed_list:
-        t0 = time.perf_counter()
-        specs = {}
-        for seed in seed_list:
-            specs.update(_training_specs(data, settings, ranges, seed, work))
-        jobs = jobs or max(1, min(len(os.sched_getaffinity(0)), len(specs)))
-        log(f"{len(specs)} trainings for seed(s) {', '.join(map(str, seed_list))} on {jobs} worker process(es)")
-        trained = train_all(log, specs, jobs)
-        timings["training_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        normalise = _normalisers(_template_mosaic(data.train, settings.template_crop))
-        normalised = {n: {name: f(t.rgb) for name, t in data.test.items()} for n, f in normalise.items()}
-        timings["normalising_s"] = time.perf_counter() - t0
-        for seed in seed_list:
-            t0 = time.perf_counter()
+    with timer("training_s"):
+        trained = _train_seeds(data, settings, ranges, seed_list, work, jobs, log)
+    with timer("normalising_s"):
+        normalised = _normalised_test_tiles(data, settings)
+    for seed in seed_list:
+        with timer(f"scoring_seed_{seed}_s"):
             record, masks, exported = _score_seed(seed, data, settings, trained, normalised, out_dir, work, log)
-            timings[f"scoring_seed_{seed}_s"] = time.perf_counter() - t0
-            record.update(settings=dataclasses.asdict(dataclasses.replace(settings, seed=seed)), preset=preset,
-                          ranges=ranges, timings={k: round(v, 1) for k, v in timings.items()},
-                          elapsed_s=round(time.perf_counter() - started, 1),
-                          tiles=dict(train=sorted(data.train), val=sorted(data.val), test={
-                              n: dict(organ=t.organ, site=t.site) for n, t in data.test.items()}))
-            path = seed_file(out_dir, seed)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            text = json.dumps(record, indent=1, default=float) + "\n"
-            write_atomic(path, lambda tmp, text=text: Path(tmp).write_text(text), overwrite=True)
-            write_report(out_dir, data, masks, exported, log=log)
-            log(f"seed {seed} done in {record['elapsed_s']} s: {path}")
-    return write_report(out_dir, data, None, None, log=log)
+        record.update(settings=dataclasses.asdict(dataclasses.replace(settings, seed=seed)), preset=preset,
+                      ranges=ranges, timings=timer.rounded(), elapsed_s=round(time.perf_counter() - started, 1),
+                      tiles=_tile_record(data))
+        path = _write_seed_record(out_dir, record)
+        write_report(out_dir, data, masks, exported, log=log)
+        log(f"seed {seed} done in {record['elapsed_s']} s: {path}")
+    return write_report(out_dir, log=log)
+
+
+class _Timer:
+    """Named wall-clock durations: ``with timer("training_s"): ...``."""
+
+    def __init__(self):
+        self.seconds = {}
+        self._name = None
+
+    def __call__(self, name):
+        self._name = name
+        return self
+
+    def __enter__(self):
+        self._start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.seconds[self._name] = self.seconds.get(self._name, 0.0) + time.perf_counter() - self._start
+
+    def rounded(self):
+        return {k: round(v, 1) for k, v in self.seconds.items()}

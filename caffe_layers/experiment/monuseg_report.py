@@ -86,21 +86,21 @@ def _table_text(records):
         f"# MoNuSeg benchmark ({len(first['tiles']['test'])} test tiles, seed(s) {', '.join(map(str, seeds))})\n",
         f"Training at {first['settings']['mpp']} µm/px on {len(first['tiles']['train'])} tiles; validation: "
         f"{len(first['tiles']['val'])} tiles of the held-out sites {', '.join(first['settings']['val_sites'])}. "
-        "Cells: mean over test tiles" + (", mean ± sd over seeds" if len(records) > 1 else "") + ".\n",
+        "Cells: mean over test tiles" + (", mean ± sd over seeds" if len(records) > 1 else "") + ".\n\n",
         _main_table(records),
-        "\n## AJI per organ (test tiles per organ in brackets)\n",
+        "\n## AJI per organ (test tiles per organ in brackets)\n\n",
         _organ_table(records, "aji"),
-        "\n## Dice per organ\n",
+        "\n## Dice per organ\n\n",
         _organ_table(records, "dice"),
     ]
     if brain:
-        parts += ["\n## Brain (the organ absent from training) on its own\n",
+        parts += ["\n## Brain (the organ absent from training) on its own\n\n",
                   "| row | Dice | AJI | PQ |\n|---|---:|---:|---:|\n" + "".join(
                       f"| {row} | " + " | ".join(_cell(records, row, k, set(brain)) for k in _HEADLINE) + " |\n"
                       for row in first["test"])]
-    parts.append("\n## Colour ranges of the augmented models\n")
+    parts.append("\n## Colour ranges of the augmented models\n\n")
     parts += [f"- {key}: `{json.dumps(keys)}`\n" for key, keys in first["ranges"].items()]
-    parts.append("\n## Time (seconds, per seed run)\n")
+    parts.append("\n## Time (seconds, per seed run)\n\n")
     parts += [f"- seed {r['seed']}: " + ", ".join(f"{k[:-2]} {v}" for k, v in r["timings"].items())
               + f"; total {r['elapsed_s']}\n" for r in records]
     return "".join(parts)
