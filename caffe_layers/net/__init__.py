@@ -1,5 +1,7 @@
 """pycaffe tooling: everything here imports ``caffe`` (at module top, honestly).
 
+* :mod:`~caffe_layers.net.prototxt` -- the one prototxt reader and writer (size limit, V0/V1 upgrade,
+  phase filter);
 * :mod:`~caffe_layers.net.unet` -- NetSpec generator of the U-Net templates and their solvers;
 * :mod:`~caffe_layers.net.training` -- the training loop, with checked weight loading;
 * :mod:`~caffe_layers.net.meanfile` -- Caffe mean files (``.binaryproto``);
@@ -10,5 +12,5 @@
 * :mod:`~caffe_layers.net.compare` -- compare models on the same images;
 * :mod:`~caffe_layers.net.lmdb_datasets` -- Datum LMDBs for Caffe's ``Data`` layer;
 * :mod:`~caffe_layers.net.retrofit` -- rewrite a user's train_val prototxt to train with the
-  AugmentationLayer (and upgrade V0/V1 nets as Caffe does).
+  AugmentationLayer.
 """

@@ -24,11 +24,11 @@ from pathlib import Path
 import caffe
 import numpy as np
 from caffe.proto import caffe_pb2
-from google.protobuf import text_format
 from google.protobuf.message import DecodeError
 
+from .prototxt import layers_in_phase
+
 __all__ = [
-    "MAX_PROTOTXT_BYTES",
     "CaffeAborted",
     "available_memory",
     "build_test_net",
@@ -37,16 +37,9 @@ __all__ = [
     "check_solver_param",
     "check_solverstate_fits",
     "check_weights_fit",
-    "layers_in_phase",
-    "read_net_prototxt",
-    "read_solver_prototxt",
-    "read_text_file",
     "read_weights",
     "survives_caffe",
 ]
-
-#: Larger text prototxts are refused unread (a real net is a few hundred kilobytes at most).
-MAX_PROTOTXT_BYTES = 16 * 1024 * 1024
 
 SOLVER_TYPES = ("SGD", "Nesterov", "AdaGrad", "RMSProp", "AdaDelta", "Adam")
 # lr_policy -> the SolverParameter fields Caffe's Solver::GetLearningRate reads for it.
@@ -54,59 +47,6 @@ LR_POLICIES = {"fixed": (), "step": ("gamma", "stepsize"), "exp": ("gamma",), "i
                "multistep": ("gamma", "stepvalue"), "poly": ("power",), "sigmoid": ("gamma", "stepsize")}
 # Legacy solver_type enum -> type string (Caffe upgrades it the same way).
 _LEGACY_SOLVER_TYPES = {0: "SGD", 1: "Nesterov", 2: "AdaGrad", 3: "RMSProp", 4: "AdaDelta", 5: "Adam"}
-
-
-def read_text_file(path, what):
-    """A prototxt's text: FileNotFoundError if missing, ValueError if too large or not UTF-8."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    size = path.stat().st_size
-    if size > MAX_PROTOTXT_BYTES:
-        raise ValueError(f"{what} {path} is {size} bytes, more than a text prototxt can be "
-                         f"({MAX_PROTOTXT_BYTES} bytes); is it a binary file?")
-    try:
-        return path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{what} {path} is not a text prototxt (not UTF-8 at byte {error.start}); "
-                         "a binary .caffemodel or .binaryproto given in its place?") from None
-
-
-def _parse_text(path, message, what):
-    text = read_text_file(path, what)
-    try:
-        text_format.Merge(text, message)
-    except text_format.ParseError as error:
-        raise ValueError(f"{what} {path} is not a valid prototxt: {error}") from None
-    return message
-
-
-def read_net_prototxt(path):
-    """Parse a net prototxt (V1 ``layers`` or V2 ``layer``) into a ``NetParameter``."""
-    return _parse_text(path, caffe_pb2.NetParameter(), "net prototxt")
-
-
-def read_solver_prototxt(path):
-    """Parse a solver prototxt into a ``SolverParameter``."""
-    return _parse_text(path, caffe_pb2.SolverParameter(), "solver prototxt")
-
-
-def _meets_rule(rule, phase):
-    # Phase is the only NetState field the project's nets use; levels and stages are ignored.
-    return not rule.HasField("phase") or rule.phase == phase
-
-
-def layers_in_phase(param, phase):
-    """The layers of ``param`` that a net built in ``phase`` (caffe.TRAIN/TEST) contains, in order."""
-    layers = list(param.layer) + list(param.layers)
-    kept = []
-    for layer in layers:
-        if layer.include:
-            if any(_meets_rule(rule, phase) for rule in layer.include):
-                kept.append(layer)
-        elif not any(_meets_rule(rule, phase) for rule in layer.exclude):
-            kept.append(layer)
-    return kept
 
 
 def _layer_type(layer):

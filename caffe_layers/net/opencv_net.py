@@ -42,10 +42,10 @@ from caffe.proto import caffe_pb2
 from ..param_str import ParamError
 from ..patches import MEAN_SUBTRACT_SCHEMA
 from ..schema import load_params
-from .checks import (build_test_net, check_deploy_files, check_net_param, check_weights_fit, layers_in_phase,
-                     read_net_prototxt)
+from .checks import build_test_net, check_deploy_files, check_net_param, check_weights_fit
 from .meanfile import read_mean_binaryproto
 from .predictor import resolve_mean_files, prototxt_blobs
+from .prototxt import layers_in_phase, read_net_prototxt
 
 __all__ = ["CUSTOM_LAYER_TYPES", "OpenCVPlan", "OpenCVSegmenter", "OpenCVUnsupported", "opencv_has_caffe_importer",
            "plan_opencv_net"]

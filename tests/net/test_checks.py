@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from caffe_layers.net import checks, training
+from caffe_layers.net import checks, prototxt, training
 from caffe_layers.net.predictor import CaffeSegmenter
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -42,14 +42,14 @@ def write(path, text):
 def test_bad_nets_are_refused(caffe, tmp_path, change, message):
     path = write(tmp_path / "net.prototxt", change(NET))
     with pytest.raises(ValueError, match=message):
-        checks.check_net_param(checks.read_net_prototxt(path), str(path))
+        checks.check_net_param(prototxt.read_net_prototxt(path), str(path))
 
 
 def test_binary_file_as_prototxt_names_it(tmp_path):
     path = tmp_path / "weights_by_mistake.prototxt"
     path.write_bytes(b"\x08\x96\x01\xff\xfe\x00binary")
     with pytest.raises(ValueError, match=r"weights_by_mistake\.prototxt is not a text prototxt"):
-        checks.read_net_prototxt(path)
+        prototxt.read_net_prototxt(path)
 
 
 def test_missing_database_is_refused(caffe, tmp_path):
@@ -58,7 +58,7 @@ def test_missing_database_is_refused(caffe, tmp_path):
           data_param { source: "no_such_lmdb" backend: LMDB batch_size: 2 } }
         """)
     with pytest.raises(FileNotFoundError, match=r"LMDB database 'no_such_lmdb', which does not exist"):
-        checks.check_net_param(checks.read_net_prototxt(path), str(path), caffe.TRAIN)
+        checks.check_net_param(prototxt.read_net_prototxt(path), str(path), caffe.TRAIN)
 
 
 SOLVER = 'net: "{net}"\nbase_lr: 0.01\nmax_iter: 2\nsolver_mode: CPU\nlr_policy: "fixed"\n'

@@ -22,8 +22,10 @@ from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 
 from caffe_layers.cli import retrofit as retrofit_cli
+from caffe_layers.net import prototxt
 from caffe_layers.net import retrofit as rf
 from caffe_layers.net.meanfile import write_mean_binaryproto
+from caffe_layers.param_str import parse_param_str
 from caffe_layers.params import ParamError
 
 from test_unet_templates import write_dataset
@@ -39,7 +41,7 @@ LEGACY = ["v0_padding", "v1_image_data", "digits_v1_classifier", "digits_v1_clas
 # =========================================================================== helpers
 
 def load(name):
-    return rf.parse_net((FIXTURES / f"{name}.prototxt").read_text(), name)
+    return prototxt.parse_net((FIXTURES / f"{name}.prototxt").read_text(), name)
 
 
 def retro(name, param_str=PARAM, **kwargs):
@@ -47,11 +49,11 @@ def retro(name, param_str=PARAM, **kwargs):
 
 
 def upgraded(name):
-    return rf.upgrade_net(load(name), name)[0]
+    return prototxt.upgrade_net(load(name), name)[0]
 
 
 def layers_in(net, phase):
-    return [layer for layer in net.layer if rf.layer_in_phase(layer, phase)]
+    return [layer for layer in net.layer if prototxt.layer_in_phase(layer, phase)]
 
 
 def named(net, name, phase=TRAIN):
@@ -130,7 +132,7 @@ def swap_sources(net, sources):
     for layer in net.layer:
         if layer.type not in ("Data", "ImageData", "HDF5Data"):
             continue
-        phase = TRAIN if rf.layer_in_phase(layer, TRAIN) else TEST
+        phase = TRAIN if prototxt.layer_in_phase(layer, TRAIN) else TEST
         batch = (layer.data_param.batch_size or layer.image_data_param.batch_size
                  or layer.hdf5_data_param.batch_size)
         for field in ("data_param", "image_data_param", "transform_param", "hdf5_data_param"):
@@ -172,9 +174,9 @@ def test_upgrade_equals_caffes_own_tool(upgrade_tool, tmp_path, name):
     out = tmp_path / "upgraded.prototxt"
     subprocess.run([str(upgrade_tool), str(FIXTURES / f"{name}.prototxt"), str(out)], check=True, timeout=60,
                    capture_output=True, env=dict(os.environ, GLOG_minloglevel="2"))
-    theirs = rf.parse_net(out.read_text())
-    mine, notes = rf.read_net(FIXTURES / f"{name}.prototxt")
-    assert mine == theirs, f"{name}:\n{rf.net_to_text(mine)}\n---- caffe's tool:\n{rf.net_to_text(theirs)}"
+    theirs = prototxt.parse_net(out.read_text())
+    mine, notes = prototxt.read_net(FIXTURES / f"{name}.prototxt")
+    assert mine == theirs, f"{name}:\n{prototxt.net_to_text(mine)}\n---- caffe's tool:\n{prototxt.net_to_text(theirs)}"
     assert notes
 
 
@@ -190,7 +192,7 @@ def test_v1_upgrade_details():
     with pytest.raises(ValueError, match="both 'layer'"):
         net = load("digits_v1_classifier")
         net.layer.add(name="x", type="ReLU")
-        rf.upgrade_net(net)
+        prototxt.upgrade_net(net)
 
 
 # =========================================================================== the rewrite, structurally
@@ -226,11 +228,11 @@ def test_mirror_before_a_moved_mean_file_is_said():
     """Caffe subtracts the mean file, then mirrors; after the retrofit the mean comes after the
     mirror, so a mirrored TRAIN sample meets the mirrored mean: said, only where it happens."""
     text = (FIXTURES / "digits_v1_classifier.prototxt").read_text()
-    no_crop = rf.parse_net(text.replace(" crop_size: 28", ""), "no_crop")
+    no_crop = prototxt.parse_net(text.replace(" crop_size: 28", ""), "no_crop")
     lines = "\n".join(rf.retrofit(no_crop, PARAM, where="no_crop").lines)
     assert "mirrors after subtracting its mean file" in lines and "TEST is unchanged" in lines
     assert "mirrors after subtracting" not in "\n".join(retro("digits_v1_classifier").lines)  # crop: channel means
-    no_mirror = rf.parse_net(text.replace(" crop_size: 28", "").replace(" mirror: true", ""), "no_mirror")
+    no_mirror = prototxt.parse_net(text.replace(" crop_size: 28", "").replace(" mirror: true", ""), "no_mirror")
     assert "mirrors after subtracting" not in "\n".join(rf.retrofit(no_mirror, PARAM, where="no_mirror").lines)
 
 
@@ -282,7 +284,7 @@ def test_fcn_voc_layers_notes_the_mean_inside_the_data_layer():
 
 def test_patchmean_replaces_the_mean_by_mvn_in_train_and_deploy():
     result = retro("v2_data_scale_meanvalue", centring="patchmean",
-                   deploy=rf.parse_net(textwrap.dedent('''
+                   deploy=prototxt.parse_net(textwrap.dedent('''
                        layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 16 dim: 16 } } }
                        layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
                                convolution_param { num_output: 6 pad: 1 kernel_size: 3 } }''')))
@@ -311,9 +313,9 @@ ALL_TRAIN_VAL = ["digits_v1_classifier", "v2_data_scale_meanvalue", "lmdb_segmen
 @pytest.mark.parametrize("name", ALL_TRAIN_VAL)
 def test_every_fixture_retrofits_to_a_v2_net_that_reads_back(name, centring):
     result = retro(name, '{"rotate": True, "hed": True}', centring=centring)
-    text = rf.net_to_text(result.net, ["header"])
+    text = prototxt.net_to_text(result.net, ["header"])
     assert text.startswith("# header\n") and "layers {" not in text
-    assert rf.parse_net(text) == result.net
+    assert prototxt.parse_net(text) == result.net
     augment = augmentation(result.net)
     assert augment.bottom == augment.top and [rule.phase for rule in augment.include] == [TRAIN]
     assert sum(layer.type == "MVN" for layer in result.net.layer) == (centring == "patchmean")
@@ -325,7 +327,7 @@ def test_image_data_and_v0_data_layers():
     net = result.net
     assert order(net, TEST)[:3] == ["data", "data_mean", "data_scale"]
     assert named(net, "data", TEST).transform_param.crop_size == 28
-    assert rf.parse_param_str(augmentation(net).python_param.param_str)["channel_order"] == "BGR"
+    assert parse_param_str(augmentation(net).python_param.param_str)["channel_order"] == "BGR"
     # V0 nets have no phases: one data layer for both, so one mean layer without include
     v0 = retro("v0_padding").net
     assert order(v0, TRAIN)[:3] == ["data", "augment", "data_mean"] and order(v0, TEST)[:2] == ["data", "data_mean"]
@@ -337,14 +339,14 @@ def test_existing_digits_augmentation_is_replaced_and_its_param_str_carried_over
     net = result.net
     assert "aug" not in order(net, TRAIN)
     augment = augmentation(net)
-    params = rf.parse_param_str(augment.python_param.param_str)
+    params = parse_param_str(augment.python_param.param_str)
     assert params == {"rotate": True, "flip": True, "color": True, "color_a_min": 0.8, "color_a_max": 1.4,
                       "hed": True, "channel_order": "BGR"}
     assert order(net, TRAIN)[:3] == ["train-data", "augment", "data_mean"]
     text = "\n".join(result.lines)
     assert "removed layer 'aug'" in text and "carried over 5 key(s)" in text and "overrides color_a_max" in text
     # without --param-str the old one is taken as it is
-    alone = rf.parse_param_str(augmentation(retro("digits_python_augment", None).net).python_param.param_str)
+    alone = parse_param_str(augmentation(retro("digits_python_augment", None).net).python_param.param_str)
     assert alone == {"rotate": True, "flip": True, "color": True, "color_a_min": 0.8, "color_a_max": 1.25}
 
 
@@ -369,7 +371,7 @@ def test_unknown_keys_of_a_carried_over_param_str_are_all_named():
     message = str(error.value)
     assert "'colour' (did you mean 'color'?)" in message and "'mirror'" in message and "layer 'aug'" in message
     result = rf.retrofit(net, None, drop_unknown_keys=True)
-    assert rf.parse_param_str(augmentation(result.net).python_param.param_str) == {"rotate": True}
+    assert parse_param_str(augmentation(result.net).python_param.param_str) == {"rotate": True}
     assert "dropped unknown key(s)" in "\n".join(result.lines)
 
 
@@ -384,27 +386,27 @@ def test_patch_data_layer_augment_entry_moves_into_the_layer():
     net.layer[0].python_param.param_str = ('{"source": "train.txt", "batch_size": 2, "patch_size": 16, '
                                            '"augment": {"rotate": true, "hed": true}}')
     result = rf.retrofit(net, '{"flip": True}')
-    data = rf.parse_param_str(named(result.net, "data").python_param.param_str)
+    data = parse_param_str(named(result.net, "data").python_param.param_str)
     assert "augment" not in data and data["source"] == "train.txt"
-    assert rf.parse_param_str(augmentation(result.net).python_param.param_str) == {
+    assert parse_param_str(augmentation(result.net).python_param.param_str) == {
         "rotate": True, "flip": True, "hed": True}  # RGB: no channel_order for our own layer
 
 
 def test_channel_order_bgr_only_for_data_layers_with_hed():
     def params(name, param_str):
-        return rf.parse_param_str(augmentation(retro(name, param_str).net).python_param.param_str)
+        return parse_param_str(augmentation(retro(name, param_str).net).python_param.param_str)
 
     assert params("v2_data_scale_meanvalue", '{"hed": True}')["channel_order"] == "BGR"
     assert "channel_order" not in params("v2_data_scale_meanvalue", '{"color": True}')
     result = retro("v2_data_scale_meanvalue", '{"hed": True, "channel_order": "RGB"}')
-    assert rf.parse_param_str(augmentation(result.net).python_param.param_str)["channel_order"] == "RGB"
+    assert parse_param_str(augmentation(result.net).python_param.param_str)["channel_order"] == "RGB"
     assert "normally deliver BGR" in "\n".join(result.lines)
     assert "channel_order" not in params("hdf5_segmentation", '{"hed": True}')
 
 
 def test_input_range_one_scales_the_intensity_keys():
     result = retro("hdf5_segmentation", '{"color": True, "color_b_min": -25.5, "color_b_max": 51}', input_range=1)
-    params = rf.parse_param_str(augmentation(result.net).python_param.param_str)
+    params = parse_param_str(augmentation(result.net).python_param.param_str)
     assert params["color_b_min"] == pytest.approx(-0.1) and params["color_b_max"] == pytest.approx(0.2)
     assert params["clip_max"] == params["max_value"] == 1.0 and params["clip_min"] == 0
     with pytest.raises(ValueError, match="clip_max=1.0 already look like 0-1"):
@@ -413,14 +415,14 @@ def test_input_range_one_scales_the_intensity_keys():
 
 def test_param_str_floats_are_written_exactly():
     result = retro("hdf5_segmentation", '{"color": True, "color_a_min": 0.123456789, "color_a_max": 1.87654321}')
-    params = rf.parse_param_str(augmentation(result.net).python_param.param_str)
+    params = parse_param_str(augmentation(result.net).python_param.param_str)
     assert params["color_a_min"] == 0.123456789 and params["color_a_max"] == 1.87654321
     assert result.params["color_a_min"] == 0.123456789
 
 
 def test_inputs_with_declared_shapes_decide_the_label_kind():
     def net_with(label_dims, data_dims=(2, 3, 16, 16)):
-        return rf.parse_net(textwrap.dedent(f'''
+        return prototxt.parse_net(textwrap.dedent(f'''
             layer {{ name: "in" type: "Input" top: "data" top: "label" include {{ phase: TRAIN }}
                      input_param {{ shape {{ {" ".join(f"dim: {d}" for d in data_dims)} }}
                                     shape {{ {" ".join(f"dim: {d}" for d in label_dims)} }} }} }}
@@ -441,22 +443,22 @@ def test_inputs_with_declared_shapes_decide_the_label_kind():
 # ---- refusals
 
 def test_no_data_layer_is_refused():
-    net = rf.parse_net('layer { name: "conv" type: "Convolution" bottom: "data" top: "c" '
+    net = prototxt.parse_net('layer { name: "conv" type: "Convolution" bottom: "data" top: "c" '
                        'convolution_param { num_output: 1 kernel_size: 1 } }')
     with pytest.raises(ValueError, match="no data layer in the TRAIN phase"):
         rf.retrofit(net, PARAM)
-    staged = rf.parse_net('layer { name: "train-data" type: "Data" top: "data" include { stage: "train" } '
+    staged = prototxt.parse_net('layer { name: "train-data" type: "Data" top: "data" include { stage: "train" } '
                           'data_param { source: "db" batch_size: 1 } }')
     with pytest.raises(ValueError, match="DIGITS all-in-one"):
         rf.retrofit(staged, PARAM)
-    memory = rf.parse_net('layer { name: "mem" type: "MemoryData" top: "data" top: "label" '
+    memory = prototxt.parse_net('layer { name: "mem" type: "MemoryData" top: "data" top: "label" '
                           'memory_data_param { batch_size: 1 channels: 3 height: 8 width: 8 } }')
     with pytest.raises(ValueError, match="layer 'mem' \\(MemoryData, TRAIN and TEST\\).*not supported"):
         rf.retrofit(memory, PARAM)
 
 
 def test_two_candidate_image_tops_are_refused_and_can_be_named():
-    net = rf.parse_net(textwrap.dedent('''
+    net = prototxt.parse_net(textwrap.dedent('''
         layer { name: "a" type: "HDF5Data" top: "rgb" top: "label" hdf5_data_param { source: "a.txt" batch_size: 1 } }
         layer { name: "b" type: "HDF5Data" top: "image" hdf5_data_param { source: "b.txt" batch_size: 1 } }
         layer { name: "conv" type: "Convolution" bottom: "rgb" top: "score" convolution_param { num_output: 2 kernel_size: 1 } }
@@ -469,7 +471,7 @@ def test_two_candidate_image_tops_are_refused_and_can_be_named():
 
 
 def test_ambiguous_label_tops_and_unknown_label_kinds_are_refused():
-    net = rf.parse_net('layer { name: "d" type: "HDF5Data" top: "data" top: "mask" top: "gt" '
+    net = prototxt.parse_net('layer { name: "d" type: "HDF5Data" top: "data" top: "mask" top: "gt" '
                        'hdf5_data_param { source: "a.txt" batch_size: 1 } }')
     with pytest.raises(ValueError, match="ambiguous label tops.*'mask'.*'gt'"):
         rf.retrofit(net, PARAM)
@@ -481,7 +483,7 @@ def test_ambiguous_label_tops_and_unknown_label_kinds_are_refused():
 
 def test_two_label_maps_with_plain_names_are_found_by_their_losses():
     """SIFT Flow FCN style: tops data, sem, geo; a loss each."""
-    net = rf.parse_net(textwrap.dedent('''
+    net = prototxt.parse_net(textwrap.dedent('''
         layer { name: "data" type: "Python" top: "data" top: "sem" top: "geo"
                 python_param { module: "siftflow_layers" layer: "SIFTFlowSegDataLayer" param_str: "{}" } }
         layer { name: "score" type: "Convolution" bottom: "data" top: "score_sem"
@@ -635,7 +637,7 @@ def test_python_data_layers_build_and_the_label_follows_the_image(caffe, tmp_pat
     list_file = write_dataset(tmp_path / "data", n_images=2, size=40)
     fcn = load("python_data_fcn")
     for layer in fcn.layer[:2]:
-        params = rf.parse_param_str(layer.python_param.param_str)
+        params = parse_param_str(layer.python_param.param_str)
         params["source"] = str(list_file)
         layer.python_param.param_str = json.dumps(params)
     geometry = '{"rotate": True, "flip": True, "rotate_any": False, "seed": 5}'
@@ -664,7 +666,7 @@ def _input_swapped(net, shapes):
     """``net`` with its TEST Data layers replaced by Input layers of ``shapes`` (top -> shape)."""
     net = copy.deepcopy(net)
     for layer in net.layer:
-        if layer.type == "Data" and rf.layer_in_phase(layer, TEST):
+        if layer.type == "Data" and prototxt.layer_in_phase(layer, TEST):
             for field in ("data_param", "transform_param"):
                 layer.ClearField(field)
             layer.type = "Input"
@@ -702,7 +704,7 @@ def test_test_phase_data_equals_the_old_transform_param(caffe, tmp_path, name, c
     if crop_mean == "no crop":
         for layer in original.layer:
             layer.transform_param.ClearField("crop_size")
-    old_test = [layer for layer in original.layer if layer.name == "data" and rf.layer_in_phase(layer, TEST)][0]
+    old_test = [layer for layer in original.layer if layer.name == "data" and prototxt.layer_in_phase(layer, TEST)][0]
     raw = rng.integers(0, 256, (2, 3, 32, 32)).astype(np.float32)
     mean = None
     if old_test.transform_param.HasField("mean_file"):
@@ -744,7 +746,7 @@ V2_DEPLOY = textwrap.dedent('''
 
 @pytest.mark.parametrize("name, size, output", [("digits_v1_classifier", 28, "ip2"), ("v2_data_scale_meanvalue", 16, "fc")])
 def test_patchmean_deploy_net_computes_what_the_train_net_computes_in_test(caffe, tmp_path, name, size, output):
-    deploy = load("digits_v1_classifier_deploy") if name == "digits_v1_classifier" else rf.parse_net(V2_DEPLOY)
+    deploy = load("digits_v1_classifier_deploy") if name == "digits_v1_classifier" else prototxt.parse_net(V2_DEPLOY)
     result = retro(name, centring="patchmean", deploy=deploy)
     train_path = write_net(tmp_path / "train.prototxt",
                            _input_swapped(result.net, {"data": (1, 3, size, size), "label": (1,)}))
@@ -821,7 +823,7 @@ def _lmdb_case(tmp_path, name, rng, crop_mean=None):
         if layer.type != "Data":
             continue
         batch = layer.data_param.batch_size
-        db = tmp_path / f"{layer.name}_{'train' if rf.layer_in_phase(layer, TRAIN) else 'test'}_db"
+        db = tmp_path / f"{layer.name}_{'train' if prototxt.layer_in_phase(layer, TRAIN) else 'test'}_db"
         if layer.top[0] == "label":
             _write_lmdb(db, rng.integers(0, 2, (batch, 1, 32, 32)))
         else:
@@ -878,8 +880,8 @@ def test_retrofit_files_writes_atomically_and_protects_its_inputs(tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["deploy.prototxt", "train_val.prototxt"]
     result = rf.retrofit_files(source, out, PARAM, centring="patchmean", deploy=deploy,
                                deploy_out=tmp_path / "deploy_out.prototxt")
-    assert rf.read_net(out)[0] == result.net and out.read_text().startswith("# Retrofitted by caffe-stain-retrofit")
-    assert rf.read_net(tmp_path / "deploy_out.prototxt")[0] == result.deploy
+    assert prototxt.read_net(out)[0] == result.net and out.read_text().startswith("# Retrofitted by caffe-stain-retrofit")
+    assert prototxt.read_net(tmp_path / "deploy_out.prototxt")[0] == result.deploy
     with pytest.raises(FileExistsError, match="--overwrite"):
         rf.retrofit_files(source, out, PARAM)
     rf.retrofit_files(source, out, PARAM, overwrite=True)
@@ -899,7 +901,7 @@ def test_param_str_forms(tmp_path, form):
         (tmp_path / "e.json").write_text(json.dumps({"params": params, "param_str": "...", "ratios": {}}))
         text = f"@{tmp_path / 'e.json'}"
     result = rf.retrofit_files(FIXTURES / "hdf5_segmentation.prototxt", tmp_path / "out.prototxt", text)
-    assert rf.parse_param_str(result.param_str) == params
+    assert parse_param_str(result.param_str) == params
 
 
 def test_cli_prints_every_change(tmp_path, capsys):
