@@ -17,6 +17,10 @@ and channel on the blob *as it arrives*: for 0-255 input, ``b`` is in grey level
 was scaled (e.g. by 1/255) scale ``b`` (and ``clip_max``) the same way; if it was already
 mean-subtracted, ``a`` also scales the mean, so put this layer before any centring.
 
+With ``stain_stats`` (the ``--json`` output of ``caffe-stain-estimate --fit-stats``, see
+docs/stain-statistics.md) each sample's tissue colour statistics are moved to ones drawn from
+those of the fitted images; ``p`` is the probability that a sample gets the colour part at all.
+
 The layer augments in the TRAIN phase and is the identity in TEST unless ``test_augment`` is
 true. It has no backward: it sits on data.
 """
@@ -53,7 +57,8 @@ class AugmentationLayer(caffe.Layer):
                                  "a batch needs at least one sample")
         labels = bottom[1].data if len(bottom) == 2 else None
         try:
-            check_batch(bottom[0].data, labels, need_rgb=bool(self.params["hed"]))
+            check_batch(bottom[0].data, labels,
+                        need_rgb=bool(self.params["hed"]) or self.params["stain_stats"] is not None)
         except (TypeError, ValueError) as error:
             raise ValueError(f"AugmentationLayer (bottoms image[, label]): {error}") from None
 

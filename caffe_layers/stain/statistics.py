@@ -9,7 +9,9 @@ ignored). Two spaces are offered:
   gamma): L* in [0, 100], a* and b* about [-128, 128]; the space of
   :class:`~caffe_layers.stain.normalizers.ReinhardNormalizer`;
 * ``"hed"`` -- haematoxylin, eosin and DAB concentrations in the optical-density convention of
-  the layer's ``hed`` jitter (:func:`~caffe_layers.stain.optical_density.stain_concentrations`).
+  the layer's ``hed`` jitter (:func:`~caffe_layers.stain.optical_density.stain_concentrations`)
+  of the image as 8-bit intensities (``x * 255 / max_value``), so that statistics fitted on
+  8-bit files hold for data scaled to 0-1.
 
 :func:`fit_stain_statistics` measures them on a set of images and summarises them per channel
 by the mean and the standard deviation, over images, of the image means and of the image stds.
@@ -250,9 +252,11 @@ class StainStatisticsTransfer:
         self._grey_limit = np.float32(3 * self.white_threshold * scale)  # R + G + B of the threshold
         self._ramp = 3 * min(BLEND_RAMP, max(255.0 - self.white_threshold, 0.0) / 2) * scale
         self._reverse = channel_order == "BGR"
-        # Concentrations s_c = sum_r (ln(M + 1) - L_r) H[r, c], rows r in the sample's channel order.
+        # Concentrations s_c = sum_r (ln 256 - L_r) H[r, c], rows r in the sample's channel order, with
+        # L = log(1 + x * 255 / M): the 8-bit optical density whatever the data's white, so statistics
+        # fitted on 8-bit files hold for data in 0-1 too.
         unmix = HED_FROM_RGB[::-1] if self._reverse else HED_FROM_RGB
-        self._unmix = np.hstack([-unmix.T, np.log1p(self.max_value) * unmix.sum(axis=0)[:, None]])
+        self._unmix = np.hstack([-unmix.T, np.log1p(255.0) * unmix.sum(axis=0)[:, None]])
         self._to_lab = cv2.COLOR_BGR2Lab if self._reverse else cv2.COLOR_RGB2Lab
         self._from_lab = cv2.COLOR_Lab2BGR if self._reverse else cv2.COLOR_Lab2RGB
         self._buffers: dict[tuple, np.ndarray] = {}
@@ -284,7 +288,10 @@ class StainStatisticsTransfer:
         if self.space == "lab":
             np.multiply(pixels, np.float32(1.0 / self.max_value), out=work)  # OpenCV's float LAB takes [0, 1]
             return cv2.cvtColor(work, self._to_lab, dst=work)
-        np.add(pixels, np.float32(1.0), out=work)
+        if self.max_value == 255.0:
+            np.add(pixels, np.float32(1.0), out=work)
+        else:
+            cv2.addWeighted(pixels, 255.0 / self.max_value, pixels, 0.0, 1.0, dst=work)
         return cv2.log(work, dst=work)  # 1 + x is exact enough for x >= 0
 
     def _statistics(self, channels: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -349,12 +356,14 @@ class StainStatisticsTransfer:
             moved = cv2.cvtColor(channels, self._from_lab, dst=channels)
             moved *= np.float32(self.max_value)
         else:
-            transform, offset = stain_transform(scale, shift, None, self.max_value)
+            transform, offset = stain_transform(scale, shift, None, 255.0)
             if self._reverse:
                 transform, offset = transform[::-1, ::-1], offset[::-1]
             moved = cv2.transform(channels, np.hstack([transform.T, offset[:, None]]), dst=channels)
             cv2.exp(moved, dst=moved)
             moved -= np.float32(1.0)
+            if self.max_value != 255.0:
+                moved *= np.float32(self.max_value / 255.0)
         np.clip(moved, 0.0, self.max_value, out=moved)
         planes = self._buffer("planes", source.shape)
         cv2.split(moved, [planes[0], planes[1], planes[2]])

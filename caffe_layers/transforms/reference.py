@@ -64,6 +64,8 @@ def naive_augment(images: np.ndarray, labels: np.ndarray | None, params: Mapping
         Same shape and dtype as ``labels``.
     """
     p = AUGMENT_SCHEMA.validate(params, "naive_augment params")
+    if p["stain_stats"] is not None:
+        raise ValueError("naive_augment has no stain_stats step; its tests compare with the statistics themselves")
     images = np.asarray(images)
     check_batch(images, labels, need_rgb=bool(p["hed"]))
     n, channels, height, width = images.shape

@@ -5,6 +5,7 @@ the augmentation layer (:mod:`caffe_layers.augmentation`) and the patch data lay
 prints them as a table.
 """
 from ..schema import INT64_MAX, Param, Schema
+from ..stain.statistics import STAIN_STATS_SCHEMA
 
 __all__ = ["AUGMENT_SCHEMA"]
 
@@ -44,6 +45,8 @@ AUGMENT_SCHEMA = Schema(
         Param("seed", "int", None, optional=True, min=0, max=INT64_MAX,
               doc="random seed for numpy.random.default_rng, 0 to 2**63-1; None draws fresh entropy"),
         Param("test_augment", "bool", False, doc="also augment in the TEST phase"),
+        _probability("p", "probability that a sample gets the colour part at all (stain_stats, hed, color); "
+                          "geometry is drawn for every sample"),
     ],
     ordered_pairs=[
         ("angle_min", "angle_max"),
@@ -51,6 +54,8 @@ AUGMENT_SCHEMA = Schema(
         ("color_b_min", "color_b_max"),
         ("clip_min", "clip_max"),
     ],
+    # stain_stats: target tissue statistics drawn per sample (caffe-stain-estimate --fit-stats writes it).
+    nested={"stain_stats": STAIN_STATS_SCHEMA},
     name="augment",
 )
 """Parameters of the augmentation layer and :class:`~caffe_layers.transforms.BatchAugmenter`."""
