@@ -6,9 +6,13 @@
   tifffile open as a pyramid. Each level is read a row of tiles at a time.
 * :func:`iter_nuclei` labels a binary mask strip by strip: objects that reach the bottom of a
   strip are carried into the next one, so a nucleus cut by any tile or strip border is one
-  object (8-connectivity), while memory stays a strip plus the carried rows.
+  object (8-connectivity), while memory stays a strip plus the carried rows. Each object is
+  split into nuclei by the instance step of :mod:`caffe_layers.instances` (distance
+  watershed; objects under ``DEFAULT_MIN_SIZE`` pixels, 10, are not nuclei and are not
+  exported), the step tiles are scored with.
 * :func:`write_geojson` streams one GeoJSON polygon per nucleus (a FeatureCollection QuPath
-  imports as detections).
+  imports as detections). Every polygon is valid (a simple ring with positive area, what
+  shapely's ``is_valid`` and GeoPandas/QuPath expect); see ``docs/nuclei.md``.
 """
 from __future__ import annotations
 
@@ -16,7 +20,6 @@ import json
 import math
 from pathlib import Path
 
-import cv2
 import numpy as np
 from scipy import ndimage
 
@@ -94,16 +97,80 @@ def write_pyramid(path, level0, scratch, *, mode="max", mpp=None, tile=256, smal
     return Path(path)
 
 
-def iter_nuclei(mask, strip=1024, max_carry=8192):
-    """Connected objects (8-connectivity) of a 2-D mask read ``strip`` rows at a time.
+def _ring(piece):
+    """Outline of a 2-D bool object (padded with background) as a simple polygon.
 
-    Yields ``(area, contour)``: the object's pixel count and its outer boundary, an ``(n, 2)``
-    int array of ``(x, y)`` pixel positions in ``mask`` (``cv2.findContours``, simple chain; holes are not traced).
-    An object still touching the bottom of the rows read so far is carried (with its rows only)
-    into the next strip, so objects across strip borders come out whole. Objects come in a
-    fixed order (strip by strip, then in ``cv2.findContours`` order). A carried object taller
-    than ``max_carry`` rows (not a nucleus: e.g. a fold segmented as one blob) is yielded in
-    parts, which keeps memory bounded.
+    Marching squares (level 0.5, diagonal neighbours joined) trace the boundary between the
+    object's pixel centres and the background's: vertices sit on pixel-edge midpoints, each
+    is visited once and cells never hold crossing segments, so the ring is simple (no self
+    intersection, no self touching) and has area even for a 1-pixel object (a diamond).
+    Holes are not traced (the outermost boundary is kept); collinear vertices are dropped.
+    Returns ``(n, 2)`` float ``(x, y)`` in the padded array's pixel-index coordinates, open
+    (first vertex not repeated).
+    """
+    from skimage.measure import find_contours
+
+    contours = find_contours(piece.astype(np.float32), 0.5, fully_connected="high")
+    rows_cols = max(contours, key=lambda c: abs(_shoelace(c)))[:-1]  # closed: last == first
+    points = rows_cols[:, ::-1]
+    before, after = points - np.roll(points, 1, axis=0), np.roll(points, -1, axis=0) - points
+    turning = before[:, 0] * after[:, 1] - before[:, 1] * after[:, 0] != 0
+    return points[turning]
+
+
+def _shoelace(points):
+    return 0.5 * float(np.dot(points[:, 0], np.roll(points[:, 1], 1)) - np.dot(points[:, 1], np.roll(points[:, 0], 1)))
+
+
+def _nuclei_of_components(labels, closed, r0, instance_options, chunk):
+    """``(area, ring)`` of the nuclei of the components ``closed`` of ``labels``, via the instance step.
+
+    Components are processed in column chunks (by where they start) with background around
+    them, so memory stays a strip × ``chunk`` columns whatever the slide's width.
+    """
+    from ..instances import instances_from_probability
+
+    boxes = ndimage.find_objects(labels)
+    starts = np.array([boxes[index - 1][1].start for index in closed])
+    for group in np.unique(starts // chunk):
+        members = closed[starts // chunk == group]
+        y0 = min(boxes[i - 1][0].start for i in members)
+        y1 = max(boxes[i - 1][0].stop for i in members)
+        x0 = min(boxes[i - 1][1].start for i in members)
+        x1 = max(boxes[i - 1][1].stop for i in members)
+        selected = np.zeros(labels.max() + 1, bool)
+        selected[members] = True
+        mask = np.pad(selected[labels[y0:y1, x0:x1]], 1)
+        nuclei = instances_from_probability(mask, 0.5, **instance_options)
+        for index, box in enumerate(ndimage.find_objects(nuclei), start=1):
+            if box is None:
+                continue
+            grown = tuple(slice(b.start - 1, b.stop + 1) for b in box)  # the pad keeps this inside
+            piece = nuclei[grown] == index
+            # Padded-crop index -> mask pixel corners: -1 (pad), + box and chunk origin, +0.5 (centre).
+            offset = (x0 + grown[1].start - 1 + 0.5, r0 + y0 + grown[0].start - 1 + 0.5)
+            yield int(np.count_nonzero(piece)), _ring(piece) + offset
+
+
+def iter_nuclei(mask, strip=1024, max_carry=8192, *, chunk=2048, **instance_options):
+    """Nuclei of a 2-D mask read ``strip`` rows at a time, each as ``(area, ring)``.
+
+    The mask's connected objects (8-connectivity) are split into nuclei by the package's
+    instance step, :func:`caffe_layers.instances.instances_from_probability` (hole filling,
+    distance-transform watershed, objects under ``min_size`` pixels dropped), with its
+    defaults unless ``instance_options`` say otherwise. ``area`` is the nucleus's pixel
+    count; ``ring`` an ``(n, 2)`` float array of ``(x, y)`` outline vertices in pixel-corner
+    coordinates of ``mask`` (pixel ``(r, c)`` covers ``[c, c+1) × [r, r+1)``), a simple
+    polygon (see :func:`_ring`).
+
+    An object still touching the bottom of the rows read so far is carried (with its rows
+    only) into the next strip, so objects across strip borders come out whole and are split
+    as one. Each object is split with only the objects starting in its ``chunk`` columns of
+    the strip around it, so a nucleus within a few pixels of another object processed
+    separately can be split slightly differently than in one whole-image call. Objects come
+    in a fixed order (strip by strip, chunk by chunk, then by watershed marker). A carried
+    object taller than ``max_carry`` rows (not a nucleus: e.g. a fold segmented as one blob)
+    is processed in parts, which keeps memory bounded.
     """
     height = mask.shape[0]
     carry, carry_y0 = None, 0
@@ -119,36 +186,23 @@ def iter_nuclei(mask, strip=1024, max_carry=8192):
         if s1 < height and region.shape[0] < max_carry:
             is_open[np.unique(labels[-1])] = True
             is_open[0] = False
-        areas = np.bincount(labels.ravel(), minlength=count + 1)
-        # The outer contours of a binary image (the top level of RETR_CCOMP, which also has
-        # objects lying in another's hole there) are its 8-connected components, one each.
-        contours, hierarchy = cv2.findContours(region.view(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
-        for contour, links in zip(contours, hierarchy[0] if contours else ()):
-            if links[3] != -1:
-                continue  # a hole
-            points = contour[:, 0, :]
-            label = labels[points[0, 1], points[0, 0]]
-            if not is_open[label]:
-                yield int(areas[label]), points + (0, r0)
+        closed = np.flatnonzero(~is_open[1:]) + 1
+        if closed.size:
+            yield from _nuclei_of_components(labels, closed, r0, instance_options, chunk)
         if is_open.any():
             rows = np.flatnonzero(is_open[labels].any(axis=1))
             carry, carry_y0 = is_open[labels[rows[0]:]], r0 + rows[0]
 
 
-def nucleus_polygon(contour, scale=(1.0, 1.0)):
-    """Closed exterior ring ``[[x, y], ...]`` of a contour, in the coordinates of ``scale`` × pixels.
+def nucleus_polygon(ring, scale=(1.0, 1.0)):
+    """Closed exterior ring ``[[x, y], ...]`` of an outline from :func:`iter_nuclei`, scaled.
 
-    Vertices are the boundary pixels' centres (``(x + 0.5) * scale_x``); an object too thin
-    for a polygon through centres (a pixel, a straight line) gets its pixels' bounding box.
+    ``ring`` is in pixel-corner coordinates of the segmented mask; ``scale`` ``(sy, sx)``
+    takes it to the output's (e.g. level-0 pixels of the slide). Rounded to 0.01.
     """
     scale_y, scale_x = scale
-    if len(contour) >= 3 and cv2.contourArea(contour.reshape(-1, 1, 2).astype(np.int32)) > 0:
-        points = (contour + 0.5) * (scale_x, scale_y)
-    else:
-        (x0, y0), (x1, y1) = contour.min(axis=0), contour.max(axis=0) + 1
-        points = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], float) * (scale_x, scale_y)
-    ring = np.round(points, 2).tolist()
-    return ring + [ring[0]]
+    points = np.round(np.asarray(ring, float) * (scale_x, scale_y), 2).tolist()
+    return points + [points[0]]
 
 
 def write_geojson(path, nuclei, scale=(1.0, 1.0), properties=None):
