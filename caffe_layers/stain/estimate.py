@@ -135,6 +135,28 @@ def _named_images(images, group):
     return items
 
 
+def _check_percentiles(percentiles):
+    """None, or ``(lo, hi)`` as floats with ``0 <= lo < hi <= 100``."""
+    if percentiles is None:
+        return None
+    try:
+        low, high = (float(value) for value in percentiles)
+    except (TypeError, ValueError):
+        raise ValueError(f"percentiles must be None or two numbers (lo, hi); got {percentiles!r}") from None
+    if not 0 <= low < high <= 100:  # NaN fails too
+        raise ValueError(f"percentiles must satisfy 0 <= lo < hi <= 100; got {percentiles!r}")
+    return low, high
+
+
+def _covered(values, percentiles):
+    """``(low, high)`` of ``values``: their extremes, or the given percentiles of them."""
+    values = np.asarray(values, np.float64).ravel()
+    if percentiles is None:
+        return float(values.min()), float(values.max())
+    low, high = np.percentile(values, percentiles)
+    return float(low), float(high)
+
+
 def _shift_table(train_stats, test_stats):
     """Ratios and differences of per-image statistics: each test image against the mean of
     the train images and, with two or more, each train image against the mean of the others
@@ -160,6 +182,7 @@ def suggest_color_params(
     ignore_white=True,
     include_offset=False,
     white_threshold=200,
+    percentiles=None,
 ):
     """Suggest a multiplicative colour-augmentation range covering a stain shift.
 
@@ -168,8 +191,9 @@ def suggest_color_params(
     train images) each train image with the mean of the other train images, to
     include the in-domain spread. Augmentation must reach the shift in both
     directions, so every ratio ``r`` contributes ``r`` and ``1/r``; the range
-    ``[min, max]`` over images and channels is widened by ``margin``
-    (``min*(1-margin)``, ``max*(1+margin)``) and rounded outwards to 2 decimals.
+    ``[min, max]`` over images and channels (or, with ``percentiles=(lo, hi)``,
+    from the ``lo``-th to the ``hi``-th percentile of those values) is widened by
+    ``margin`` (``low*(1-margin)``, ``high*(1+margin)``) and rounded outwards to 2 decimals.
 
     Parameters
     ----------
@@ -185,6 +209,11 @@ def suggest_color_params(
         for uint8, as the layer's ``color_b_*`` for 0-255 input), widened by ``margin``.
     white_threshold : float, optional
         Threshold for ``ignore_white`` (image units).
+    percentiles : (float, float), optional
+        Cover the ``lo``-th to ``hi``-th percentile of the observed ratios (and of the
+        ``|offsets|`` up to the ``hi``-th) instead of their extremes, e.g. ``(5, 95)``: a
+        range spent on the shifts labs produce rather than on the rarest one. None (default):
+        the extremes.
 
     Returns
     -------
@@ -194,6 +223,7 @@ def suggest_color_params(
         raise ValueError(f"margin must be a finite number >= 0; got {margin!r}")
     if margin > 10:
         raise ValueError(f"margin must be at most 10 (a 1000 % widening); got {margin!r}")
+    percentiles = _check_percentiles(percentiles)
     train = _named_images(train_images, "train")
     test = _named_images(test_images, "test")
 
@@ -215,8 +245,9 @@ def suggest_color_params(
 
     all_ratios = np.concatenate(list(ratios.values()))
     both_directions = np.concatenate([all_ratios, 1.0 / all_ratios])
-    low = both_directions.min() * (1.0 - margin)
-    high = both_directions.max() * (1.0 + margin)
+    low, high = _covered(both_directions, percentiles)
+    low *= 1.0 - margin
+    high *= 1.0 + margin
     params = {
         "color": True,
         # Round outwards so the rounded range still covers the observed shift.
@@ -224,7 +255,7 @@ def suggest_color_params(
         "color_a_max": math.ceil(high * 100) / 100,
     }
     if include_offset:
-        largest = np.abs(np.concatenate(list(offsets.values()))).max() * (1.0 + margin)
+        largest = _covered(np.abs(np.concatenate(list(offsets.values()))), percentiles)[1] * (1.0 + margin)
         largest = math.ceil(largest * 10) / 10
         params["color_b_min"] = -largest
         params["color_b_max"] = largest
@@ -261,14 +292,15 @@ MIN_STAIN_CONCENTRATION = 0.01
 
 
 def suggest_hed_params(train_images, test_images, margin=0.1, ignore_white=True, white_threshold=200,
-                       max_value=255.0):
+                       max_value=255.0, percentiles=None):
     """Suggest the augmentation layer's stain-space jitter range covering a stain shift.
 
     Compares the tissue's mean haematoxylin and eosin concentrations
     (:func:`stain_concentration_means`) of each test image with the mean of the train images
     (and train images among themselves). The jitter draws ``alpha ~ U[1 - hed_alpha,
     1 + hed_alpha]``, so ``hed_alpha`` is the largest ``|1 - ratio|`` over images and the two
-    stains, widened by ``margin`` and kept below 1 (a stain cannot be scaled to nothing).
+    stains (with ``percentiles=(lo, hi)``: its ``hi``-th percentile), widened by ``margin`` and
+    kept below 1 (a stain cannot be scaled to nothing).
 
     Returns
     -------
@@ -282,6 +314,7 @@ def suggest_hed_params(train_images, test_images, margin=0.1, ignore_white=True,
         If an image's mean haematoxylin or eosin concentration is at most
         :data:`MIN_STAIN_CONCENTRATION` (blank glass, a grey image), naming it.
     """
+    percentiles = _check_percentiles(percentiles)
     train = _named_images(train_images, "train")
     test = _named_images(test_images, "test")
 
@@ -300,7 +333,8 @@ def suggest_hed_params(train_images, test_images, margin=0.1, ignore_white=True,
     ratios, _ = _shift_table([(name, means("train", name, image)) for name, image in train],
                              [(name, means("test", name, image)) for name, image in test])
     # DAB is (nearly) absent from H&E: its ratio is noise, so only H and E set the range.
-    largest = max(float(np.abs(1.0 - r[:2]).max()) for r in ratios.values()) * (1.0 + margin)
+    shifts = np.concatenate([np.abs(1.0 - r[:2]) for r in ratios.values()])
+    largest = _covered(shifts, percentiles)[1] * (1.0 + margin)
     params = {"hed": True, "hed_alpha": min(math.ceil(largest * 100) / 100, 0.95)}
     return HedRangeEstimate(params=params, ratios=ratios, param_str=format_param_str(params))
 

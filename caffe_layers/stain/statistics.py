@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import cv2
@@ -441,14 +441,14 @@ def _image_statistics(rgb, transfer: StainStatisticsTransfer, name: str) -> tupl
     return transfer.statistics(_planes(rgb), mask)
 
 
-def _named(images) -> list[tuple[str, Any]]:
+def _named(images) -> Iterator[tuple[str, Any]]:
+    """``(name, image)`` pairs, each image looked up only when its turn comes (a mapping may read
+    its files lazily, so a large set is never held in memory at once)."""
     if isinstance(images, Mapping):
-        items = [(str(name), image) for name, image in images.items()]
-    elif isinstance(images, Sequence) and not isinstance(images, (str, bytes)):
-        items = [(f"image {index}", image) for index, image in enumerate(images)]
-    else:
-        raise ValueError(f"images must be a sequence or a dict of RGB images; got {type(images).__name__}")
-    return items
+        return ((str(name), images[name]) for name in images)
+    if isinstance(images, Sequence) and not isinstance(images, (str, bytes)):
+        return ((f"image {index}", image) for index, image in enumerate(images))
+    raise ValueError(f"images must be a sequence or a dict of RGB images; got {type(images).__name__}")
 
 
 def fit_stain_statistics(images, *, space: str = "lab", spread: float = 1.0, min_tissue: float = 0.05,
@@ -457,9 +457,10 @@ def fit_stain_statistics(images, *, space: str = "lab", spread: float = 1.0, min
 
     Parameters
     ----------
-    images : sequence or dict of ndarray, shape (H, W, 3)
+    images : sequence or mapping of ndarray, shape (H, W, 3)
         RGB images (uint8, or float with white at ``max_value``), e.g. the training images plus
-        unlabelled images of the target lab(s); a dict names them in warnings.
+        unlabelled images of the target lab(s); a mapping names them in warnings, and is read one
+        image at a time (it may load its files on access).
     space : {'lab', 'hed'}
     spread : float
         Stored in the result: the multiplier of the fitted sds when the layer draws, in
@@ -488,8 +489,9 @@ def fit_stain_statistics(images, *, space: str = "lab", spread: float = 1.0, min
         (_space_param(), space), (_SPREAD, spread), (_WHITE_THRESHOLD, white_threshold), (_MIN_TISSUE, min_tissue))}
     transfer = StainStatisticsTransfer(settings["space"], max_value, "RGB", settings["white_threshold"])
     means, stds, skipped = [], [], []
-    items = _named(images)
-    for name, image in items:
+    total = 0
+    for name, image in _named(images):
+        total += 1
         mean, std, fraction = _image_statistics(image, transfer, name)
         if fraction == 0 or fraction < settings["min_tissue"]:
             skipped.append(name)
@@ -500,7 +502,7 @@ def fit_stain_statistics(images, *, space: str = "lab", spread: float = 1.0, min
         means.append(mean)
         stds.append(std)
     if len(means) < 2:
-        raise ValueError(f"{where}: {len(means)} of {len(items)} images have enough tissue (at least "
+        raise ValueError(f"{where}: {len(means)} of {total} images have enough tissue (at least "
                          f"{100 * settings['min_tissue']:g} %); the spread of the statistics needs at least 2")
     means, stds = np.array(means), np.array(stds)
 

@@ -289,8 +289,9 @@ def _written_param_str(job, image_layer, raw, given, bases, input_range):
     ordered = {key: written[key] for key in AUGMENT_SCHEMA.keys if key in written}
     final_str = literal(ordered)
     params = AUGMENT_SCHEMA.validate(parse_param_str(final_str, "the written param_str"), "the written param_str")
-    if not any(params[key] for key in GEOMETRY_KEYS + ("color", "hed")):
-        lines.append("  note: the param_str turns no augmentation on (rotate, flip, rotate_any, color, hed all off)")
+    if not any(params[key] for key in GEOMETRY_KEYS + ("color", "hed", "stain_stats")):
+        lines.append("  note: the param_str turns no augmentation on (rotate, flip, rotate_any, color, hed all off, "
+                     "no stain_stats)")
     return final_str, params
 
 
