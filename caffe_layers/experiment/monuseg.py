@@ -3,13 +3,14 @@
 1. Split the 30 official training tiles by tissue source site into training and validation
    (:mod:`~caffe_layers.experiment.monuseg_data`); the 14 test tiles are used only for the
    final table.
-2. Estimate the augmentation's colour and stain ranges two ways: as the quick experiment does,
-   from the unlabelled test images against the training images ("test range"), and from the
-   spread between training sites alone, validation sites against training sites, with no test
-   image ("train-site range").
-3. Train the 2 × 2 design (mean file / per-patch centring × without / with the layer), each
-   augmented model retrained from its base as a user would, plus the per-patch model with the
-   train-site range; every continuation gets the same number of iterations.
+2. Make the augmentation recipes (:data:`MONUSEG_MODELS`): the colour and stain range as the
+   quick experiment estimates it, from the unlabelled test images against the training images;
+   the same estimate from the spread between training sites alone (no test image); a range
+   covering the 5-95 % of the observed shifts instead of the extreme; and stain-statistics
+   sampling fitted on the training tiles.
+3. Train the 2 × 2 design (mean file / per-patch centring × without / with the layer) and the
+   per-patch model with each other recipe, every augmented model retrained from its base as a
+   user would, every continuation for the same number of iterations.
 4. On the validation tiles, choose each model's probability threshold and watershed spacing
    (:func:`~caffe_layers.instances.instances_from_probability`) for the best mean AJI.
 5. Score every row on the test tiles at their own resolution: Dice, AJI and PQ per tile; the
@@ -34,11 +35,12 @@ from .. import metrics
 from ..image_io import write_atomic
 from ..instances import instances_from_probability
 from ..model_card import load_model_card
-from ..net.engines import make_segmenter
-from ..net.predictor import use_cpu
+from ..net.inference.engines import make_segmenter
+from ..net.inference.caffe_engine import use_cpu
 from ..patches import derived_seed
 from ..stain import (MacenkoNormalizer, ReinhardNormalizer, VahadaneNormalizer, match_histograms,
                      suggest_color_params, suggest_hed_params)
+from ..stain.statistics import fit_stain_statistics
 from ..tiling import segment_tiled
 from .monuseg_data import prepare_monuseg, resample_labels
 from .monuseg_report import seed_file, write_report
@@ -46,13 +48,20 @@ from .trainings import ProgressLog, export_model, relative_to, train_all
 
 __all__ = ["MONUSEG_MODELS", "MONUSEG_PRESETS", "MonusegSettings", "run_monuseg"]
 
-#: (name, centring, colour range): the trained models. None = no augmentation layer.
+#: (name, centring, augmentation recipe): the trained models. None = no augmentation layer.
+#: Recipes (:func:`_recipes`): "test_range" -- the quick experiment's estimate, unlabelled test
+#: images against the training images, widened to the most extreme shift; "train_range" -- the
+#: same estimate with no test image, validation sites against training sites; "train_percentile"
+#: -- no test image, the 5-95 % of the observed shifts instead of the extreme; "stain_stats" --
+#: per-sample target statistics drawn from their distribution over the training tiles.
 MONUSEG_MODELS = (
     ("meanfile", "meanfile", None),
     ("meanfile+aug", "meanfile", "test_range"),
     ("patchmean", "patchmean", None),
     ("patchmean+aug", "patchmean", "test_range"),
     ("patchmean+aug-trainsites", "patchmean", "train_range"),
+    ("patchmean+aug-p5-95", "patchmean", "train_percentile"),
+    ("patchmean+stainstats", "patchmean", "stain_stats"),
 )
 BASELINE = "patchmean"
 NORMALISERS = ("histmatch", "reinhard", "macenko", "vahadane")
@@ -78,7 +87,10 @@ class MonusegSettings:
     validate_every: int = 200
     val_batches: int = 8
     color_margin: float = 0.1
+    percentiles: tuple = (5.0, 95.0)  # of the observed shifts, for the "train_percentile" recipe
     hed_jitter: bool = True
+    stain_space: str = "lab"  # the "stain_stats" recipe's colour space
+    stain_spread: float = 1.0  # its spread multiplier
     tile: int = 256
     overlap: int = 64
     batch_tiles: int = 4
@@ -98,21 +110,42 @@ MONUSEG_PRESETS = {
 }
 
 
-def _ranges(data, settings):
-    """The two colour/stain ranges: test images vs training, and validation sites vs training sites."""
+def _range_keys(train, targets, settings, **options):
+    colour = suggest_color_params(train, targets, margin=settings.color_margin, **options)
+    hed = suggest_hed_params(train, targets, margin=settings.color_margin, **options) if settings.hed_jitter else None
+    return {"rotate": True, "flip": True, **colour.params, **(hed.params if hed else {})}
+
+
+def _recipes(data, settings):
+    """Recipe name -> the AugmentationLayer keys it trains with (no seed yet)."""
     train = {name: t.rgb for name, t in data.train.items()}
-    targets = {"test_range": {name: t.rgb for name, t in data.test.items()},
-               "train_range": {name: t.rgb for name, t in data.val.items()}}
-    ranges = {}
-    for key, images in targets.items():
-        colour = suggest_color_params(train, images, margin=settings.color_margin)
-        hed = suggest_hed_params(train, images, margin=settings.color_margin) if settings.hed_jitter else None
-        ranges[key] = {"rotate": True, "flip": True, **colour.params, **(hed.params if hed else {})}
-    return ranges
+    val = {name: t.rgb for name, t in data.val.items()}
+    test = {name: t.rgb for name, t in data.test.items()}
+    return {
+        "test_range": _range_keys(train, test, settings),
+        "train_range": _range_keys(train, val, settings),
+        "train_percentile": _range_keys(train, val, settings, percentiles=settings.percentiles),
+        "stain_stats": {"rotate": True, "flip": True,
+                        "stain_stats": fit_stain_statistics(train, space=settings.stain_space,
+                                                            spread=settings.stain_spread)},
+    }
 
 
-def _training_specs(data, settings, ranges, seed, work):
-    """Every training of one seed: two bases, then their continuations (equal iterations)."""
+def _aliases(recipes):
+    """Model -> an earlier model with the same centring and keys (trained once, scored as both)."""
+    aliases, seen = {}, {}
+    for name, centring, recipe in MONUSEG_MODELS:
+        key = (centring, json.dumps(recipes.get(recipe), sort_keys=True))
+        if key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+    return aliases
+
+
+def _training_specs(data, settings, recipes, seed, work):
+    """Every training of one seed: two bases, then their continuations (equal iterations); a
+    model whose keys equal an earlier one's (:func:`_aliases`) is not trained twice."""
     seed_settings = dataclasses.replace(settings, seed=seed)
     specs = {}
 
@@ -125,9 +158,11 @@ def _training_specs(data, settings, ranges, seed, work):
 
     for centring in ("meanfile", "patchmean"):
         spec(f"{centring}_base", centring, None, settings.base_iters, settings.base_lr)
-    for name, centring, range_key in MONUSEG_MODELS:
-        spec(name, centring, None if range_key is None else ranges[range_key], settings.finetune_iters,
-             settings.finetune_lr, base=f"{centring}_base")
+    aliases = _aliases(recipes)
+    for name, centring, recipe in MONUSEG_MODELS:
+        if name not in aliases:
+            spec(name, centring, None if recipe is None else recipes[recipe], settings.finetune_iters,
+                 settings.finetune_lr, base=f"{centring}_base")
     return specs
 
 
@@ -158,7 +193,9 @@ def _rows():
     """Table row -> (model, test-time normaliser or None)."""
     rows = {name: (name, None) for name, _, _ in MONUSEG_MODELS}
     rows.update({f"{BASELINE}+{n}": (BASELINE, n) for n in NORMALISERS})
-    rows["patchmean+aug+macenko"] = ("patchmean+aug", "macenko")
+    # Augmented at training time and normalised at test time too.
+    for model in ("patchmean+aug", "patchmean+stainstats"):
+        rows[f"{model}+macenko"] = (model, "macenko")
     return rows
 
 
@@ -237,10 +274,10 @@ def _score_seed(seed, data, settings, trained, normalised, out_dir, work, log):
                           + [m for m, _, _ in MONUSEG_MODELS]}), masks, exported
 
 
-def _train_seeds(data, settings, ranges, seed_list, work, jobs, log):
+def _train_seeds(data, settings, recipes, seed_list, work, jobs, log):
     specs = {}
     for seed in seed_list:
-        specs.update(_training_specs(data, settings, ranges, seed, work))
+        specs.update(_training_specs(data, settings, recipes, seed, work))
     jobs = jobs or max(1, min(len(os.sched_getaffinity(0)), len(specs)))
     log(f"{len(specs)} trainings for seed(s) {', '.join(map(str, seed_list))} on {jobs} worker process(es)")
     return train_all(log, specs, jobs)
@@ -289,20 +326,25 @@ def run_monuseg(data_root, out_dir="results/monuseg", settings=MonusegSettings()
         data = prepare_monuseg(data_root, work / "data", mpp=settings.mpp, val_sites=settings.val_sites,
                                patch_size=settings.patch_size, touching_gap=settings.touching_gap,
                                limit=settings.limit)
-        ranges = _ranges(data, settings)
+        recipes = _recipes(data, settings)
     log(f"{len(data.train)} training, {len(data.val)} validation (sites {', '.join(settings.val_sites)}), "
         f"{len(data.test)} test tiles")
-    for key, keys in ranges.items():
+    for key, keys in recipes.items():
         log(f"{key}: {json.dumps(keys)}")
+    aliases = _aliases(recipes)
+    for name, same in aliases.items():
+        log(f"{name} trains with the keys of {same}: trained once, scored as both")
     with timer("training_s"):
-        trained = _train_seeds(data, settings, ranges, seed_list, work, jobs, log)
+        trained = _train_seeds(data, settings, recipes, seed_list, work, jobs, log)
+        for seed in seed_list:
+            trained.update({(seed, name): trained[seed, same] for name, same in aliases.items()})
     with timer("normalising_s"):
         normalised = _normalised_test_tiles(data, settings)
     for seed in seed_list:
         with timer(f"scoring_seed_{seed}_s"):
             record, masks, exported = _score_seed(seed, data, settings, trained, normalised, out_dir, work, log)
         record.update(settings=dataclasses.asdict(dataclasses.replace(settings, seed=seed)), preset=preset,
-                      ranges=ranges, timings=timer.rounded(), elapsed_s=round(time.perf_counter() - started, 1),
+                      recipes=recipes, aliases=aliases, timings=timer.rounded(), elapsed_s=round(time.perf_counter() - started, 1),
                       tiles=_tile_record(data))
         path = _write_seed_record(out_dir, record)
         write_report(out_dir, data, masks, exported, log=log)

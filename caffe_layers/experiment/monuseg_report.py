@@ -23,8 +23,8 @@ __all__ = ["SCORE_KEYS", "read_seed_records", "seed_file", "write_report"]
 SCORE_KEYS = ("dice", "aji", "pq", "dq", "sq", "f1")
 _HEADLINE = ("dice", "aji", "pq")
 #: Rows drawn in the per-tile figure (the others are in the table).
-_FIGURE_ROWS = ("patchmean", "patchmean+aug", "patchmean+aug-trainsites", "patchmean+macenko",
-                "patchmean+aug+macenko", "meanfile", "meanfile+aug")
+_FIGURE_ROWS = ("meanfile", "meanfile+aug", "patchmean", "patchmean+aug", "patchmean+aug-p5-95",
+                "patchmean+stainstats", "patchmean+macenko", "patchmean+stainstats+macenko")
 
 
 def seed_file(out_dir, seed):
@@ -98,8 +98,10 @@ def _table_text(records):
                   "| row | Dice | AJI | PQ |\n|---|---:|---:|---:|\n" + "".join(
                       f"| {row} | " + " | ".join(_cell(records, row, k, set(brain)) for k in _HEADLINE) + " |\n"
                       for row in first["test"])]
-    parts.append("\n## Colour ranges of the augmented models\n\n")
-    parts += [f"- {key}: `{json.dumps(keys)}`\n" for key, keys in first["ranges"].items()]
+    parts.append("\n## Augmentation recipes (AugmentationLayer keys, before the seed)\n\n")
+    parts += [f"- {key}: `{json.dumps(keys)}`\n" for key, keys in first["recipes"].items()]
+    parts += [f"- {name} has the keys of {same}: one model, scored as both\n"
+              for name, same in first.get("aliases", {}).items()]
     parts.append("\n## Time (seconds, per seed run)\n\n")
     parts += [f"- seed {r['seed']}: " + ", ".join(f"{k[:-2]} {v}" for k, v in r["timings"].items())
               + f"; total {r['elapsed_s']}\n" for r in records]
@@ -197,7 +199,8 @@ def write_report(out_dir, data=None, masks=None, exported=None, log=None):
         description="MoNuSeg 2018 test tiles: Dice, AJI and PQ per row (model + optional test-time normaliser)",
         seeds=[r["seed"] for r in records],
         settings=first["settings"],
-        ranges=first["ranges"],
+        recipes=first["recipes"],
+        aliases=first.get("aliases", {}),
         tiles=first["tiles"],
         results={row: {k: dict(mean=float(np.mean([_tile_means(r, row, k) for r in records])),
                                by_seed=[_tile_means(r, row, k) for r in records]) for k in SCORE_KEYS}

@@ -32,9 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import datasets, metrics
-from ..net.engines import make_segmenter
-from ..net.predictor import use_cpu
+from .. import metrics
+from .. import sample_data as datasets
+from ..net.inference.engines import make_segmenter
+from ..net.inference.caffe_engine import use_cpu
 from ..patches import derived_seed
 from ..image_io import write_atomic
 from ..params import format_param_str
@@ -60,10 +61,11 @@ from ..stain import (
     suggest_hed_params,
 )
 from ..model_card import load_model_card
+from ..stain.statistics import fit_stain_statistics
 from ..tiling import dihedral_tta, segment_tiled
 from .regions import prepare_data
 from .trainings import ProgressLog, export_model, relative_to, train_all
-from .settings import BASELINE, INPUT_CONVENTION, MODELS, TTA_MODELS, Settings
+from .settings import AUGMENTED_AND_NORMALISED, BASELINE, INPUT_CONVENTION, MODELS, TTA_MODELS, Settings
 
 __all__ = ["run_experiment"]
 
@@ -130,6 +132,206 @@ def _leave_one_out_name(shift):
     return f"patchmean+aug-without-{shift}"
 
 
+def _conditions_unseen_by_the_estimate(examples, test_rgb, train_rgb):
+    """The held-out band re-stained to each real, differently stained packaged image by
+    stain-vector transfer (Macenko, Vahadane), which changes hue as labs do: the conditions the
+    estimate never saw. Returns (images, settings) keyed by condition."""
+    images, settings = {}, {}
+    for method, normalizer in (("macenko", MacenkoNormalizer), ("vahadane", VahadaneNormalizer)):
+        for name, example in examples.items():
+            condition = f"{method}_to_{name}"
+            images[condition] = normalizer().fit(example).transform(test_rgb)
+            settings[condition] = dict(
+                transfer=f"{method} stain vectors and concentration scale of the packaged image", image=name,
+                mean_ratios_vs_train=channel_mean_ratios(images[condition], train_rgb, ignore_white=True)
+                .round(4).tolist())
+    return images, settings
+
+
+def _estimate_ranges(train_rgb, shifted_images, settings, **options):
+    """The augmentation keys estimated from ``shifted_images`` (validation band) vs the train band."""
+    colour = suggest_color_params({"train": train_rgb}, shifted_images, margin=settings.color_margin, **options)
+    hed = (suggest_hed_params({"train": train_rgb}, shifted_images, margin=settings.color_margin, **options)
+           if settings.hed_jitter else None)
+    return {"rotate": True, "flip": True, **colour.params, **(hed.params if hed else {})}, colour, hed
+
+
+def _recipes(train_rgb, shifted, settings):
+    """Recipe name -> AugmentationLayer keys (:data:`~caffe_layers.experiment.settings.MODELS`)."""
+    return {"range": _estimate_ranges(train_rgb, shifted, settings)[0],
+            "percentile": _estimate_ranges(train_rgb, shifted, settings, percentiles=settings.percentiles)[0],
+            "stain_stats": {"rotate": True, "flip": True, "stain_stats": fit_stain_statistics(
+                {"train": train_rgb, **shifted}, space=settings.stain_space, spread=settings.stain_spread)}}
+
+
+def _param_str(keys, seed):
+    # Its own stream of the seed: same seed, same augmentation draws.
+    return json.dumps({**keys, "seed": derived_seed(seed, 2)})
+
+
+def _training_specs(seed_list, settings, bands, recipes, leave_one_out, loso_trained, work):
+    """Every training of every seed: the two bases, their continuations without and with the
+    layer (equal iterations), and the leave-one-shift-out continuations of the per-patch base."""
+    specs = {}
+    for seed in seed_list:
+        seed_settings = dataclasses.replace(settings, seed=seed)
+
+        def spec(name, centring, augment_param_str, iters, lr, base=None, seed=seed, seed_settings=seed_settings):
+            folder = work / f"seed_{seed}" / "train" / name.replace("+", "_")
+            specs[seed, name] = dict(base=None if base is None else (seed, base), task=dict(
+                name=name, centring=centring, augment_param_str=augment_param_str, lists=bands.lists,
+                mean_file=bands.mean_file, settings=seed_settings, folder=folder, iters=iters, lr=lr))
+
+        for centring in ("meanfile", "patchmean"):
+            spec(f"{centring}_base", centring, None, settings.base_iters, settings.base_lr)
+        for name, centring, recipe in MODELS:
+            spec(name, centring, _param_str(recipes[recipe], seed) if recipe else None, settings.finetune_iters,
+                 settings.finetune_lr, base=f"{centring}_base")
+        for held_out in loso_trained:
+            spec(_leave_one_out_name(held_out), "patchmean", _param_str(leave_one_out[held_out], seed),
+                 settings.finetune_iters, settings.finetune_lr, base="patchmean_base")
+    return specs
+
+
+def _normalizers(train_rgb):
+    """Test-time normalisers fitted once on the training band."""
+    return {"histmatch": lambda image: match_histograms(image, train_rgb, ignore_white=True),
+            "reinhard": ReinhardNormalizer().fit(train_rgb).transform,
+            "macenko": MacenkoNormalizer().fit(train_rgb).transform,
+            "vahadane": VahadaneNormalizer().fit(train_rgb).transform}
+
+
+def _table_rows(settings, normalizers):
+    """Row name -> (model, test-time normaliser or None, test-time augmentation)."""
+    rows = {name: (name, None, False) for name, _, _ in MODELS}
+    for normalizer in normalizers:
+        rows[f"{BASELINE}+{normalizer}"] = (BASELINE, normalizer, False)
+    for model in AUGMENTED_AND_NORMALISED:
+        rows[f"{model}+macenko"] = (model, "macenko", False)
+    if settings.tta:
+        for model in TTA_MODELS:
+            rows[f"{model}+tta"] = (model, None, True)
+    return rows
+
+
+class _SeedScoring:
+    """One seed's models, exported and loaded, and their scores on the bands."""
+
+    def __init__(self, seed, settings, trained, bands, loso_trained, models_dir, work, log):
+        self.seed, self.settings = seed, dataclasses.replace(settings, seed=seed)
+        self.exported = {name: export_model(name, centring, trained[seed, name][0], bands.mean_file, self.settings,
+                                            models_dir) for name, centring, _ in MODELS}
+        self.exported.update({_leave_one_out_name(s): export_model(
+            _leave_one_out_name(s), "patchmean", trained[seed, _leave_one_out_name(s)][0], bands.mean_file,
+            self.settings, work / f"seed_{seed}") for s in loso_trained})
+        self.cards = {name: load_model_card(card) for name, (_, _, _, card) in self.exported.items()}
+        self.predictors = {name: make_segmenter(deploy, weights, settings.engine, tile=settings.tile,
+                                                multiple=self.cards[name].size_multiple, batch=settings.batch_tiles,
+                                                log=log, card=self.cards[name])
+                           for name, (deploy, weights, _, _) in self.exported.items()}
+
+    def segment(self, model, image, tta=False):
+        predict = dihedral_tta(self.predictors[model]) if tta else self.predictors[model]
+        prob = segment_tiled(predict, image, tile=self.settings.tile, overlap=self.settings.overlap,
+                             multiple=self.cards[model].size_multiple, batch_size=self.settings.batch_tiles)
+        return prob > self.settings.threshold
+
+    def segment_row(self, table_rows, row, image, normalised_images):
+        model, normalizer, tta = table_rows[row]
+        return self.segment(model, image if normalizer is None else normalised_images[normalizer], tta)
+
+    def engines(self):
+        return {name: predict.engine_choice.as_dict() for name, predict in self.predictors.items()}
+
+
+def _score_seed(scoring, bands, conditions, normalised, table_rows, leave_one_out, loso_model, keep_masks, log):
+    """Validation Dice, held-out scores under every condition and the leave-one-out scores of one seed."""
+    seed = scoring.seed
+    validation = {name: {condition: metrics.dice(scoring.segment(name, image), bands.val_truth)
+                         for condition, image in bands.val_conditions.items()} for name, _, _ in MODELS}
+    log(f"seed {seed}: validation band Dice: " + "; ".join(
+        f"{m} " + " ".join(f"{v:.2f}" for v in validation[m].values()) for m in validation))
+    log(f"seed {seed}: segmenting the held-out band under every condition")
+    results = {name: {} for name in table_rows}
+    rows, masks = [], {}
+    for condition, image in conditions.items():
+        for model in table_rows:
+            mask = scoring.segment_row(table_rows, model, image, normalised[condition])
+            if keep_masks:
+                masks[model, condition] = mask
+            scores = metrics.pool_scores([metrics.segmentation_scores(mask, bands.test_truth)])
+            results[model][condition] = scores
+            rows.append(dict(seed=seed, model=model, condition=condition, **scores))
+        log(f"  {condition}: " + ", ".join(f"{m} {results[m][condition]['dice']:.3f}" for m in table_rows))
+    loso = {}
+    for held_out in leave_one_out:
+        name = loso_model[held_out]
+        loso[held_out] = {condition: metrics.pool_scores([metrics.segmentation_scores(
+            scoring.segment(name, conditions[condition]), bands.test_truth)]) for condition in ("in_domain", held_out)}
+        log(f"  {name}: in_domain {loso[held_out]['in_domain']['dice']:.3f}, "
+            f"{held_out} {loso[held_out][held_out]['dice']:.3f}")
+    return dict(results=results, validation=validation, rows=rows, masks=masks, loso=loso)
+
+
+def _condition_figures(figures, conditions, shift_settings, test_rgb, test_truth, first, model_names, results_by_seed,
+                       seen):
+    crop = (slice(0, min(384, test_rgb.shape[0])), slice(0, min(384, test_rgb.shape[1])))
+    for condition, image in conditions.items():
+        panels = [(f"input: {condition}", image[crop]), ("ground truth", test_truth[crop])]
+        panels += [(f"{m}\nDice {first['results'][m][condition]['dice']:.3f}", first["masks"][m, condition][crop])
+                   for m in model_names]
+        save_comparison_figure(figures / f"test_{condition}.png", panels, panel_size=3.0)
+    save_comparison_figure(figures / "stain_shifts.png",
+                           [(f"{c}\nratios {np.round(shift_settings[c]['mean_ratios_vs_train'], 2).tolist()}",
+                             image[crop]) for c, image in conditions.items()], panel_size=3.0)
+    save_bar_figure(figures / "dice_by_condition.png", results_by_seed, list(conditions), model_names, seen=seen)
+
+
+def _segment_examples(figures, stained_examples, normalizers, scoring, table_rows, train_rgb, settings):
+    """The differently stained packaged images (no ground truth), segmented by the first seed's models."""
+    examples = {}
+    for name, image in stained_examples.items():
+        image = _centre_crop(image, settings.example_size)
+        normalised_example = {name_: normalize(image) for name_, normalize in normalizers.items()}
+        tissue_fraction = {}
+        panels = [(name, image)]
+        for model in table_rows:
+            mask = scoring.segment_row(table_rows, model, image, normalised_example)
+            tissue_fraction[model] = float(mask.mean())
+            panels.append((f"{model}\nnucleus {100 * mask.mean():.1f} %", overlay(image, mask)))
+        save_comparison_figure(figures / f"example_{name}.png", panels, panel_size=3.0)
+        examples[name] = dict(shape=list(image.shape[:2]),
+                              mean_ratios_vs_train=channel_mean_ratios(image, train_rgb, ignore_white=True)
+                              .round(4).tolist(),
+                              nucleus_fraction=tissue_fraction)
+    return examples
+
+
+def _leave_one_out_summary(leave_one_out, loso_trained, per_seed, seed_list):
+    return {held_out: dict(
+        augment_param_str=format_param_str(keys),
+        same_range_as_full=held_out not in loso_trained,
+        dice=_mean_sd_record([per_seed[s]["loso"][held_out][held_out]["dice"] for s in seed_list]),
+        in_domain_dice=_mean_sd_record([per_seed[s]["loso"][held_out]["in_domain"]["dice"] for s in seed_list]),
+        full_range_dice=_mean_sd_record([per_seed[s]["results"]["patchmean+aug"][held_out]["dice"]
+                                         for s in seed_list]))
+        for held_out, keys in leave_one_out.items()}
+
+
+def _model_records(first, per_seed, seed_list, out_dir, multiple):
+    return {name: dict(centring=centring, augmented=recipe is not None, recipe=recipe,
+                       deploy=relative_to(first["exported"][name][0], out_dir),
+                       weights=relative_to(first["exported"][name][1], out_dir),
+                       mean_file=relative_to(first["exported"][name][2], out_dir) if first["exported"][name][2] else None,
+                       model_card=relative_to(first["exported"][name][3], out_dir),
+                       input=dict(INPUT_CONVENTION, size_multiple=multiple),
+                       training={str(seed): dict(first_loss=per_seed[seed]["training"][name].first_loss,
+                                                 last_loss=per_seed[seed]["training"][name].last_loss,
+                                                 validation=per_seed[seed]["training"][name].validation[-1:] or None)
+                                 for seed in seed_list})
+            for name, centring, recipe in MODELS}
+
+
 def run_experiment(out_dir="results", settings=Settings(), preset="custom", seeds=1, jobs=None):
     """Run the whole experiment; return the summary written to ``out_dir/summary.json``.
 
@@ -161,202 +363,78 @@ def run_experiment(out_dir="results", settings=Settings(), preset="custom", seed
     seed_list = [settings.seed + k for k in range(seeds)]
 
     bands = load_bands(settings, work, log)
-    regions, lists, mean_file = bands.regions, bands.lists, bands.mean_file
     train_rgb, test_rgb, test_truth = bands.train_rgb, bands.test_rgb, bands.test_truth
     conditions, shift_settings = dict(bands.test_conditions), dict(bands.shift_settings)
-    val_conditions, val_truth = bands.val_conditions, bands.val_truth
     seen = {name: name != "in_domain" for name in conditions}  # the synthetic shifts: the estimate saw them
-    shifted = {k: v for k, v in val_conditions.items() if k != "in_domain"}
-    synthetic_shifts = list(shifted)
-    # Conditions the estimate never saw: the held-out band re-stained to each real, differently
-    # stained packaged image by stain-vector transfer (Macenko, Vahadane), which changes hue as
-    # labs do.
+    shifted = {k: v for k, v in bands.val_conditions.items() if k != "in_domain"}
     stained_examples = datasets.load_stained_examples()
-    for method, normalizer in (("macenko", MacenkoNormalizer), ("vahadane", VahadaneNormalizer)):
-        for name, example in stained_examples.items():
-            condition = f"{method}_to_{name}"
-            conditions[condition] = normalizer().fit(example).transform(test_rgb)
-            shift_settings[condition] = dict(
-                transfer=f"{method} stain vectors and concentration scale of the packaged image", image=name,
-                mean_ratios_vs_train=channel_mean_ratios(conditions[condition], train_rgb, ignore_white=True)
-                .round(4).tolist())
-            seen[condition] = False
+    unseen, unseen_settings = _conditions_unseen_by_the_estimate(stained_examples, test_rgb, train_rgb)
+    conditions.update(unseen)
+    shift_settings.update(unseen_settings)
+    seen.update({condition: False for condition in unseen})
 
-    def estimate_ranges(shifted_images):
-        """The augmentation keys estimated from ``shifted_images`` (validation band) vs the train band."""
-        colour = suggest_color_params({"train": train_rgb}, shifted_images, margin=settings.color_margin)
-        hed = (suggest_hed_params({"train": train_rgb}, shifted_images, margin=settings.color_margin)
-               if settings.hed_jitter else None)
-        return {"rotate": True, "flip": True, **colour.params, **(hed.params if hed else {})}, colour, hed
-
-    augment, estimate, hed_estimate = estimate_ranges(shifted)
+    augment, estimate, hed_estimate = _estimate_ranges(train_rgb, shifted, settings)
     log(f"estimated colour range: {estimate.param_str}")
     if hed_estimate is not None:
         log(f"estimated stain-space range: {hed_estimate.param_str}")
+    recipes = _recipes(train_rgb, shifted, settings)
+    for recipe in ("percentile", "stain_stats"):
+        log(f"recipe {recipe}: {format_param_str(recipes[recipe])}")
     leave_one_out = {}  # held-out synthetic shift -> the augmentation keys estimated without it
     if settings.leave_one_out:
-        for held_out in synthetic_shifts:
-            leave_one_out[held_out] = estimate_ranges({k: v for k, v in shifted.items() if k != held_out})[0]
+        for held_out in shifted:
+            leave_one_out[held_out] = _estimate_ranges(
+                train_rgb, {k: v for k, v in shifted.items() if k != held_out}, settings)[0]
             log(f"range estimated without {held_out}: {format_param_str(leave_one_out[held_out])}")
-
     # A range estimated without a shift can equal the full one (the other shifts span it): the
     # full-range model, trained with the same param_str and seed, is then that shift's model.
     loso_trained = [held_out for held_out, keys in leave_one_out.items() if keys != augment]
     loso_model = {held_out: _leave_one_out_name(held_out) if held_out in loso_trained else "patchmean+aug"
                   for held_out in leave_one_out}
 
-    def param_str(keys, seed):
-        # Its own stream of the seed: same seed, same augmentation draws.
-        return json.dumps({**keys, "seed": derived_seed(seed, 2)})
-
-    # Every training of every seed: the two bases, their continuations without and with the
-    # layer (equal iterations), and the leave-one-shift-out continuations of the per-patch base.
-    specs = {}
-    for seed in seed_list:
-        seed_settings = dataclasses.replace(settings, seed=seed)
-
-        def spec(name, centring, augment_param_str, iters, lr, base=None, seed=seed, seed_settings=seed_settings):
-            folder = work / f"seed_{seed}" / "train" / name.replace("+", "_")
-            specs[seed, name] = dict(base=None if base is None else (seed, base), task=dict(
-                name=name, centring=centring, augment_param_str=augment_param_str, lists=lists,
-                mean_file=mean_file, settings=seed_settings, folder=folder, iters=iters, lr=lr))
-
-        for centring in ("meanfile", "patchmean"):
-            spec(f"{centring}_base", centring, None, settings.base_iters, settings.base_lr)
-        for name, centring, augmented in MODELS:
-            spec(name, centring, param_str(augment, seed) if augmented else None, settings.finetune_iters,
-                 settings.finetune_lr, base=f"{centring}_base")
-        for held_out in loso_trained:
-            spec(_leave_one_out_name(held_out), "patchmean", param_str(leave_one_out[held_out], seed),
-                 settings.finetune_iters, settings.finetune_lr, base="patchmean_base")
+    specs = _training_specs(seed_list, settings, bands, recipes, leave_one_out, loso_trained, work)
     jobs = jobs or max(1, min(len(os.sched_getaffinity(0)), 2 * len(seed_list)))
     log(f"{len(specs)} trainings for seed(s) {', '.join(map(str, seed_list))} on {jobs} worker process(es)")
     trained = train_all(log, specs, jobs)
 
-    # Test-time normalisers, fitted once on the training band, and every condition normalised
-    # once: the "normalise at test time" rows beside the "augment at train time" ones.
-    normalizers = {"histmatch": lambda image: match_histograms(image, train_rgb, ignore_white=True),
-                   "reinhard": ReinhardNormalizer().fit(train_rgb).transform,
-                   "macenko": MacenkoNormalizer().fit(train_rgb).transform,
-                   "vahadane": VahadaneNormalizer().fit(train_rgb).transform}
+    # Every condition normalised once: the "normalise at test time" rows beside the "augment at
+    # train time" ones.
+    normalizers = _normalizers(train_rgb)
     log("normalising every condition with " + ", ".join(normalizers))
     normalised = {condition: {name: normalize(image) for name, normalize in normalizers.items()}
                   for condition, image in conditions.items()}
-    # Table rows: row name -> (model, test-time normaliser or None, test-time augmentation).
-    table_rows = {name: (name, None, False) for name, _, _ in MODELS}
-    for normalizer in normalizers:
-        table_rows[f"{BASELINE}+{normalizer}"] = (BASELINE, normalizer, False)
-    if settings.tta:
-        for model in TTA_MODELS:
-            table_rows[f"{model}+tta"] = (model, None, True)
+    table_rows = _table_rows(settings, normalizers)
     model_names = list(table_rows)
-    multiple = 2 ** settings.depth
 
-    per_seed = {}
+    per_seed, scorings = {}, {}
     for seed in seed_list:
         first = seed == seed_list[0]
-        models_dir = out_dir if first else work / f"seed_{seed}"
-        seed_settings = dataclasses.replace(settings, seed=seed)
-        exported = {name: export_model(name, centring, trained[seed, name][0], mean_file, seed_settings, models_dir)
-                    for name, centring, _ in MODELS}
-        exported.update({_leave_one_out_name(s): export_model(_leave_one_out_name(s), "patchmean",
-                                                               trained[seed, _leave_one_out_name(s)][0], mean_file,
-                                                               seed_settings, work / f"seed_{seed}")
-                         for s in loso_trained})
-        cards = {name: load_model_card(card) for name, (_, _, _, card) in exported.items()}
-        predictors = {name: make_segmenter(deploy, weights, settings.engine, tile=settings.tile,
-                                           multiple=cards[name].size_multiple, batch=settings.batch_tiles,
-                                           log=log, card=cards[name])
-                      for name, (deploy, weights, _, _) in exported.items()}
-
-        def segment(model, image, tta=False, predictors=predictors, cards=cards):
-            predict = dihedral_tta(predictors[model]) if tta else predictors[model]
-            prob = segment_tiled(predict, image, tile=settings.tile, overlap=settings.overlap,
-                                 multiple=cards[model].size_multiple, batch_size=settings.batch_tiles)
-            return prob > settings.threshold
-
-        def segment_row(row, image, normalised_images, segment=segment):
-            model, normalizer, tta = table_rows[row]
-            return segment(model, image if normalizer is None else normalised_images[normalizer], tta)
-
-        validation = {name: {} for name, _, _ in MODELS}
-        for condition, shifted_val in val_conditions.items():
-            for model in validation:
-                validation[model][condition] = metrics.dice(segment(model, shifted_val), val_truth)
-        log(f"seed {seed}: validation band Dice: " + "; ".join(
-            f"{m} " + " ".join(f"{v:.2f}" for v in validation[m].values()) for m in validation))
-
-        log(f"seed {seed}: segmenting the held-out band under every condition")
-        results = {name: {} for name in model_names}
-        rows, masks = [], {}
-        for condition, image in conditions.items():
-            for model in model_names:
-                mask = segment_row(model, image, normalised[condition])
-                if first:
-                    masks[model, condition] = mask
-                scores = metrics.pool_scores([metrics.segmentation_scores(mask, test_truth)])
-                results[model][condition] = scores
-                rows.append(dict(seed=seed, model=model, condition=condition, **scores))
-            log(f"  {condition}: " + ", ".join(f"{m} {results[m][condition]['dice']:.3f}" for m in model_names))
-        loso = {}
-        for held_out in leave_one_out:
-            name = loso_model[held_out]
-            loso[held_out] = {condition: metrics.pool_scores([metrics.segmentation_scores(
-                segment(name, conditions[condition]), test_truth)]) for condition in ("in_domain", held_out)}
-            log(f"  {name}: in_domain {loso[held_out]['in_domain']['dice']:.3f}, "
-                f"{held_out} {loso[held_out][held_out]['dice']:.3f}")
-        per_seed[seed] = dict(results=results, validation=validation, rows=rows, masks=masks, loso=loso,
-                              exported=exported, segment_row=segment_row,
-                              engines={name: predict.engine_choice.as_dict() for name, predict in predictors.items()},
+        scorings[seed] = _SeedScoring(seed, settings, trained, bands, loso_trained,
+                                      out_dir if first else work / f"seed_{seed}", work, log)
+        per_seed[seed] = _score_seed(scorings[seed], bands, conditions, normalised, table_rows, leave_one_out,
+                                     loso_model, first, log)
+        per_seed[seed].update(exported=scorings[seed].exported, engines=scorings[seed].engines(),
                               training={name: trained[seed, name][1] for name in
-                                        [f"{c}_base" for c in ("meanfile", "patchmean")] + list(exported)})
+                                        [f"{c}_base" for c in ("meanfile", "patchmean")]
+                                        + list(scorings[seed].exported)})
 
     first = per_seed[seed_list[0]]
     results_by_seed = [per_seed[seed]["results"] for seed in seed_list]
     results = _mean_results(results_by_seed)
     figures = out_dir / "figures"
-    crop = (slice(0, min(384, test_rgb.shape[0])), slice(0, min(384, test_rgb.shape[1])))
-    for condition, image in conditions.items():
-        panels = [(f"input: {condition}", image[crop]), ("ground truth", test_truth[crop])]
-        panels += [(f"{m}\nDice {first['results'][m][condition]['dice']:.3f}", first["masks"][m, condition][crop])
-                   for m in model_names]
-        save_comparison_figure(figures / f"test_{condition}.png", panels, panel_size=3.0)
-    save_comparison_figure(figures / "stain_shifts.png",
-                           [(f"{c}\nratios {np.round(shift_settings[c]['mean_ratios_vs_train'], 2).tolist()}",
-                             image[crop]) for c, image in conditions.items()], panel_size=3.0)
-    save_bar_figure(figures / "dice_by_condition.png", results_by_seed, list(conditions), model_names, seen=seen)
-
+    _condition_figures(figures, conditions, shift_settings, test_rgb, test_truth, first, model_names,
+                       results_by_seed, seen)
     log("segmenting the differently stained packaged images (no ground truth; first seed's models)")
-    examples = {}
-    for name, image in stained_examples.items():
-        image = _centre_crop(image, settings.example_size)
-        normalised_example = {name_: normalize(image) for name_, normalize in normalizers.items()}
-        tissue_fraction = {}
-        panels = [(name, image)]
-        for model in model_names:
-            mask = first["segment_row"](model, image, normalised_example)
-            tissue_fraction[model] = float(mask.mean())
-            panels.append((f"{model}\nnucleus {100 * mask.mean():.1f} %", overlay(image, mask)))
-        save_comparison_figure(figures / f"example_{name}.png", panels, panel_size=3.0)
-        examples[name] = dict(shape=list(image.shape[:2]),
-                              mean_ratios_vs_train=channel_mean_ratios(image, train_rgb, ignore_white=True).round(4).tolist(),
-                              nucleus_fraction=tissue_fraction)
+    examples = _segment_examples(figures, stained_examples, normalizers, scorings[seed_list[0]], table_rows,
+                                 train_rgb, settings)
 
-    condition_names = list(conditions)
     write_table([row for seed in seed_list for row in per_seed[seed]["rows"]], out_dir, stem="metrics",
                 columns=(("seed", "seed"), *TABLE_COLUMNS))
     table = out_dir / "table.md"
-    write_dice_table(table, results_by_seed, condition_names, model_names, seen=seen)
+    write_dice_table(table, results_by_seed, list(conditions), model_names, seen=seen)
     loso_summary = None
     if leave_one_out:
-        loso_summary = {held_out: dict(
-            augment_param_str=format_param_str(keys),
-            same_range_as_full=held_out not in loso_trained,
-            dice=_mean_sd_record([per_seed[s]["loso"][held_out][held_out]["dice"] for s in seed_list]),
-            in_domain_dice=_mean_sd_record([per_seed[s]["loso"][held_out]["in_domain"]["dice"] for s in seed_list]),
-            full_range_dice=_mean_sd_record([per_seed[s]["results"]["patchmean+aug"][held_out]["dice"]
-                                             for s in seed_list]))
-            for held_out, keys in leave_one_out.items()}
+        loso_summary = _leave_one_out_summary(leave_one_out, loso_trained, per_seed, seed_list)
         text = table.read_text() + "\n" + _leave_one_out_table(loso_summary)
         write_atomic(table, lambda tmp: Path(tmp).write_text(text), overwrite=True)
     summary = dict(
@@ -365,24 +443,15 @@ def run_experiment(out_dir="results", settings=Settings(), preset="custom", seed
         settings=dataclasses.asdict(settings),
         seed=settings.seed,
         seeds=seed_list,
-        regions={k: [v.start, v.stop] for k, v in regions.items()},
+        regions={k: [v.start, v.stop] for k, v in bands.regions.items()},
         test_pixels=int(test_truth.size),
         stain_shifts=shift_settings,
         color_estimate=dict(estimated_on="train band vs the stain-shifted validation band",
                             **_estimate_record(estimate)),
         hed_estimate=None if hed_estimate is None else _estimate_record(hed_estimate),
-        augment_param_str=param_str(augment, seed_list[0]),
-        models={name: dict(centring=centring, augmented=augmented,
-                           deploy=relative_to(first["exported"][name][0], out_dir),
-                           weights=relative_to(first["exported"][name][1], out_dir),
-                           mean_file=relative_to(first["exported"][name][2], out_dir) if first["exported"][name][2] else None,
-                           model_card=relative_to(first["exported"][name][3], out_dir),
-                           input=dict(INPUT_CONVENTION, size_multiple=multiple),
-                           training={str(seed): dict(first_loss=per_seed[seed]["training"][name].first_loss,
-                                                     last_loss=per_seed[seed]["training"][name].last_loss,
-                                                     validation=per_seed[seed]["training"][name].validation[-1:] or None)
-                                     for seed in seed_list})
-                for name, centring, augmented in MODELS},
+        augment_param_str=_param_str(augment, seed_list[0]),
+        recipes={name: _param_str(keys, seed_list[0]) for name, keys in recipes.items()},
+        models=_model_records(first, per_seed, seed_list, out_dir, 2 ** settings.depth),
         histmatch=dict(model=BASELINE, template="train band", ignore_white=True),
         rows={row: dict(model=model, test_time_normaliser=normalizer, tta=tta)
               for row, (model, normalizer, tta) in table_rows.items()},

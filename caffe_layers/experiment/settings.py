@@ -3,13 +3,19 @@ import dataclasses
 
 from ..tiling import DEFAULT_OVERLAP, DEFAULT_THRESHOLD, DEFAULT_TILE
 
-__all__ = ["BASELINE", "HISTMATCH", "INPUT_CONVENTION", "MODELS", "PRESETS", "TTA_MODELS", "Settings"]
+__all__ = ["AUGMENTED_AND_NORMALISED", "BASELINE", "HISTMATCH", "INPUT_CONVENTION", "MODELS", "PRESETS", "TTA_MODELS", "Settings"]
 
-MODELS = (  # (name, centring, augmented)
-    ("meanfile", "meanfile", False),
-    ("meanfile+aug", "meanfile", True),
-    ("patchmean", "patchmean", False),
-    ("patchmean+aug", "patchmean", True),
+#: (name, centring, augmentation recipe or None). Recipes: "range" -- the colour and stain range
+#: estimated from the stain-shifted validation band, widened to the most extreme shift;
+#: "percentile" -- the same estimate covering the 5-95 % of the shifts; "stain_stats" -- per-sample
+#: target statistics drawn from their distribution over the training and shifted validation bands.
+MODELS = (
+    ("meanfile", "meanfile", None),
+    ("meanfile+aug", "meanfile", "range"),
+    ("patchmean", "patchmean", None),
+    ("patchmean+aug", "patchmean", "range"),
+    ("patchmean+aug-p5-95", "patchmean", "percentile"),
+    ("patchmean+stainstats", "patchmean", "stain_stats"),
 )
 BASELINE = "meanfile"
 HISTMATCH = "meanfile+histmatch"  # the baseline on histogram-matched input (rows "meanfile+<normaliser>")
@@ -17,6 +23,8 @@ HISTMATCH = "meanfile+histmatch"  # the baseline on histogram-matched input (row
 # The baseline only: TTA is a test-time alternative to training with the layer (on the augmented
 # model it changed no Dice by more than 0.003 in a full run, at 8x the scoring time).
 TTA_MODELS = ("meanfile",)
+#: Augmented models also scored on Macenko-normalised input: rows "<model>+macenko".
+AUGMENTED_AND_NORMALISED = ("patchmean+aug", "patchmean+stainstats")
 INPUT_CONVENTION = {"blob": "data", "layout": "N×3×H×W float32", "channel_order": "RGB",
                     "value_range": [0, 255], "output": "prob: N×2×H×W softmax, channel 1 = nucleus",
                     "size_multiple": None}
@@ -38,6 +46,9 @@ class Settings:
     validate_every: int = 100
     val_batches: int = 8
     color_margin: float = 0.1
+    percentiles: tuple = (5.0, 95.0)  # of the observed shifts, for the "percentile" recipe
+    stain_space: str = "lab"  # the "stain_stats" recipe's colour space
+    stain_spread: float = 1.0  # its spread multiplier
     hed_jitter: bool = True  # add stain-space jitter with the estimated range to the augmentation
     tile: int = DEFAULT_TILE
     overlap: int = DEFAULT_OVERLAP  # wider than the U-Net's receptive field (~47 px): tiles agree with one pass

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 from ..model_card import write_model_card
-from ..net.predictor import use_cpu
+from ..net.inference.caffe_engine import use_cpu
 from ..net.training import train
-from ..net.unet import net_to_text, solver, solver_to_text, unet_deploy, unet_train_val
+from ..net.training.templates import net_to_text, solver, solver_to_text, unet_deploy, unet_train_val
 
 __all__ = ["ProgressLog", "export_model", "one_blas_thread", "relative_to", "train_all", "train_model"]
 

@@ -20,14 +20,15 @@ import numpy as np
 
 from .. import metrics
 from ..image_io import write_atomic
-from ..net.engines import make_segmenter
-from ..net.predictor import use_cpu
+from ..net.inference.engines import make_segmenter
+from ..net.inference.caffe_engine import use_cpu
 from ..patches import derived_seed
 from ..reports import write_summary
 from ..stain import suggest_color_params, suggest_hed_params
 from ..model_card import load_model_card
 from ..tiling import segment_tiled
-from .run import _Log, _export_model, _train_all, load_bands
+from .run import load_bands
+from .trainings import ProgressLog, export_model, train_all
 from .settings import Settings
 
 __all__ = ["VARIANTS", "tune_augmentation"]
@@ -63,7 +64,7 @@ def tune_augmentation(out_dir, settings=Settings(), jobs=None):
     mean and the worst shift as shares of its in-domain Dice.
     """
     use_cpu()
-    log = _Log()
+    log = ProgressLog()
     out_dir = Path(out_dir)
     work = out_dir / "work"
     started = time.perf_counter()
@@ -107,11 +108,11 @@ def tune_augmentation(out_dir, settings=Settings(), jobs=None):
             spec(name, keys, settings.finetune_iters - half, "curriculum (first half)")
         else:
             spec(name, keys, iterations[name], "patchmean_base")
-    trained = _train_all(log, specs, jobs or 2)
+    trained = train_all(log, specs, jobs or 2)
 
     results = {}
     for name, keys in ranges.items():
-        deploy, weights, _, card = _export_model(name.replace(" ", "_"), "patchmean", trained[seed, name][0],
+        deploy, weights, _, card = export_model(name.replace(" ", "_"), "patchmean", trained[seed, name][0],
                                                  bands.mean_file, settings, work)
         card = load_model_card(card)
         predict = make_segmenter(deploy, weights, settings.engine, tile=settings.tile, multiple=card.size_multiple,
