@@ -8,7 +8,8 @@ Conventions (see ``docs/nuclei.md``):
   and ImageScope write it) gives each nucleus as a polygon whose vertices are *pixel-corner*
   coordinates: the centre of pixel column ``c`` is at ``X = c + 0.5``. The reader therefore
   shifts every vertex by -0.5 px (``col = X - 0.5``, ``row = Y - 0.5``) and fills the pixels
-  whose centres lie inside the polygon.
+  whose centres lie inside the polygon or on its outline (a diagonal edge between integer
+  vertices passes exactly through pixel centres: 0.2-2 % of a MoNuSeg tile's nucleus pixels).
 * Label ``k`` is the ``k``-th ``Region`` of the file (1-based, in document order over all
   ``Annotation`` elements), so a label can be traced back to its outline.
 * Where outlines overlap, the region drawn first keeps the shared pixels (a later region
@@ -132,7 +133,8 @@ def read_imagescope_xml(path, shape):
     """Rasterise an ImageScope XML into an instance label image.
 
     Each region is shifted from pixel-corner to pixel-centre coordinates (-0.5 px) and the
-    pixels whose centres fall inside it (:func:`skimage.draw.polygon`, clipped to ``shape``)
+    pixels whose centres fall inside it or on its outline (:func:`skimage.draw.polygon`,
+    clipped to ``shape``)
     get its label, unless an earlier region already holds them (first drawn keeps shared
     pixels). See the module docstring for degenerate regions.
 

@@ -99,14 +99,19 @@ def all_xmls():
 
 
 def inside_even_odd(x, y, vertices):
-    """Crossing-number test of points (x, y) against a closed polygon (its own code, not skimage)."""
+    """Points (x, y) inside a closed polygon or on its outline: a crossing-number test plus an
+    exact on-segment test (its own code, not skimage's)."""
     xi, yi = vertices[:, 0], vertices[:, 1]
     xj, yj = np.roll(xi, 1), np.roll(yi, 1)
     x, y = x[:, None], y[:, None]
     crosses = (yi > y) != (yj > y)
     with np.errstate(divide="ignore", invalid="ignore"):
         x_at = xi + (y - yi) * (xj - xi) / (yj - yi)
-    return (np.count_nonzero(crosses & (x < x_at), axis=1) % 2) == 1
+    inside = (np.count_nonzero(crosses & (x < x_at), axis=1) % 2) == 1
+    # Coordinates are halves of integers here, so the cross product is exact.
+    on_line = (xj - xi) * (y - yi) - (yj - yi) * (x - xi) == 0
+    between = (np.minimum(xi, xj) <= x) & (x <= np.maximum(xi, xj)) & (np.minimum(yi, yj) <= y) & (y <= np.maximum(yi, yj))
+    return inside | (on_line & between).any(axis=1)
 
 
 def independent_rasterisation(regions, shape):
@@ -140,14 +145,17 @@ def test_real_xmls_one_instance_per_region():
 
 @pytest.mark.parametrize("name", ["MoNuSegTrainingData/Annotations/TCGA-21-5784-01Z-00-DX1.xml",
                                   "MoNuSegTrainingData/Annotations/TCGA-B0-5710-01Z-00-DX1.xml",
-                                  "MoNuSegTestData/TCGA-FG-A4MU-01B-01-TS1.xml"])
+                                  "MoNuSegTestData/TCGA-FG-A4MU-01B-01-TS1.xml",
+                                  "MoNuSegTestData/TCGA-HC-7209-01A-01-TS1.xml"])
 def test_real_xml_fill_agrees_with_an_independent_rasterisation(name):
     path = MONUSEG / name
     labels = read_imagescope_xml(path, (1000, 1000))
     other = independent_rasterisation(imagescope_regions(path), (1000, 1000))
     union = np.count_nonzero((labels > 0) | (other > 0))
     same = np.count_nonzero((labels == other) & (labels > 0))
-    assert same / union > 0.99, (name, same / union)
+    # Without the on-outline rule the two differ by 0.2-2 % of the pixels: the centres that
+    # diagonal edges between MoNuSeg's integer vertices pass through exactly.
+    assert same / union > 0.999, (name, same / union)
 
 
 def test_real_instance_image():

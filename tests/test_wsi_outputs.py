@@ -136,3 +136,14 @@ def test_instance_options_reach_the_step():
 def test_polygon_scaling():
     ring = np.array([[1.5, 2.0], [3.0, 2.0], [3.0, 4.5]])
     assert nucleus_polygon(ring, (2.0, 4.0)) == [[6.0, 4.0], [12.0, 4.0], [12.0, 9.0], [6.0, 4.0]]
+
+
+def test_a_nucleus_with_a_hole_is_exported_by_its_outline():
+    mask = np.zeros((20, 20), np.uint8)
+    mask[3:15, 3:15] = 1
+    mask[7:10, 7:10] = 0
+    (area, ring), = iter_nuclei(mask, fill_holes=False, h=50)
+    assert area == 144 - 9
+    rows, _ = fill_polygon(ring[:, 1] - 0.5, ring[:, 0] - 0.5, shape=mask.shape)
+    assert len(rows) == 144  # the hole is inside the outline (holes are not exported)
+    assert ring_problem(nucleus_polygon(ring)) is None

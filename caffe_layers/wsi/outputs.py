@@ -111,15 +111,17 @@ def _ring(piece):
     from skimage.measure import find_contours
 
     contours = find_contours(piece.astype(np.float32), 0.5, fully_connected="high")
-    rows_cols = max(contours, key=lambda c: abs(_shoelace(c)))[:-1]  # closed: last == first
-    points = rows_cols[:, ::-1]
-    before, after = points - np.roll(points, 1, axis=0), np.roll(points, -1, axis=0) - points
-    turning = before[:, 0] * after[:, 1] - before[:, 1] * after[:, 0] != 0
-    return points[turning]
+    closed = contours[0] if len(contours) == 1 else max(contours, key=_enclosed_area)
+    points = closed[:, ::-1]  # (x, y); closed, so points[-1] == points[0]
+    steps = np.diff(points, axis=0)  # steps[i]: from vertex i to i + 1
+    before = np.concatenate([steps[-1:], steps[:-1]])
+    turning = before[:, 0] * steps[:, 1] - before[:, 1] * steps[:, 0] != 0
+    return points[:-1][turning]
 
 
-def _shoelace(points):
-    return 0.5 * float(np.dot(points[:, 0], np.roll(points[:, 1], 1)) - np.dot(points[:, 1], np.roll(points[:, 0], 1)))
+def _enclosed_area(closed):
+    """Area inside a closed ``(n, 2)`` contour (last point == first), shoelace formula."""
+    return abs(float(np.dot(closed[:-1, 0], closed[1:, 1]) - np.dot(closed[1:, 0], closed[:-1, 1]))) / 2
 
 
 def _nuclei_of_components(labels, closed, r0, instance_options, chunk):
