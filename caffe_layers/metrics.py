@@ -418,9 +418,8 @@ def instance_scores(pred_labels, true_labels):
     """
     pred_area, true_area, pairs = _instance_pairs(pred_labels, true_labels)
     panoptic = _panoptic(pred_area, true_area, pairs)
-    tp = int(pairs[2].sum())
-    fp = int(pred_area[1:].sum()) - tp
-    fn = int(true_area[1:].sum()) - tp
-    return dict(dice=dice_from_counts(tp, fp, fn), aji=_aji(pred_area, true_area, pairs),
-                pq=panoptic["pq"], dq=panoptic["dq"], sq=panoptic["sq"],
-                f1=_ratio(2 * panoptic["tp"], 2 * panoptic["tp"] + panoptic["fp"] + panoptic["fn"]))
+    overlap = int(pairs[2].sum())  # foreground pixels in both
+    dice_score = dice_from_counts(overlap, int(pred_area[1:].sum()) - overlap, int(true_area[1:].sum()) - overlap)
+    f1, _, _ = _object_scores(panoptic["tp"], pred_area.size - 1, true_area.size - 1)
+    return dict(dice=dice_score, aji=_aji(pred_area, true_area, pairs),
+                pq=panoptic["pq"], dq=panoptic["dq"], sq=panoptic["sq"], f1=f1)
