@@ -292,7 +292,7 @@ def _compact_labels(labels, name):
     flat = labels.ravel()
     top = int(flat.max()) if flat.size else 0
     if top <= _DENSE_TABLE_LIMIT:  # a lookup table is faster than sorting the image
-        ids = np.flatnonzero(np.bincount(flat, minlength=1)[1:]) + 1
+        ids = np.flatnonzero(np.bincount(flat.astype(np.intp, copy=False), minlength=1)[1:]) + 1
         lookup = np.zeros(top + 1, np.int64)
         lookup[ids] = np.arange(1, ids.size + 1)
         return lookup[labels], int(ids.size)

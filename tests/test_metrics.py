@@ -257,6 +257,7 @@ def test_label_values_do_not_matter():
     big = np.where(truth > 0, truth.astype(np.uint64) * 7919 + 3_000_000_000, 0).astype(np.uint64)
     shuffled = np.concatenate([[0], rng.permutation(pred.max()) + 1])[pred].astype(np.uint16)
     assert instance_scores(shuffled, big) == pytest.approx(reference)
+    assert instance_scores(pred.astype(np.uint64), truth.astype(np.uint32)) == pytest.approx(reference)
     assert 0 < reference["aji"] < reference["dice"] < 1
 
 
