@@ -3,7 +3,7 @@
 Every module that reads or writes pixels goes through here, so an image file means the same
 thing to training (:mod:`caffe_layers.patches`), segmentation and comparison
 (:mod:`caffe_layers.net`), the stain tools (:mod:`caffe_layers.cli`) and the packaged data
-sets (:mod:`caffe_layers.datasets`)::
+sets (:mod:`caffe_layers.sample_data`)::
 
     rgb = read_rgb("slide.svs")                     # (H, W, 3) uint8, level 0 of the pyramid
     big = read_rgb("huge.tif", memmap=True)         # np.memmap when the TIFF is uncompressed

@@ -15,7 +15,7 @@ The input follows the steps of pycaffe's ``caffe.io.Transformer``, in its order:
 pixels are channel-swapped (``channel_order``), multiplied by ``raw_scale``, have the mean
 (``mean_file`` or ``mean_value``, in the net's channel order and raw-scaled units)
 subtracted, then are multiplied by ``input_scale``. Pure numpy; the Caffe side is
-:class:`caffe_layers.net.predictor.CaffeSegmenter`.
+:class:`caffe_layers.net.inference.caffe_engine.CaffeSegmenter`.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 :func:`tile_grid` and :func:`segment_tiled` work with any ``predict`` callable mapping an
 ``N×3×h×w`` float32 batch (RGB, 0–255) to ``N×2×h×w`` probabilities (channel 1 = nucleus);
-:class:`caffe_layers.net.predictor.CaffeSegmenter` is one for a Caffe deploy net. The
+:class:`caffe_layers.net.inference.caffe_engine.CaffeSegmenter` is one for a Caffe deploy net. The
 defaults of every tool that tiles (:data:`DEFAULT_TILE`, :data:`DEFAULT_OVERLAP`,
 :data:`DEFAULT_THRESHOLD`, :data:`DEFAULT_MULTIPLE`) are defined here once.
 
@@ -10,7 +10,7 @@ Overlap and receptive field: a tile's output is exact (equal to one pass over th
 wherever the net's receptive field stays inside the tile. Each tile keeps only its centre, at
 least ``overlap // 2`` pixels from any side facing another tile, so tiling is seam-free when
 the receptive-field radius is at most ``overlap // 2``. The U-Net templates of
-:mod:`caffe_layers.net.unet` (depth 2, 3×3 convolutions, mean-file centring) have a radius of 23
+:mod:`caffe_layers.net.training.templates` (depth 2, 3×3 convolutions, mean-file centring) have a radius of 23
 pixels (26 with ``upsample_kernel=4``; measured: an input pixel changes outputs at most that
 far away), i.e. a field about 47 pixels wide, so they need ``overlap >= 46`` (52); the default
 :data:`DEFAULT_OVERLAP` = 64 leaves a margin. The radius roughly doubles with every extra

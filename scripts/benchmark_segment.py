@@ -7,7 +7,7 @@ or memory is warm from the other); then the seconds per megapixel of each, their
 largest |Δp| between the two probability maps are printed. ``--rounds N`` repeats the
 alternation and keeps each row's fastest round. Loading the net (and OpenCV's rewrite) is not
 timed; one warm-up forward of a tile is run first. Without ``--model`` the experiment's
-architecture is built from :func:`caffe_layers.net.unet.unet_deploy` (depth 2, base width 16; mean
+architecture is built from :func:`caffe_layers.net.training.templates.unet_deploy` (depth 2, base width 16; mean
 file and per-patch centring) with seeded random weights; ``--models results/models`` takes the
 models an experiment run exported.
 
@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def _image(size=None):
     import numpy as np
 
-    from caffe_layers.datasets import load_hgsc_nest
+    from caffe_layers.sample_data import load_hgsc_nest
 
     rgb, _ = load_hgsc_nest()
     if size is None or size == rgb.shape[0] == rgb.shape[1]:
@@ -51,8 +51,8 @@ def _image(size=None):
 
 
 def _segmenter(engine, model, weights, threads, tile):
-    from caffe_layers.net.engines import make_segmenter
-    from caffe_layers.net.predictor import use_cpu
+    from caffe_layers.net.inference.engines import make_segmenter
+    from caffe_layers.net.inference.caffe_engine import use_cpu
 
     use_cpu()
     return make_segmenter(model, weights, engine, tile=tile, threads=threads, log=None)
@@ -100,7 +100,8 @@ def _template_models(folder):
     import caffe
     import numpy as np
 
-    from caffe_layers.net import meanfile, unet
+    from caffe_layers.net import meanfile
+    from caffe_layers.net.training import templates as unet
 
     caffe.set_mode_cpu()
     rgb = _image()

@@ -53,7 +53,7 @@ def build_slide(path, size, glass, mpp=0.5, tile=256, seed=0):
     import numpy as np
     import tifffile
 
-    from caffe_layers.datasets import load_hgsc_nest
+    from caffe_layers.sample_data import load_hgsc_nest
 
     base, _ = load_hgsc_nest()
     rng = np.random.default_rng(seed)
@@ -102,9 +102,9 @@ def peak_mb():
 def run_one(config):
     """One configuration (in its own process): segment, then report time and peak memory as JSON."""
     from caffe_layers.model_card import load_model_card
-    from caffe_layers.net.engines import make_segmenter
-    from caffe_layers.net.predictor import use_cpu
-    from caffe_layers.net.slides import segment_slides
+    from caffe_layers.net.inference.engines import make_segmenter
+    from caffe_layers.net.inference.caffe_engine import use_cpu
+    from caffe_layers.net.inference.slides import segment_slides
     from caffe_layers.wsi import SlideSettings
 
     use_cpu()

@@ -40,7 +40,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from caffe_layers import datasets, stain  # noqa: E402
+from caffe_layers import sample_data, stain  # noqa: E402
 
 #: The commit before the stain-tools work: its implementations are the "before" rows.
 BEFORE = "c180257"
@@ -48,7 +48,7 @@ BEFORE = "c180257"
 
 def tiled_he(size=2000):
     """Real H&E tile grown to ``size x size`` by mirror-tiling (no synthetic pixels)."""
-    rgb, _ = datasets.load_hgsc_nest()
+    rgb, _ = sample_data.load_hgsc_nest()
     reps = (-(-size // rgb.shape[0]), -(-size // rgb.shape[1]))
     rows = [np.concatenate([rgb if j % 2 == 0 else rgb[:, ::-1] for j in range(reps[1])], axis=1)
             for _ in range(reps[0])]
@@ -219,7 +219,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     image = tiled_he(args.size)
-    reference = datasets.load_stained_examples()["tiatoolbox_target"]
+    reference = sample_data.load_stained_examples()["tiatoolbox_target"]
     tissue = stain.tissue_mask(image)
     print(f"image {image.shape} {image.dtype} (tiled hgsc_nest), reference {reference.shape}; tissue fraction: "
           f"image {tissue.mean():.3f}, reference {stain.tissue_mask(reference).mean():.3f}; rounds={args.rounds}\n")

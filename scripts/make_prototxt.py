@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write (or check) every file in prototxt/ from caffe_layers.net.unet.default_templates.
+"""Write (or check) every file in prototxt/ from caffe_layers.net.training.templates.default_templates.
 
 The generated nets use depth 2, base width 16, 96-pixel patches, batch 8, the list files
 data/train_list.txt and data/val_list.txt and the mean file data/mean.binaryproto; the
@@ -37,7 +37,7 @@ def main(argv=None):
                         help="write nothing; exit 1 if any file differs from what would be generated")
     args = parser.parse_args(argv)
 
-    from caffe_layers.net.unet import default_templates
+    from caffe_layers.net.training.templates import default_templates
 
     templates = default_templates()
     if args.check:

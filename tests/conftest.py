@@ -86,7 +86,7 @@ def pytest_runtest_makereport(item, call):
     report = outcome.get_result()
     if call.excinfo is None or os.environ.get("CAFFE_STAIN_REQUIRE_DATA"):
         return
-    from caffe_layers.datasets import DataPackageMissing
+    from caffe_layers.sample_data import DataPackageMissing
 
     if call.excinfo.errisinstance(DataPackageMissing):
         report.outcome = "skipped"

@@ -67,7 +67,7 @@ def test_templates_are_package_data_equal_to_the_repository_copy():
     shipped = {path.name: path.read_text() for path in folder.glob("*.prototxt")}
     committed = {path.name: path.read_text() for path in (REPO_ROOT / "prototxt").glob("*.prototxt")}
     # In a source checkout these are the same folder; installed from the wheel, the copy under
-    # caffe_layers/prototxt/ (tests/net/test_unet_templates.py checks prototxt/ against the generator).
+    # caffe_layers/prototxt/ (tests/net/test_templates.py checks prototxt/ against the generator).
     assert shipped == committed and len(shipped) == 6
 
 

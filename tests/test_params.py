@@ -22,6 +22,7 @@ from caffe_layers.params import (
     MAX_PARAM_STR_CHARS,
     PATCH_DATA_SCHEMA,
     REQUIRED,
+    format_param_str,
     Param,
     ParamError,
     Schema,
@@ -614,3 +615,13 @@ def test_stain_angle_key_default_range_and_nesting():
     assert nested["augment"]["stain_angle"] == 3.0
     with pytest.raises(ParamError, match="augment.stain_angle"):
         PATCH_DATA_SCHEMA.validate({"source": "a.txt", "augment": {"stain_angle": 31}}, WHERE)
+
+
+def test_format_param_str():
+    text = format_param_str({"color": True, "color_a_min": 0.74, "color_a_max": 1.45})
+    assert text == '{"color": True, "color_a_min": 0.74, "color_a_max": 1.45}'
+    assert format_param_str({"n": 3, "x": 1.0, "s": "a", "l": [1, 2.5]}) == (
+        '{"n": 3, "x": 1.0, "s": "a", "l": [1, 2.5]}'
+    )
+    with pytest.raises(ValueError, match="non-finite"):
+        format_param_str({"x": float("nan")})

@@ -10,7 +10,7 @@ from caffe_layers.stain.statistics import fit_stain_statistics
 from caffe_layers.transforms import BatchAugmenter
 
 from test_augmentation_layer import augment_layer, make_net, run
-from test_datasets import load_or_skip
+from test_sample_data import load_or_skip
 
 N, H, W = 4, 48, 48
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from caffe_layers import datasets
+from caffe_layers import sample_data
 from caffe_layers.cli import lmdb as lmdb_cli
 from caffe_layers.cli import retrofit as retrofit_cli
 from caffe_layers.net.checks import read_weights
@@ -55,8 +55,8 @@ def retrain_with_the_layer(run_caffe_tool, folder, net_name):
 
 @pytest.fixture(scope="module")
 def he():
-    rgb, instances = datasets.load_hgsc_nest()
-    return rgb, datasets.nucleus_mask(instances) > 0
+    rgb, instances = sample_data.load_hgsc_nest()
+    return rgb, sample_data.nucleus_mask(instances) > 0
 
 
 def test_digits_v1_patch_classifier(caffe, run_caffe_tool, tmp_path, he, monkeypatch):

@@ -19,7 +19,7 @@ import os
 import sys
 import warnings
 
-from ..datasets import DataPackageMissing
+from ..sample_data import DataPackageMissing
 from ..tiling import DEFAULT_OVERLAP, DEFAULT_THRESHOLD, DEFAULT_TILE, check_threshold
 
 __all__ = ["CARD_FLAGS", "USER_ERRORS", "UsageError", "add_model_card_arguments", "add_tiling_arguments",
@@ -169,13 +169,13 @@ def effective_overlap(args, predictor, prog):
     return overlap
 
 
-#: The inference engines (caffe_layers.net.engines.ENGINES, repeated here so that the commands'
+#: The inference engines (caffe_layers.net.inference.engines.ENGINES, repeated here so that the commands'
 #: options need no Caffe to be listed).
 ENGINE_CHOICES = ("auto", "caffe", "opencv")
 
 
 def add_engine_argument(parser):
-    """``--engine caffe|opencv|auto`` (see :mod:`caffe_layers.net.engines`)."""
+    """``--engine caffe|opencv|auto`` (see :mod:`caffe_layers.net.inference.engines`)."""
     parser.add_argument("--engine", choices=ENGINE_CHOICES, default="auto",
                         help="inference engine: caffe, opencv (OpenCV's DNN module, several times faster) or auto "
                              "(OpenCV if it matches Caffe on a probe tile, checked once per model; default)")

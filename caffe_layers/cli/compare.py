@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 from ..image_io import read_mask, read_rgb
-from ..net.compare import ModelSpec, compare_models
+from ..net.inference.compare import ModelSpec, compare_models
 from ..model_card import load_model_card
 from . import (UsageError, add_engine_argument, add_tiling_arguments, check_output_folder, check_tiling_arguments,
                engine_log, run)

@@ -11,7 +11,7 @@ import re
 import sys
 from pathlib import Path
 
-from ..net.lmdb_datasets import (CHANNEL_ORDERS, check_output, class_folder_items, read_label_list,
+from ..net.training.datum_lmdb import (CHANNEL_ORDERS, check_output, class_folder_items, read_label_list,
                                  write_classification_lmdb, write_segmentation_lmdbs)
 from ..patches import read_pair_list
 from . import UsageError, run

@@ -40,7 +40,7 @@ def main(argv=None):
         if args.patch_size is not None and not 1 <= args.patch_size <= 8192:
             raise UsageError(f"--patch-size must be in [1, 8192]; got {args.patch_size}")
         if args.lmdb is not None:
-            from ..net.lmdb_datasets import iter_datums
+            from ..net.training.datum_lmdb import iter_datums
 
             database = Path(args.lmdb)
             if not (database / "data.mdb").is_file():

@@ -3,7 +3,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .. import datasets
+from .. import sample_data
 from ..experiment.regions import prepare_data
 from . import UsageError, run
 
@@ -27,8 +27,8 @@ def main(argv=None):
             raise UsageError(f"--patch-size must be in [1, 1024]; got {args.patch_size}")
         if not 0 <= args.gap <= 256:
             raise UsageError(f"--gap must be in [0, 256]; got {args.gap}")
-        rgb, instances = datasets.load_hgsc_nest()
-        prepared = prepare_data(rgb, datasets.nucleus_mask(instances), args.out, patch_size=args.patch_size,
+        rgb, instances = sample_data.load_hgsc_nest()
+        prepared = prepare_data(rgb, sample_data.nucleus_mask(instances), args.out, patch_size=args.patch_size,
                                 gap=args.gap, overwrite=args.overwrite)
         for name, path in prepared.lists.items():
             rows = prepared.regions[name]

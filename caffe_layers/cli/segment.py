@@ -4,8 +4,8 @@ import sys
 from pathlib import Path
 
 from ..image_io import image_shape, same_file
-from ..net.engines import make_segmenter, probe_side
-from ..net.segment import segment_files
+from ..net.inference.engines import make_segmenter, probe_side
+from ..net.inference.image_files import segment_files
 from ..tiling import dihedral_tta
 from ..wsi.pipeline import DEFAULT_BLOCK, SlideSettings, find_slides, slide_name, slide_outputs
 from ..wsi.reader import is_slide, open_slide
@@ -130,7 +130,7 @@ def main(argv=None):
             for files in written:
                 print(f"{files['name']}: {files['mask']}")
         if slides:
-            from ..net.slides import segment_slides
+            from ..net.inference.slides import segment_slides
 
             settings = SlideSettings(tile=args.tile, overlap=overlap, multiple=card.size_multiple,
                                      threshold=args.threshold, batch_size=args.batch_tiles, block=args.block,

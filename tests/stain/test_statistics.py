@@ -13,7 +13,7 @@ from caffe_layers.stain.statistics import (BLEND_RAMP, STAIN_STATS_SCHEMA, STD_F
                                            tissue_statistics)
 from caffe_layers.stain.tissue import NoTissueWarning, tissue_mask
 
-from test_datasets import load_or_skip
+from test_sample_data import load_or_skip
 
 SPACES = ("lab", "hed")
 

@@ -11,7 +11,7 @@ from caffe_layers.stain.tissue import NoTissueWarning
 from caffe_layers.transforms import BatchAugmenter, draw_augmentation
 from caffe_layers.transforms.schema import AUGMENT_SCHEMA
 
-from test_datasets import load_or_skip
+from test_sample_data import load_or_skip
 
 COLOUR = dict(color=True, color_a_min=0.8, color_a_max=1.2, hed=True, hed_alpha=0.1, hed_beta=0.02)
 

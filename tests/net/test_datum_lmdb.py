@@ -1,4 +1,4 @@
-"""caffe_layers.net.lmdb_datasets and caffe-stain-lmdb: Datum LMDBs read back by lmdb and by Caffe.
+"""caffe_layers.net.training.datum_lmdb and caffe-stain-lmdb: Datum LMDBs read back by lmdb and by Caffe.
 
 The databases are read back independently of the writer (the ``lmdb`` package and
 ``caffe_pb2.Datum``), and -- the test that matters -- by Caffe's own ``Data`` layer
@@ -19,14 +19,14 @@ import pytest
 from caffe.proto import caffe_pb2
 from PIL import Image
 
-from caffe_layers import datasets
+from caffe_layers import sample_data
 from caffe_layers.cli.lmdb import main as lmdb_main
-from caffe_layers.net import lmdb_datasets
-from caffe_layers.net.lmdb_datasets import (class_folder_items, read_label_list, write_classification_lmdb,
+from caffe_layers.net.training import datum_lmdb as lmdb_datasets
+from caffe_layers.net.training.datum_lmdb import (class_folder_items, read_label_list, write_classification_lmdb,
                                             write_segmentation_lmdbs)
 from caffe_layers.patches import read_pair_list
 
-from test_datasets import load_or_skip
+from test_sample_data import load_or_skip
 
 PROG = "caffe-stain-lmdb"
 
@@ -79,8 +79,8 @@ def save(path, array):
 @pytest.fixture(scope="module")
 def he_pieces():
     """Four 24×32 pieces of real H&E (hgsc_nest) with their nucleus masks."""
-    rgb, instances = load_or_skip(datasets.load_hgsc_nest)
-    mask = datasets.nucleus_mask(instances)
+    rgb, instances = load_or_skip(sample_data.load_hgsc_nest)
+    mask = sample_data.nucleus_mask(instances)
     corners = [(100, 100), (400, 700), (900, 300), (1200, 1200)]
     return [(rgb[y:y + 24, x:x + 32].copy(), mask[y:y + 24, x:x + 32].copy()) for y, x in corners]
 

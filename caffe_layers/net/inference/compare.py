@@ -24,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import metrics
-from ..image_io import same_file
-from ..reports import save_comparison_figure, write_summary, write_table
-from ..stain import match_histograms
-from ..model_card import ModelCard
-from ..tiling import (DEFAULT_MULTIPLE, DEFAULT_OVERLAP, DEFAULT_THRESHOLD, DEFAULT_TILE, check_threshold,
+from ... import metrics
+from ...image_io import same_file
+from ...reports import save_comparison_figure, write_summary, write_table
+from ...stain import match_histograms
+from ...model_card import ModelCard
+from ...tiling import (DEFAULT_MULTIPLE, DEFAULT_OVERLAP, DEFAULT_THRESHOLD, DEFAULT_TILE, check_threshold,
                       dihedral_tta, segment_tiled)
 from .engines import make_segmenter, probe_side, report_to_stderr
 
@@ -95,7 +95,7 @@ def compare_models(models, images, out_dir, template_rgb=None, conditions=None, 
     batch_size : int
         Tiles per forward pass.
     engine : {"auto", "caffe", "opencv"}
-        Inference engine of the models loaded here (:func:`caffe_layers.net.engines.make_segmenter`);
+        Inference engine of the models loaded here (:func:`caffe_layers.net.inference.engines.make_segmenter`);
         each choice is recorded under ``engines`` in the summary.
     engine_log : callable or None
         Receives the one-line report of each engine choice (default: stderr; None: silent).

@@ -44,8 +44,8 @@ import lmdb
 import numpy as np
 from caffe.proto import caffe_pb2
 
-from ..image_io import find_images, read_mask, read_rgb, write_atomic
-from ..patches import list_file_lines
+from ...image_io import find_images, read_mask, read_rgb, write_atomic
+from ...patches import list_file_lines
 
 __all__ = ["CHANNEL_ORDERS", "LABELS_FILE", "SEGMENTATION_PARTS", "LMDBSummary", "check_output",
            "class_folder_items", "datum_to_array", "image_datum", "iter_datums", "read_label_list",

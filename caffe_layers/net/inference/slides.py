@@ -13,11 +13,11 @@ import dataclasses
 import hashlib
 from pathlib import Path
 
-from ..model_card import ModelCard
-from ..tiling import dihedral_tta
-from ..wsi.pipeline import DaskExecutor, LocalExecutor, compute_block, plan_slide, run_slides
+from ...model_card import ModelCard
+from ...tiling import dihedral_tta
+from ...wsi.pipeline import DaskExecutor, LocalExecutor, compute_block, plan_slide, run_slides
 from .engines import make_segmenter
-from .predictor import use_cpu
+from .caffe_engine import use_cpu
 
 __all__ = ["SlideModel", "block_task", "model_identity", "segment_slides"]
 
@@ -82,7 +82,7 @@ def segment_slides(segmenter, slides, out_dir, settings, *, deploy, weights, car
     Parameters
     ----------
     segmenter : callable
-        The predictor made by :func:`~caffe_layers.net.engines.make_segmenter` for this model
+        The predictor made by :func:`~caffe_layers.net.inference.engines.make_segmenter` for this model
         (its ``engine_choice`` is what workers use; it runs the blocks itself without a cluster).
     slides : list of path
     out_dir : path
@@ -97,7 +97,7 @@ def segment_slides(segmenter, slides, out_dir, settings, *, deploy, weights, car
     client : distributed.Client, optional
         A client already connected to a cluster (left open).
     """
-    from ..wsi.pipeline import _stderr
+    from ...wsi.pipeline import _stderr
 
     log = _stderr if log is None else log
     names = [Path(p).name for p in slides]
@@ -117,7 +117,7 @@ def segment_slides(segmenter, slides, out_dir, settings, *, deploy, weights, car
     if workers is None and scheduler is None:
         predict = dihedral_tta(segmenter) if tta else segmenter
         return run_slides(jobs, LocalExecutor(predict), progress=progress, log=log)
-    from ..wsi.cluster import slide_client
+    from ...wsi.cluster import slide_client
 
     with slide_client(workers=workers, scheduler=scheduler) as client:
         return run_slides(jobs, DaskExecutor(client, block_task, model), progress=progress, log=log)

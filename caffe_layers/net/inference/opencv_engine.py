@@ -39,13 +39,13 @@ import cv2
 import numpy as np
 from caffe.proto import caffe_pb2
 
-from ..param_str import ParamError
-from ..patches import MEAN_SUBTRACT_SCHEMA
-from ..schema import load_params
-from .checks import build_test_net, check_deploy_files, check_net_param, check_weights_fit
-from .meanfile import read_mean_binaryproto
-from .predictor import resolve_mean_files, prototxt_blobs
-from .prototxt import layers_in_phase, read_net_prototxt
+from ...param_str import ParamError
+from ...patches import MEAN_SUBTRACT_SCHEMA
+from ...schema import load_params
+from ..checks import build_test_net, check_deploy_files, check_net_param, check_weights_fit
+from ..meanfile import read_mean_binaryproto
+from .caffe_engine import resolve_mean_files, prototxt_blobs
+from ..prototxt import layers_in_phase, read_net_prototxt
 
 __all__ = ["CUSTOM_LAYER_TYPES", "OpenCVPlan", "OpenCVSegmenter", "OpenCVUnsupported", "opencv_has_caffe_importer",
            "plan_opencv_net"]
@@ -322,7 +322,7 @@ def _one_line(error):
 class OpenCVSegmenter:
     """A Caffe deploy net run by OpenCV's DNN module, as a ``predict`` callable.
 
-    The same contract as :class:`caffe_layers.net.predictor.CaffeSegmenter`: ``batch``
+    The same contract as :class:`caffe_layers.net.inference.caffe_engine.CaffeSegmenter`: ``batch``
     ``N×3×h×w`` float32 RGB 0–255 in, ``prob`` ``N×C×h×w`` out.
 
     Parameters

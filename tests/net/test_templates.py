@@ -9,7 +9,8 @@ import pytest
 
 from caffe_layers import patches
 from caffe_layers.cli import meanfile as meanfile_cli
-from caffe_layers.net import meanfile, unet
+from caffe_layers.net import meanfile
+from caffe_layers.net.training import templates as unet
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROTOTXT = REPO_ROOT / "prototxt"

@@ -28,12 +28,12 @@ import caffe
 import numpy as np
 from google.protobuf import text_format
 
-from ..model_card import ModelCard, card_means, preprocess
-from ..param_str import parse_param_str
-from .checks import (CaffeAborted, available_memory, build_test_net, check_deploy_files, check_net_param,
+from ...model_card import ModelCard, card_means, preprocess
+from ...param_str import parse_param_str
+from ..checks import (CaffeAborted, available_memory, build_test_net, check_deploy_files, check_net_param,
                      check_weights_fit, survives_caffe)
-from .meanfile import read_mean_binaryproto
-from .prototxt import layers_in_phase, read_net_prototxt
+from ..meanfile import read_mean_binaryproto
+from ..prototxt import layers_in_phase, read_net_prototxt
 
 __all__ = ["CaffeSegmenter", "prototxt_blobs", "resolve_mean_files", "use_cpu"]
 

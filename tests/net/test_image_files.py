@@ -1,4 +1,4 @@
-"""caffe_layers.net.predictor and net.segment, and the segment command, with the real Caffe."""
+"""caffe_layers.net.inference.caffe_engine and net.inference.image_files, and the segment command, with the real Caffe."""
 import inspect
 
 import numpy as np
@@ -7,11 +7,11 @@ from PIL import Image
 
 import caffe_layers.cli.compare
 import caffe_layers.cli.segment
-import caffe_layers.net.compare
-import caffe_layers.net.segment
+import caffe_layers.net.inference.compare
+import caffe_layers.net.inference.image_files
 from caffe_layers.cli.segment import main as segment_main
-from caffe_layers.net.predictor import CaffeSegmenter
-from caffe_layers.net.segment import segment_files
+from caffe_layers.net.inference.caffe_engine import CaffeSegmenter
+from caffe_layers.net.inference.image_files import segment_files
 from caffe_layers.tiling import DEFAULT_OVERLAP, segment_tiled
 
 from test_tiling import box_predict, full_pass
@@ -127,7 +127,7 @@ def test_segment_files_npy_is_written_through_a_memmap(tmp_path, monkeypatch):
         outs.append(out)
         return segment_tiled(*args, out=out, **kwargs)
 
-    monkeypatch.setattr(caffe_layers.net.segment, "segment_tiled", recording_tiled)
+    monkeypatch.setattr(caffe_layers.net.inference.image_files, "segment_tiled", recording_tiled)
     out_dir = tmp_path / "out"
     files, = segment_files(box_predict(), [tmp_path / "img.png"], out_dir, tile=32, overlap=8,
                            prob_format="npy", progress=False)
@@ -155,7 +155,7 @@ def test_segment_files_npy_is_written_through_a_memmap(tmp_path, monkeypatch):
 
 def test_default_overlap_is_64_everywhere(tmp_path, monkeypatch):
     assert DEFAULT_OVERLAP == 64
-    for function in (segment_tiled, segment_files, caffe_layers.net.compare.compare_models):
+    for function in (segment_tiled, segment_files, caffe_layers.net.inference.compare.compare_models):
         assert inspect.signature(function).parameters["overlap"].default == 64, function
 
     seen = {}
@@ -183,7 +183,8 @@ def make_unet(caffe, directory, centring, seed=0):
     The weights are drawn with numpy (He-scaled normal, small random biases) rather than
     Caffe's fillers, so they do not depend on Caffe's RNG implementation.
     """
-    from caffe_layers.net import meanfile, unet
+    from caffe_layers.net import meanfile
+    from caffe_layers.net.training import templates as unet
 
     mean_file = None
     if centring == "meanfile":

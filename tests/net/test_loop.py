@@ -1,13 +1,14 @@
-"""caffe_layers.net.training.train on small synthetic patches, with the real Caffe."""
+"""caffe_layers.net.training.loop (train) on small synthetic patches, with the real Caffe."""
 import csv
 
 import numpy as np
 import pytest
 
 from caffe_layers.cli import train as train_cli
-from caffe_layers.net import training, unet
+from caffe_layers.net.training import loop as training
+from caffe_layers.net.training import templates as unet
 
-from test_unet_templates import write_dataset
+from test_templates import write_dataset
 
 PATCH, BATCH, WIDTH = 32, 4, 8
 
@@ -122,13 +123,13 @@ def test_console_entry(caffe, tmp_path, capsys):
 def test_a_few_iterations_on_real_he_patches_lower_the_loss(caffe, tmp_path):
     """The template flow on real tissue: hgsc_nest patches -> AugmentationLayer -> per-patch
     centring -> U-Net; the loss falls within a few dozen iterations."""
-    from caffe_layers import datasets
+    from caffe_layers import sample_data
     from caffe_layers.experiment import regions as prepare
 
-    rgb, instances = datasets.load_hgsc_nest()
+    rgb, instances = sample_data.load_hgsc_nest()
     crop = slice(0, 400)
     regions = prepare.split_regions(400, gap=8)
-    lists = prepare.write_region_lists(rgb[crop, crop], datasets.nucleus_mask(instances)[crop, crop],
+    lists = prepare.write_region_lists(rgb[crop, crop], sample_data.nucleus_mask(instances)[crop, crop],
                                        regions, tmp_path / "data")
     net_path = tmp_path / "real_train_val.prototxt"
     net_path.write_text(unet.net_to_text(unet.unet_train_val(

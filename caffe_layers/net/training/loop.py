@@ -30,10 +30,10 @@ import caffe
 import numpy as np
 from caffe.proto import caffe_pb2
 
-from ..image_io import same_file
-from ..metrics import confusion, dice_from_counts
-from .checks import check_net_param, check_solver_param, check_solverstate_fits, check_weights_fit, survives_caffe
-from .prototxt import layers_in_phase, read_net_prototxt, read_solver_prototxt
+from ...image_io import same_file
+from ...metrics import confusion, dice_from_counts
+from ..checks import check_net_param, check_solver_param, check_solverstate_fits, check_weights_fit, survives_caffe
+from ..prototxt import layers_in_phase, read_net_prototxt, read_solver_prototxt
 
 __all__ = [
     "TrainResult",
