@@ -9,7 +9,7 @@ The step (see ``docs/nuclei.md``):
    least ``h`` pixels deep share one marker (the h-maximum region holding them), one marker
    per nucleus; a connected object without any peak keeps one label;
 3. drop objects of fewer than ``min_size`` pixels and number the rest 1..N, in the order of
-   their markers (raster order of each marker's first pixel).
+   their markers (raster order of each marker's first pixel; objects without a peak last).
 
 Everything is deterministic (no random choice, ties broken by position). The defaults are
 placeholders for values chosen on validation data; callers that report results pass them
