@@ -8,14 +8,14 @@ of 16×3×256×256 float32 images in 0-255 with 16×1×256×256 labels:
 * ``layer``: AugmentationLayer forward through pycaffe (rotate+flip+color, and +hed);
 * ``core``: ``BatchAugmenter.augment_into`` alone (the layer minus pycaffe): one OpenCV
   flip/rotate/transpose per plane, then numpy multiply-add-clip in cache;
-* ``naive``: :func:`caffe_layers.transforms.naive_augment` (per-image, copies at every step),
+* ``naive``: ``naive_augment`` of ``tests/transforms/naive_reference.py`` (per-image, copies at every step),
   and the plainest per-image loop a user would write (np.flip/np.rot90 copies, ``x*a+b``,
   np.clip, allocating as it goes);
 * ``albumentations`` (if installed): RandomRotate90 + HorizontalFlip + VerticalFlip +
   MultiplicativeNoise(per_channel) (= per-channel ``a``) + RGBShift (= per-channel ``b``), per
   image, on HWC float32 in [0, 1] (albumentations clips floats to [0, 1]) with the label as mask;
   the CHW<->HWC transposes and the /255, *255 scaling are counted, as a Caffe user pays them;
-* a small U-Net forward+backward on the same batch (``caffe_layers.net.unet`` if available, else a
+* a small U-Net forward+backward on the same batch (``caffe_layers.net.training.templates`` if available, else a
   2-level U-Net built here), the cost the augmentation should be negligible against (goal ≤ 5 %).
 
 Usage: ``python scripts/benchmark_augmentation.py [--repeats 15] [--batch 16] [--size 256]``
@@ -36,7 +36,11 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 import caffe  # noqa: E402
-from caffe_layers.transforms import BatchAugmenter, naive_augment  # noqa: E402
+from caffe_layers.transforms import BatchAugmenter  # noqa: E402
+
+# The per-image reference implementation is a test helper, not part of the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "transforms"))
+from naive_reference import naive_augment  # noqa: E402
 
 COLOR = {"rotate": True, "flip": True, "color": True, "color_a_min": 0.7, "color_a_max": 1.3}
 HED = dict(COLOR, hed=True)
@@ -89,7 +93,7 @@ def unet_net(shape, workdir):
     """Small U-Net with SoftmaxWithLoss; returns (net, description)."""
     path = Path(workdir) / "unet.prototxt"
     try:
-        from caffe_layers.net import unet
+        from caffe_layers.net.training import templates as unet
 
         proto = unet.unet_deploy(centring="patchmean", depth=2, base_width=16, input_shape=shape)
         # Deploy net -> training net: label input, and the final Softmax becomes SoftmaxWithLoss.
@@ -104,10 +108,10 @@ def unet_net(shape, workdir):
         loss.top.append("loss")
         proto.force_backward = True
         path.write_text(str(proto))
-        description = "caffe_layers.net.unet.unet_deploy(depth=2, base_width=16) + SoftmaxWithLoss"
+        description = "caffe_layers.net.training.templates.unet_deploy(depth=2, base_width=16) + SoftmaxWithLoss"
     except (ImportError, AttributeError, TypeError) as error:
         path.write_text(str(_own_unet(shape)))
-        description = f"2-level U-Net built in this script (caffe_layers.net.unet unusable: {error})"
+        description = f"2-level U-Net built in this script (caffe_layers.net.training.templates unusable: {error})"
     return caffe.Net(str(path), caffe.TRAIN), description
 
 

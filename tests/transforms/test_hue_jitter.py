@@ -10,7 +10,9 @@ from caffe_layers.params import AUGMENT_SCHEMA, ParamError, load_params
 from caffe_layers.stain import shift_stains
 from caffe_layers.stain.optical_density import (HE_PLANE_NORMAL, HED_FROM_RGB, RGB_FROM_HED, StainAffine,
                                                 intensity, optical_density, rotated_stain_matrix, stain_transform)
-from caffe_layers.transforms import AugmentDraws, BatchAugmenter, draw_augmentation, naive_augment
+from caffe_layers.transforms import AugmentDraws, BatchAugmenter, draw_augmentation
+
+from naive_reference import naive_augment
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 HUE = dict(hed=True, stain_angle=12.0, hed_alpha=0.2, hed_beta=0.05)

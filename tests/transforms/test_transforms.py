@@ -11,7 +11,9 @@ from caffe_layers.params import AUGMENT_SCHEMA, ParamError
 from caffe_layers.params import load_params, parse_param_str
 from caffe_layers.transforms import functional
 from caffe_layers.transforms import (DIHEDRAL_ELEMENTS, AugmentDraws, BatchAugmenter, apply_dihedral,
-                                     dihedral_element, draw_augmentation, naive_augment)
+                                     dihedral_element, draw_augmentation)
+
+from naive_reference import naive_augment
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

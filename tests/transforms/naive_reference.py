@@ -1,6 +1,7 @@
 """A plain per-image reference implementation of :class:`~caffe_layers.transforms.BatchAugmenter`.
 
-Deliberately simple and slow: the test oracle and the benchmark baseline of the fast batch path.
+Deliberately simple and slow: the test oracle and the benchmark baseline of the fast batch path
+(``scripts/benchmark_augmentation.py``). A test helper, not part of the package.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from .schema import AUGMENT_SCHEMA
-from ..stain.optical_density import RGB_FROM_HED, intensity, stain_concentrations
-from .batch import AugmentDraws, draw_augmentation
-from .functional import NDIMAGE_LABEL_DTYPES, check_batch, label_plane
+from caffe_layers.stain.optical_density import RGB_FROM_HED, intensity, stain_concentrations
+from caffe_layers.transforms.batch import AugmentDraws, draw_augmentation
+from caffe_layers.transforms.functional import NDIMAGE_LABEL_DTYPES, check_batch, label_plane
+from caffe_layers.transforms.schema import AUGMENT_SCHEMA
 
 __all__ = ["naive_augment"]
 
