@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from caffe_layers import datasets
+from caffe_layers import sample_data
 from caffe_layers.param_str import ParamError
 from caffe_layers.stain.statistics import fit_stain_statistics
 from caffe_layers.transforms import BatchAugmenter
@@ -17,7 +17,7 @@ N, H, W = 4, 48, 48
 
 @pytest.fixture(scope="module")
 def he_batch():
-    rgb = load_or_skip(datasets.load_hgsc_nest)[0]
+    rgb = load_or_skip(sample_data.load_hgsc_nest)[0]
     tiles = [rgb[y:y + H, x:x + W] for y, x in ((0, 0), (500, 500), (900, 1300), (1400, 200))]
     images = np.stack([np.moveaxis(tile, -1, 0) for tile in tiles]).astype(np.float32)
     labels = (images[:, :1] < 110).astype(np.float32)

@@ -5,7 +5,6 @@ import cv2
 import numpy as np
 import pytest
 
-from caffe_layers import datasets
 from caffe_layers.param_str import ParamError, format_param_str, parse_param_str
 from caffe_layers.stain.optical_density import stain_concentrations
 from caffe_layers.stain.statistics import (BLEND_RAMP, STAIN_STATS_SCHEMA, STD_FLOOR, StainStatisticsTransfer,
@@ -13,14 +12,9 @@ from caffe_layers.stain.statistics import (BLEND_RAMP, STAIN_STATS_SCHEMA, STD_F
                                            tissue_statistics)
 from caffe_layers.stain.tissue import NoTissueWarning, tissue_mask
 
-from test_sample_data import load_or_skip
+from he_images import hgsc  # noqa: F401 - fixture
 
 SPACES = ("lab", "hed")
-
-
-@pytest.fixture(scope="module")
-def hgsc():
-    return load_or_skip(datasets.load_hgsc_nest)[0]
 
 
 @pytest.fixture(scope="module")

@@ -4,21 +4,15 @@ import warnings
 import numpy as np
 import pytest
 
-from caffe_layers import datasets
 from caffe_layers.param_str import ParamError
 from caffe_layers.stain.statistics import StainStatisticsTransfer, fit_stain_statistics
 from caffe_layers.stain.tissue import NoTissueWarning
 from caffe_layers.transforms import BatchAugmenter, draw_augmentation
 from caffe_layers.transforms.schema import AUGMENT_SCHEMA
 
-from test_sample_data import load_or_skip
+from he_images import hgsc  # noqa: F401 - fixture
 
 COLOUR = dict(color=True, color_a_min=0.8, color_a_max=1.2, hed=True, hed_alpha=0.1, hed_beta=0.02)
-
-
-@pytest.fixture(scope="module")
-def hgsc():
-    return load_or_skip(datasets.load_hgsc_nest)[0]
 
 
 @pytest.fixture(scope="module")
