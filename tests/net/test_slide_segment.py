@@ -23,7 +23,7 @@ from caffe_layers.wsi.cluster import slide_client
 
 from test_engines import build_template
 from test_image_files import make_tiny_net
-from test_slides import make_pyramid_tiff, slide_image
+from slide_images import make_pyramid_tiff, slide_image
 
 # Level 2 (2 µm/px, 375×750 pixels, 6 blocks): small enough for a quick test.
 SETTINGS = SlideSettings(mpp=2.0, multiple=4, batch_size=4, block=256, prob=True)

