@@ -5,7 +5,9 @@ Everything is measured side by side in one run (median of repeats after warm-up;
 rows round-robin, one call of each per round, so load from other processes hits them alike) on a batch
 of 16×3×256×256 float32 images in 0-255 with 16×1×256×256 labels:
 
-* ``layer``: AugmentationLayer forward through pycaffe (rotate+flip+color, and +hed);
+* ``layer``: AugmentationLayer forward through pycaffe (rotate+flip+color, and +hed: today's
+  colour path; and +stain_stats in LAB and in HED space, the stain-statistics colour path, with
+  statistics fitted on the batch's own images by ``fit_stain_statistics``);
 * ``core``: ``BatchAugmenter.augment_into`` alone (the layer minus pycaffe): one OpenCV
   flip/rotate/transpose per plane, then numpy multiply-add-clip in cache;
 * ``naive``: ``naive_augment`` of ``tests/transforms/naive_reference.py`` (per-image, copies at every step),
@@ -36,6 +38,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 import caffe  # noqa: E402
+from caffe_layers.stain.statistics import fit_stain_statistics  # noqa: E402
 from caffe_layers.transforms import BatchAugmenter  # noqa: E402
 
 # The per-image reference implementation is a test helper, not part of the package.
@@ -44,6 +47,7 @@ from naive_reference import naive_augment  # noqa: E402
 
 COLOR = {"rotate": True, "flip": True, "color": True, "color_a_min": 0.7, "color_a_max": 1.3}
 HED = dict(COLOR, hed=True)
+STATS_ROWS = {space: f"layer rotate+flip+color+stain_stats ({space} space)" for space in ("lab", "hed")}
 
 
 def median_ms(function, repeats, warmup=2):
@@ -205,7 +209,10 @@ def main(argv=None):
     rows = []  # (name, ms)
     with tempfile.TemporaryDirectory() as workdir:
         functions = {}
-        for name, params in (("layer rotate+flip+color", COLOR), ("layer rotate+flip+color+hed", HED)):
+        as_rgb = list(np.moveaxis(images, 1, -1).astype(np.uint8))  # the statistics' training images
+        stats = {space: dict(COLOR, stain_stats=fit_stain_statistics(as_rgb, space=space)) for space in ("lab", "hed")}
+        for name, params in (("layer rotate+flip+color", COLOR), ("layer rotate+flip+color+hed", HED),
+                             (STATS_ROWS["lab"], stats["lab"]), (STATS_ROWS["hed"], stats["hed"])):
             net = layer_net(params, shape, label_shape, workdir, name.replace(" ", "_").replace("+", "_"))
             net.blobs["data"].data[...] = images
             net.blobs["label"].data[...] = labels
@@ -241,12 +248,16 @@ def main(argv=None):
     width = max(len(name) for name, _ in rows)
     print(f"\n{'name':<{width}}  {'ms/batch':>9}  {'÷ layer':>8}")
     for name, ms in rows:
-        reference = hed_ms if "hed" in name else layer_ms
+        reference = hed_ms if "hed" in name and "stain_stats" not in name else layer_ms
         print(f"{name:<{width}}  {ms:9.2f}  {ms / reference:8.2f}")
     print(f"\nU-Net: {unet_note}")
     print(f"albumentations: {album_note}")
     print(f"layer (rotate+flip+color) / U-Net fwd+bwd: {100 * layer_ms / unet_ms:.2f} % (goal <= 5 %)")
     print(f"layer (+hed)              / U-Net fwd+bwd: {100 * hed_ms / unet_ms:.2f} %")
+    for space, name in STATS_ROWS.items():
+        ms = dict(rows)[name]
+        print(f"stain_stats ({space}) colour path: {ms / hed_ms:.2f}x today's colour path (rotate+flip+color+hed; "
+              f"goal <= 2x), {ms / layer_ms:.2f}x rotate+flip+color; {100 * ms / unet_ms:.2f} % of the U-Net")
     naive_ms = dict(rows)["naive_augment (per image)"]
     plain_ms = dict(rows)["plain per-image numpy loop"]
     print(f"naive_augment / layer: {naive_ms / layer_ms:.2f}x, plain loop / layer: {plain_ms / layer_ms:.2f}x "
