@@ -116,6 +116,41 @@ def compare_models(models, images, out_dir, template_rgb=None, conditions=None, 
     """
     threshold = check_threshold(threshold)
     names = [m.name for m in models]
+    image_names = _check_names_and_masks(models, images)
+    if conditions is None:
+        conditions = _default_conditions(template_rgb)
+    for image_name, rgb, truth in images:
+        if truth is not None:
+            _check_mask_shape(image_name, rgb, truth)
+    out_dir = Path(out_dir)
+    _refuse_replacing(_planned_outputs(out_dir, image_names, conditions, figures), models, inputs, overwrite)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    predictors, tiling, engines = _load_predictors(models, images, predictors, tile, overlap, multiple, tta,
+                                                   batch_size, engine, engine_log)
+    per_image, segmented, figure_paths = _segment_and_score(
+        images, conditions, names, predictors, tiling, out_dir, tile=tile, threshold=threshold, figures=figures,
+        progress=progress, batch_size=batch_size)
+    results, rows = _pooled_results(names, conditions, per_image, segmented)
+    md_path, csv_path = write_table(rows, out_dir)
+    summary = dict(
+        models=[dict(name=m.name, deploy=str(m.deploy), weights=str(m.weights),
+                     card=None if m.card is None else m.card.source, **tiling[m.name]) for m in models],
+        conditions=list(conditions),
+        engines=engines,
+        settings=dict(tile=tile, overlap=overlap, threshold=threshold, multiple=multiple, tta=tta,
+                      pooling="sum of pixel/object counts over images"),
+        results=results,
+        per_image=per_image,
+        files=dict(table_md=md_path.name, table_csv=csv_path.name,
+                   figures=[str(p.relative_to(out_dir)) for p in figure_paths]),
+    )
+    write_summary(summary, out_dir)
+    return summary
+
+
+def _check_names_and_masks(models, images):
+    """Unique model and image names; returns the image names."""
+    names = [m.name for m in models]
     if not models:
         raise ValueError("compare_models needs at least one model")
     if len(set(names)) != len(names):
@@ -123,17 +158,28 @@ def compare_models(models, images, out_dir, template_rgb=None, conditions=None, 
     image_names = [name for name, _, _ in images]
     if len(set(image_names)) != len(image_names):
         raise ValueError(f"image names must be unique, got {image_names}")
-    if conditions is None:
-        conditions = _default_conditions(template_rgb)
-    for image_name, rgb, truth in images:
-        if truth is not None and np.shape(truth) != tuple(rgb.shape[:2]):
-            raise ValueError(f"image {image_name!r}: mask shape {np.shape(truth)} does not "
-                             f"match image shape {tuple(rgb.shape[:2])}")
-    out_dir = Path(out_dir)
+    return image_names
+
+
+def _check_mask_shape(image_name, rgb, truth):
+    if np.shape(truth) != tuple(rgb.shape[:2]):
+        raise ValueError(f"image {image_name!r}: mask shape {np.shape(truth)} does not "
+                         f"match image shape {tuple(rgb.shape[:2])}")
+
+
+def _figure_path(out_dir, image_name, condition):
+    return out_dir / "figures" / f"{_safe_name(image_name)}_{_safe_name(condition)}.png"
+
+
+def _planned_outputs(out_dir, image_names, conditions, figures):
     outputs = [out_dir / name for name in ("table.md", "table.csv", "summary.json")]
     if figures:
-        outputs += [out_dir / "figures" / f"{_safe_name(image)}_{_safe_name(condition)}.png"
-                    for image in image_names for condition in conditions]
+        outputs += [_figure_path(out_dir, image, condition) for image in image_names for condition in conditions]
+    return outputs
+
+
+def _refuse_replacing(outputs, models, inputs, overwrite):
+    """No output replaces an input or a model's file; an earlier comparison only with ``overwrite``."""
     protected = list(inputs)
     for model in models:
         protected += [model.deploy, model.weights]
@@ -147,7 +193,13 @@ def compare_models(models, images, out_dir, template_rgb=None, conditions=None, 
     if existing and not overwrite:
         raise FileExistsError(f"{existing[0]}: already exists, from an earlier comparison "
                               "(use --overwrite to replace it, or another --out)")
-    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _load_predictors(models, images, predictors, tile, overlap, multiple, tta, batch_size, engine, engine_log):
+    """Each model's ``predict`` (given or loaded), its tiling and its engine choice.
+
+    Each model tiles with its card's size multiple and at least twice the context it needs.
+    """
     predictors = dict(predictors or {})
     probe = probe_side(tile, [max(rgb.shape[:2]) for _, rgb, _ in images])
     for model in models:
@@ -155,7 +207,6 @@ def compare_models(models, images, out_dir, template_rgb=None, conditions=None, 
             predictors[model.name] = make_segmenter(
                 model.deploy, model.weights, engine, tile=probe, batch=batch_size, log=engine_log,
                 card=model.card, multiple=model.card.size_multiple if model.card else multiple)
-    # Each model tiles with its card's size multiple and at least twice the context it needs.
     tiling = {}
     engines = {name: predict.engine_choice.as_dict() for name, predict in predictors.items()
                if getattr(predict, "engine_choice", None) is not None}
@@ -165,16 +216,19 @@ def compare_models(models, images, out_dir, template_rgb=None, conditions=None, 
                                   overlap=max(overlap, 2 * context) if context else overlap)
         if tta:
             predictors[model.name] = dihedral_tta(predictors[model.name])
+    return predictors, tiling, engines
 
+
+def _segment_and_score(images, conditions, names, predictors, tiling, out_dir, *, tile, threshold, figures, progress,
+                       batch_size):
+    """Every image under every condition by every model: per-image scores, counts and figures."""
     per_image = []
     figure_paths = []
     segmented = {(m, c): 0 for m in names for c in conditions}
     for image_name, rgb, truth in images:
         if truth is not None:
             truth = np.asarray(truth) != 0
-            if truth.shape != tuple(rgb.shape[:2]):
-                raise ValueError(f"image {image_name!r}: mask shape {truth.shape} does not "
-                                 f"match image shape {tuple(rgb.shape[:2])}")
+            _check_mask_shape(image_name, rgb, truth)
         for condition, transform in conditions.items():
             shown = rgb if transform is None else transform(rgb)
             panels = [(f"{image_name} ({condition})", shown),
@@ -192,9 +246,12 @@ def compare_models(models, images, out_dir, template_rgb=None, conditions=None, 
                     label += f"\nDice {scores['dice']:.3f}  F1 {scores['object_f1']:.3f}"
                 panels.append((label, mask))
             if figures:
-                path = out_dir / "figures" / f"{_safe_name(image_name)}_{_safe_name(condition)}.png"
-                figure_paths.append(save_comparison_figure(path, panels))
+                figure_paths.append(save_comparison_figure(_figure_path(out_dir, image_name, condition), panels))
+    return per_image, segmented, figure_paths
 
+
+def _pooled_results(names, conditions, per_image, segmented):
+    """``results[model][condition]`` pooled over the images, and the same as table rows."""
     results, rows = {}, []
     for model_name in names:
         results[model_name] = {}
@@ -208,19 +265,4 @@ def compare_models(models, images, out_dir, template_rgb=None, conditions=None, 
             pooled["images_segmented"] = segmented[model_name, condition]
             results[model_name][condition] = pooled
             rows.append(dict(model=model_name, condition=condition, **pooled))
-
-    md_path, csv_path = write_table(rows, out_dir)
-    summary = dict(
-        models=[dict(name=m.name, deploy=str(m.deploy), weights=str(m.weights),
-                     card=None if m.card is None else m.card.source, **tiling[m.name]) for m in models],
-        conditions=list(conditions),
-        engines=engines,
-        settings=dict(tile=tile, overlap=overlap, threshold=threshold, multiple=multiple, tta=tta,
-                      pooling="sum of pixel/object counts over images"),
-        results=results,
-        per_image=per_image,
-        files=dict(table_md=md_path.name, table_csv=csv_path.name,
-                   figures=[str(p.relative_to(out_dir)) for p in figure_paths]),
-    )
-    write_summary(summary, out_dir)
-    return summary
+    return results, rows

@@ -359,6 +359,33 @@ def train(solver_path, *, weights=None, resume=None, max_iter=None, log_csv=None
     TrainingInterrupted
         On Ctrl-C, after a snapshot of the iteration reached (its paths in ``snapshot``).
     """
+    param = _checked_solver(solver_path, weights, resume, log_csv, overwrite_log)
+    if validate_every is None:
+        validate_every = param.test_interval if len(param.test_iter) > 0 else 0
+    snapshot_every = _take_over_tests_and_snapshots(param)
+    solver = _start_solver(param, solver_path, seed, max_iter, weights, resume, overwrite_snapshots)
+    if validate_every and validate_fn is None:
+        validate_fn = _default_validation(solver, param, solver_path)
+    run = _Run(solver, param, solver_path, weights, resume)
+    log = _CsvLog(log_csv) if log_csv is not None else None
+    bar = _progress_bar(param.max_iter, solver.iter, solver_path) if progress else None
+    try:
+        run.steps(snapshot_every, validate_every, validate_fn, log, bar)
+    except KeyboardInterrupt:
+        run.snapshot_on_interrupt()
+        raise TrainingInterrupted(run.last_snapshot, solver.iter) from None
+    finally:
+        if bar is not None:
+            bar.close()
+    if run.last_snapshot is None or run.last_snapshot != snapshot_paths(param, solver.iter):
+        run.snapshot()
+    caffemodel, solverstate = run.last_snapshot if run.last_snapshot else (None, None)
+    return TrainResult(iterations=solver.iter, losses=run.losses, validation=run.validation, caffemodel=caffemodel,
+                       solverstate=solverstate, log_csv=None if log_csv is None else str(log_csv))
+
+
+def _checked_solver(solver_path, weights, resume, log_csv, overwrite_log):
+    """The solver's parameters, once every file training reads or writes is checked."""
     if weights is not None and resume is not None:
         raise ValueError("give either weights (start from a .caffemodel) or resume (a .solverstate), not both")
     param = read_solver_param(solver_path)
@@ -375,16 +402,23 @@ def train(solver_path, *, weights=None, resume=None, max_iter=None, log_csv=None
     if param.snapshot_prefix:
         # Caffe aborts when it cannot write a snapshot.
         Path(param.snapshot_prefix).parent.mkdir(parents=True, exist_ok=True)
+    return param
 
-    if validate_every is None:
-        validate_every = param.test_interval if len(param.test_iter) > 0 else 0
-    # Caffe's own test pass and snapshots are switched off in the solver it runs: this loop
-    # validates and snapshots itself, after checking that the weights are finite (a test pass
-    # over NaN scores corrupts the heap in Caffe's Accuracy layer, and a NaN snapshot is useless).
+
+def _take_over_tests_and_snapshots(param):
+    """Switch off Caffe's own test pass and snapshots in ``param``; return the snapshot interval.
+
+    This loop validates and snapshots itself, after checking that the weights are finite (a test
+    pass over NaN scores corrupts the heap in Caffe's Accuracy layer, and a NaN snapshot is useless).
+    """
     snapshot_every = param.snapshot
     param.test_interval = 2 ** 31 - 1
     param.snapshot = 0
+    return snapshot_every
 
+
+def _start_solver(param, solver_path, seed, max_iter, weights, resume, overwrite_snapshots):
+    """The solver, with ``weights`` or ``resume`` loaded once checked against its net."""
     caffe.set_mode_cpu()  # check_solver_param refused GPU: this Caffe is CPU-only
     solver = _load_solver(param, seed, max_iter, solver_path)
     if weights is not None:
@@ -394,85 +428,99 @@ def train(solver_path, *, weights=None, resume=None, max_iter=None, log_csv=None
         check_solverstate_fits(solver.net, resume, check_solver_param(param, str(solver_path)))
         solver.restore(str(resume))
     _check_snapshots(param, solver_path, solver.iter, weights, resume, overwrite_snapshots)
+    return solver
 
-    if validate_every and validate_fn is None:
-        if len(solver.test_nets) == 0:
-            raise ValueError(f"validation requested but solver {solver_path} has no test net "
-                             "(set test_iter and test_interval)")
-        n_batches = param.test_iter[0] if param.test_iter else 1
 
-        def validate_fn(solver):
-            return validate_segmentation(solver, n_batches)
+def _default_validation(solver, param, solver_path):
+    """:func:`validate_segmentation` over the solver's ``test_iter`` batches."""
+    if len(solver.test_nets) == 0:
+        raise ValueError(f"validation requested but solver {solver_path} has no test net "
+                         "(set test_iter and test_interval)")
+    n_batches = param.test_iter[0] if param.test_iter else 1
 
-    target = param.max_iter
-    log = _CsvLog(log_csv) if log_csv is not None else None
-    losses, validation = [], []
-    last_snapshot = None
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    def validate_fn(solver):
+        return validate_segmentation(solver, n_batches)
 
-        bar = tqdm(total=target, initial=solver.iter, unit="it", desc=Path(solver_path).stem, file=sys.stderr)
+    return validate_fn
 
-    def snapshot():
-        nonlocal last_snapshot
+
+def _progress_bar(target, initial, solver_path):
+    from tqdm import tqdm
+
+    return tqdm(total=target, initial=initial, unit="it", desc=Path(solver_path).stem, file=sys.stderr)
+
+
+class _Run:
+    """One training run: the steps taken, their losses and validations, and the last snapshot."""
+
+    def __init__(self, solver, param, solver_path, weights, resume):
+        self.solver, self.param, self.solver_path = solver, param, solver_path
+        self.weights, self.resume = weights, resume
+        self.losses, self.validation = [], []
+        self.last_snapshot = None
+
+    def snapshot(self):
+        solver, param = self.solver, self.param
         if not param.snapshot_prefix:
             return
         paths = snapshot_paths(param, solver.iter)
-        if any(given is not None and same_file(path, given) for path in paths for given in (weights, resume)):
-            last_snapshot = paths  # nothing trained since the file it started from was saved: that is it
+        if any(given is not None and same_file(path, given) for path in paths for given in (self.weights, self.resume)):
+            self.last_snapshot = paths  # nothing trained since the file it started from was saved: that is it
             return
         if not _weights_finite(solver.net):
             raise TrainingDiverged(f"the weights are NaN or infinite at iteration {solver.iter}; "
-                                   f"no snapshot written (last one: {last_snapshot and last_snapshot[0]})")
+                                   f"no snapshot written (last one: {self.last_snapshot and self.last_snapshot[0]})")
         solver.snapshot()
-        last_snapshot = snapshot_paths(param, solver.iter)
+        self.last_snapshot = snapshot_paths(param, solver.iter)
 
-    start = time.perf_counter()
-    try:
+    def snapshot_on_interrupt(self):
+        """Keep the work done so far; resume from this snapshot with resume=."""
+        if self.last_snapshot != snapshot_paths(self.param, self.solver.iter) and self.solver.iter > 0:
+            try:
+                self.snapshot()
+            except TrainingDiverged:
+                pass
+
+    def steps(self, snapshot_every, validate_every, validate_fn, log, bar):
+        """Step to the solver's ``max_iter``: loss, snapshots, validation, log row and progress per step."""
+        solver, target = self.solver, self.param.max_iter
+        start = time.perf_counter()
         while solver.iter < target:
             iteration = solver.iter
             solver.step(1)
-            loss = _loss_of(solver.net)
-            if not math.isfinite(loss):
-                raise TrainingDiverged(
-                    f"training diverged: the loss is {loss} at iteration {iteration} of {solver_path}; "
-                    f"stopped without saving the non-finite weights (last snapshot: "
-                    f"{last_snapshot[0] if last_snapshot else 'none'}); lower base_lr or check the data")
-            losses.append((iteration, loss))
+            loss = self._finite_loss(iteration)
+            self.losses.append((iteration, loss))
             row = {"iter": iteration, "loss": loss, "elapsed_s": round(time.perf_counter() - start, 3)}
             if snapshot_every and solver.iter % snapshot_every == 0:
-                snapshot()
+                self.snapshot()
             if validate_every and (solver.iter % validate_every == 0 or solver.iter == target):
-                if not _weights_finite(solver.net):
-                    raise TrainingDiverged(f"the weights are NaN or infinite at iteration {solver.iter}; "
-                                           "stopped before validating on them")
-                metrics = dict(validate_fn(solver))
-                validation.append({"iter": solver.iter, **metrics})
-                row.update(metrics)
+                row.update(self._validate(validate_fn))
             if log is not None:
                 log.add(row)
             if bar is not None:
-                postfix = {"loss": f"{loss:.4f}"}
-                if validation:
-                    postfix.update({key: f"{value:.3f}" for key, value in validation[-1].items()
-                                    if key != "iter" and isinstance(value, float)})
-                bar.set_postfix(postfix, refresh=False)
-                bar.update(1)
-    except KeyboardInterrupt:
-        # Keep the work done so far; resume from this snapshot with resume=.
-        if last_snapshot != snapshot_paths(param, solver.iter) and solver.iter > 0:
-            try:
-                snapshot()
-            except TrainingDiverged:
-                pass
-        raise TrainingInterrupted(last_snapshot, solver.iter) from None
-    finally:
-        if bar is not None:
-            bar.close()
+                self._show(bar, loss)
 
-    if last_snapshot is None or last_snapshot != snapshot_paths(param, solver.iter):
-        snapshot()
-    caffemodel, solverstate = last_snapshot if last_snapshot else (None, None)
-    return TrainResult(iterations=solver.iter, losses=losses, validation=validation, caffemodel=caffemodel,
-                       solverstate=solverstate, log_csv=None if log_csv is None else str(log_csv))
+    def _finite_loss(self, iteration):
+        loss = _loss_of(self.solver.net)
+        if not math.isfinite(loss):
+            raise TrainingDiverged(
+                f"training diverged: the loss is {loss} at iteration {iteration} of {self.solver_path}; "
+                f"stopped without saving the non-finite weights (last snapshot: "
+                f"{self.last_snapshot[0] if self.last_snapshot else 'none'}); lower base_lr or check the data")
+        return loss
+
+    def _validate(self, validate_fn):
+        if not _weights_finite(self.solver.net):
+            raise TrainingDiverged(f"the weights are NaN or infinite at iteration {self.solver.iter}; "
+                                   "stopped before validating on them")
+        metrics = dict(validate_fn(self.solver))
+        self.validation.append({"iter": self.solver.iter, **metrics})
+        return metrics
+
+    def _show(self, bar, loss):
+        postfix = {"loss": f"{loss:.4f}"}
+        if self.validation:
+            postfix.update({key: f"{value:.3f}" for key, value in self.validation[-1].items()
+                            if key != "iter" and isinstance(value, float)})
+        bar.set_postfix(postfix, refresh=False)
+        bar.update(1)
