@@ -83,7 +83,7 @@ def test_json_goes_through_retrofit_param_str_at_file(image_files, tmp_path, cap
     assert estimate_cli.main(["--fit-stats", str(folder), "--json", str(stats_file)]) == 0  # a folder of images
     stats = json.loads(stats_file.read_text())["params"]["stain_stats"]
     out = tmp_path / "train_val_aug.prototxt"
-    code = retrofit_cli.main([str(FIXTURES / "hdf5_segmentation.prototxt"), "--out", str(out),
+    code = retrofit_cli.main([str(FIXTURES / "lmdb_segmentation.prototxt"), "--out", str(out),
                               "--param-str", f"@{stats_file}"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
