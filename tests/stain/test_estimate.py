@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 from caffe_layers import stain
-from caffe_layers.param_str import format_param_str
 
 from he_images import examples, hgsc, target, synthetic_he, white  # noqa: F401 - fixtures
 
@@ -103,14 +102,3 @@ def test_suggest_hed_params_caps_alpha_and_rejects_blank_images(hgsc):
             stain.suggest_hed_params([blank], [train], ignore_white=False)
         with pytest.raises(ValueError, match=r"test image '0' has \(almost\) no (haematoxylin|eosin)"):
             stain.suggest_hed_params([train], [blank], ignore_white=False)
-
-
-def test_format_param_str():
-    text = format_param_str({"color": True, "color_a_min": 0.74, "color_a_max": 1.45})
-    assert text == '{"color": True, "color_a_min": 0.74, "color_a_max": 1.45}'
-    assert format_param_str({"n": 3, "x": 1.0, "s": "a", "l": [1, 2.5]}) == (
-        '{"n": 3, "x": 1.0, "s": "a", "l": [1, 2.5]}'
-    )
-    with pytest.raises(ValueError, match="non-finite"):
-        format_param_str({"x": float("nan")})
-
