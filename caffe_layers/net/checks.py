@@ -21,12 +21,11 @@ import time
 import warnings
 from pathlib import Path
 
-import caffe
 import numpy as np
-from caffe.proto import caffe_pb2
 from google.protobuf.message import DecodeError
 
 from .prototxt import layers_in_phase
+from .proto import caffe, caffe_pb2, require_pycaffe
 
 __all__ = [
     "CaffeAborted",
@@ -37,6 +36,7 @@ __all__ = [
     "check_solver_param",
     "check_solverstate_fits",
     "check_weights_fit",
+    "check_weights_fit_prototxt",
     "read_weights",
     "survives_caffe",
 ]
@@ -95,7 +95,7 @@ def _check_data_source(layer, where):
                                     f"{layer.transform_param.mean_file!r} does not exist")
 
 
-def check_net_param(param, where, phase=caffe.TEST):
+def check_net_param(param, where, phase=caffe_pb2.TEST):
     """Refuse a net Caffe would abort on: unknown layer types, unknown bottoms, bad Python layers.
 
     Parameters
@@ -103,24 +103,27 @@ def check_net_param(param, where, phase=caffe.TEST):
     param : caffe_pb2.NetParameter
     where : str
         The net's file name, for messages.
-    phase : caffe.TRAIN or caffe.TEST
+    phase : caffe_pb2.TRAIN or caffe_pb2.TEST
         The phase the net will be built in.
+
+    Without pycaffe the layer types are not checked against Caffe's registry (the engine that
+    reads the net, OpenCV, names a type it does not know itself).
 
     Raises
     ------
     ValueError, FileNotFoundError
     """
-    registered = set(caffe.layer_type_list())
+    registered = None if caffe is None else set(caffe.layer_type_list())
     blobs = set(param.input)
     for shape in param.input_shape:
         if any(dim < 1 for dim in shape.dim):
             raise ValueError(f"{where}: input shape {list(shape.dim)} has a dimension below 1")
     layers = layers_in_phase(param, phase)
     if not layers and not param.input:
-        raise ValueError(f"{where}: the net has no layers in the {'TRAIN' if phase == caffe.TRAIN else 'TEST'} phase")
+        raise ValueError(f"{where}: the net has no layers in the {'TRAIN' if phase == caffe_pb2.TRAIN else 'TEST'} phase")
     for layer in layers:
         kind = _layer_type(layer)
-        if kind is not None and kind not in registered:
+        if kind is not None and registered is not None and kind not in registered:
             raise ValueError(f"{where}: layer {layer.name!r} has unknown type {kind!r} (this Caffe knows "
                              f"{len(registered)} types, e.g. Convolution, Pooling, InnerProduct, Python)")
         for bottom in layer.bottom:
@@ -228,10 +231,14 @@ def _blob_proto_shape(blob):
 
 
 def _shapes_equal(target_shape, proto_shape, legacy):
+    """Caffe's ``Blob::ShapeEquals``; a None in ``target_shape`` matches any size."""
     if legacy:
-        # Caffe's Blob::ShapeEquals: a legacy 4-D proto matches the target padded with leading 1s.
-        return len(target_shape) <= 4 and (1,) * (4 - len(target_shape)) + tuple(target_shape) == proto_shape
-    return tuple(target_shape) == proto_shape
+        # A legacy 4-D proto matches the target padded with leading 1s.
+        if len(target_shape) > 4:
+            return False
+        target_shape = (1,) * (4 - len(target_shape)) + tuple(target_shape)
+    return len(target_shape) == len(proto_shape) and all(
+        want is None or want == got for want, got in zip(target_shape, proto_shape))
 
 
 def _blob_values(blob):
@@ -257,30 +264,89 @@ def check_weights_fit(net, weights_path):
     list of str
         Names of the layers that will be copied.
     """
-    source = read_weights(weights_path)
     targets = {name: [tuple(blob.data.shape) for blob in blobs] for name, blobs in net.params.items()}
+    return _check_blobs_fit(read_weights(weights_path), targets, weights_path)
+
+
+#: Layer types without learned blobs (a weights file that gives them blobs makes Caffe abort).
+PARAMETER_FREE_TYPES = ("Input", "ReLU", "Sigmoid", "TanH", "Pooling", "Softmax", "Concat", "Crop", "Dropout", "MVN",
+                        "Power", "Eltwise", "Split", "Flatten", "Reshape", "LRN", "Silence", "ArgMax")
+
+
+def _learnable_shapes(layer):
+    """The blob shapes Caffe will give a deploy layer, as far as its own parameters say:
+    None for an unknown dimension (one set by the layer's input), or None for the whole list
+    (a layer type whose blobs are not worked out here)."""
+    if layer.type in PARAMETER_FREE_TYPES:
+        return []
+    if layer.type in ("Convolution", "Deconvolution"):
+        conv = layer.convolution_param
+        kernel = list(conv.kernel_size) or [conv.kernel_h, conv.kernel_w]
+        kernel = kernel * 2 if len(kernel) == 1 else kernel
+        group = conv.group or 1
+        outputs = (conv.num_output, None) if layer.type == "Convolution" else (None, conv.num_output // group)
+        return [outputs + tuple(kernel)] + ([(conv.num_output,)] if conv.bias_term else [])
+    if layer.type == "InnerProduct":
+        product = layer.inner_product_param
+        weights = (None, product.num_output) if product.transpose else (product.num_output, None)
+        return [weights] + ([(product.num_output,)] if product.bias_term else [])
+    return None
+
+
+def check_weights_fit_prototxt(param, weights_path, phase=caffe_pb2.TEST):
+    """:func:`check_weights_fit` without pycaffe: the net's blob shapes as its prototxt gives them.
+
+    The number of blobs and the shapes of ``Convolution``, ``Deconvolution`` and
+    ``InnerProduct`` layers are checked (the input-channel dimension, which only shape
+    inference through the net knows, is left out); other learnable layers are matched by name;
+    values must be finite.
+
+    Parameters
+    ----------
+    param : caffe_pb2.NetParameter
+        The deploy net.
+    weights_path : str or Path
+        Binary ``.caffemodel``.
+
+    Returns
+    -------
+    list of str
+        Names of the layers that will be copied.
+    """
+    targets = {layer.name: _learnable_shapes(layer) for layer in layers_in_phase(param, phase)}
+    return _check_blobs_fit(read_weights(weights_path), targets, weights_path)
+
+
+def _check_blobs_fit(source, targets, weights_path):
+    """Match the layers of a parsed ``.caffemodel`` to ``targets`` (layer name -> blob shapes,
+    None for a shape not known), as ``Net::CopyTrainedLayersFrom`` does; names of the layers copied."""
     copied, problems = [], []
     for layer in list(source.layer) + list(source.layers):  # .layers: V1-format models
         if not layer.blobs or layer.name not in targets:
             continue  # Caffe ignores layers the net does not have
         target_shapes = targets[layer.name]
+        if target_shapes is None:
+            target_shapes = [None] * len(layer.blobs)
         if len(layer.blobs) != len(target_shapes):
             problems.append(f"layer {layer.name!r} has {len(layer.blobs)} blobs in the file but "
                             f"{len(target_shapes)} in the net")
             continue
         for index, (blob, target_shape) in enumerate(zip(layer.blobs, target_shapes)):
             legacy = any(blob.HasField(field) for field in ("num", "channels", "height", "width"))
-            if not _shapes_equal(target_shape, _blob_proto_shape(blob), legacy):
+            if target_shape is not None and not _shapes_equal(target_shape, _blob_proto_shape(blob), legacy):
+                shown = "(" + ", ".join("?" if dim is None else str(dim) for dim in target_shape) \
+                    + ("," if len(target_shape) == 1 else "") + ")"
                 problems.append(f"layer {layer.name!r} blob {index}: file has shape "
-                                f"{_blob_proto_shape(blob)}, net has {target_shape}")
+                                f"{_blob_proto_shape(blob)}, net has {shown}")
             elif not np.isfinite(_blob_values(blob)).all():
                 problems.append(f"layer {layer.name!r} blob {index} holds NaN or infinite values")
         copied.append(layer.name)
     if problems:
         raise ValueError(f"weights file {weights_path} does not fit the net: " + "; ".join(problems))
     if not copied:
+        learnable = [name for name, shapes in targets.items() if shapes != []]
         raise ValueError(f"weights file {weights_path} shares no learnable layer with the net "
-                         f"(net layers: {', '.join(targets) or 'none'}); nothing would be loaded")
+                         f"(net layers: {', '.join(learnable) or 'none'}); nothing would be loaded")
     return copied
 
 
@@ -469,6 +535,7 @@ def build_test_net(prototxt, where):
     """``caffe.Net(prototxt, caffe.TEST)``, first built in a child (:func:`survives_caffe`): a layer
     whose parameters Caffe CHECKs at setup (a missing kernel_size, a kernel larger than its
     input, ...) is a :class:`CaffeAborted` naming ``where``, not an abort of this process."""
+    require_pycaffe(f"building the net {where}")
     survives_caffe(lambda: caffe.Net(str(prototxt), caffe.TEST) and None, str(where))
     return caffe.Net(str(prototxt), caffe.TEST)
 

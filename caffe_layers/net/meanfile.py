@@ -3,7 +3,7 @@
 A mean file is a ``BlobProto`` of shape 1×3×H×W, channels in the order of the data it is
 subtracted from -- RGB here, by project convention (Caffe's own ``compute_image_mean`` tool
 writes BGR because its data layers read BGR; do not mix the two). The files written here are
-read both by ``caffe.io.blobproto_to_array`` and by Caffe's ``transform_param { mean_file }``.
+read both by pycaffe's ``caffe.io.blobproto_to_array`` and by Caffe's ``transform_param { mean_file }``.
 The mean image itself is computed by :func:`caffe_layers.patches.compute_mean_image`.
 
 :class:`caffe_layers.mean_subtract.MeanSubtractLayer` applies a mean file inside a net: a
@@ -12,14 +12,30 @@ to be a layer of its own.
 """
 from pathlib import Path
 
-import caffe.io
 import numpy as np
-from caffe.proto import caffe_pb2
 from google.protobuf.message import DecodeError
 
 from ..image_io import write_atomic
+from .proto import caffe_pb2
 
 __all__ = ["read_mean_binaryproto", "write_mean_binaryproto"]
+
+
+def _array_to_blobproto(array):
+    """``caffe.io.array_to_blobproto`` without pycaffe: the shape as ``shape.dim``, float data."""
+    blob = caffe_pb2.BlobProto()
+    blob.shape.dim.extend(array.shape)
+    blob.data.extend(array.astype(float).flat)
+    return blob
+
+
+def _blobproto_to_array(blob):
+    """``caffe.io.blobproto_to_array`` without pycaffe: a legacy num/channels/height/width shape
+    when any of them is set, else ``shape.dim`` (ValueError if the data does not fit it)."""
+    data = np.array(blob.data)
+    if any(blob.HasField(field) for field in ("num", "channels", "height", "width")):
+        return data.reshape(blob.num, blob.channels, blob.height, blob.width)
+    return data.reshape(blob.shape.dim)
 
 
 def write_mean_binaryproto(path, mean, *, overwrite=False):
@@ -41,7 +57,7 @@ def write_mean_binaryproto(path, mean, *, overwrite=False):
         raise ValueError(f"mean must be C×H×W or 1×C×H×W, got shape {mean.shape}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = caffe.io.array_to_blobproto(mean).SerializeToString()
+    data = _array_to_blobproto(mean).SerializeToString()
     write_atomic(path, lambda tmp: Path(tmp).write_bytes(data), overwrite=overwrite)
 
 
@@ -71,7 +87,7 @@ def read_mean_binaryproto(path):
     blob = caffe_pb2.BlobProto()
     try:
         blob.ParseFromString(path.read_bytes())
-        mean = caffe.io.blobproto_to_array(blob)
+        mean = _blobproto_to_array(blob)
     except (DecodeError, ValueError) as error:
         raise ValueError(f"mean file {path} is not a Caffe BlobProto (.binaryproto): {error}") from error
     if mean.size == 0:

@@ -17,9 +17,9 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import caffe  # noqa: F401 - caffe.proto below needs the package; net/ owns the caffe import
-from caffe.proto import caffe_pb2
 from google.protobuf import text_format
+
+from .proto import caffe_pb2
 
 __all__ = [
     "MAX_PROTOTXT_BYTES",

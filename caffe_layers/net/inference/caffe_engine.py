@@ -24,7 +24,6 @@ import json
 import os
 import tempfile
 
-import caffe
 import numpy as np
 from google.protobuf import text_format
 
@@ -34,6 +33,7 @@ from ..checks import (CaffeAborted, available_memory, build_test_net, check_depl
                      check_weights_fit, survives_caffe)
 from ..meanfile import read_mean_binaryproto
 from ..prototxt import layers_in_phase, read_net_prototxt
+from ..proto import caffe, caffe_pb2, require_pycaffe
 
 __all__ = ["CaffeSegmenter", "prototxt_blobs", "resolve_mean_files", "use_cpu"]
 
@@ -42,15 +42,16 @@ PATCH_BATCH = 256
 
 
 def use_cpu():
-    """Run Caffe on the CPU (this project's build has no GPU code)."""
-    caffe.set_mode_cpu()
+    """Run Caffe on the CPU (this project's build has no GPU code); nothing to set without pycaffe."""
+    if caffe is not None:
+        caffe.set_mode_cpu()
 
 
 def prototxt_blobs(param):
     """(input blob names, all top names) of a deploy ``NetParameter`` in the TEST phase."""
     inputs = set(param.input)
     tops = set(param.input)
-    for layer in layers_in_phase(param, caffe.TEST):
+    for layer in layers_in_phase(param, caffe_pb2.TEST):
         tops.update(layer.top)
         if getattr(layer, "type", None) == "Input":
             inputs.update(layer.top)
@@ -64,7 +65,7 @@ def resolve_mean_files(param, folder):
     they resolve from the folder itself. Returns True if anything changed.
     """
     changed = False
-    for layer in layers_in_phase(param, caffe.TEST):
+    for layer in layers_in_phase(param, caffe_pb2.TEST):
         if getattr(layer, "type", None) != "Python" or layer.python_param.module != "caffe_layers.mean_subtract":
             continue
         values = parse_param_str(layer.python_param.param_str, f"layer {layer.name!r} param_str")
@@ -90,7 +91,7 @@ def _receptive_field(param, output_blob):
     layer whose geometry is not one of those (Deconvolution, Crop, InnerProduct, ...).
     """
     chain, blob = [], output_blob
-    for layer in reversed(layers_in_phase(param, caffe.TEST)):
+    for layer in reversed(layers_in_phase(param, caffe_pb2.TEST)):
         if blob in layer.top:
             chain.append(layer)  # an in-place layer keeps the blob's name: keep looking for it
             if layer.bottom and layer.bottom[0] != blob:
@@ -162,11 +163,12 @@ class CaffeSegmenter:
     """
 
     def __init__(self, deploy_prototxt, weights, card=None):
+        require_pycaffe("the Caffe engine")
         deploy_prototxt, weights = check_deploy_files(deploy_prototxt, weights)
         self.card = card = card if card is not None else ModelCard()
         # Everything Caffe would abort on is checked first: the net, the card, then the weights.
         param = read_net_prototxt(deploy_prototxt)
-        check_net_param(param, str(deploy_prototxt), caffe.TEST)
+        check_net_param(param, str(deploy_prototxt), caffe_pb2.TEST)
         inputs, tops = prototxt_blobs(param)
         if card.input_blob not in inputs:
             raise ValueError(f"{deploy_prototxt}: the net has no input blob {card.input_blob!r} "
@@ -252,7 +254,7 @@ class CaffeSegmenter:
             self.stride, self.offset = card.patch_stride, 0
             self.geometry, self.context = "patch", max(self.patch) // 2 + card.patch_stride - 1
             return
-        fixed = [layer.name for layer in layers_in_phase(self._param, caffe.TEST)
+        fixed = [layer.name for layer in layers_in_phase(self._param, caffe_pb2.TEST)
                  if getattr(layer, "type", None) in ("InnerProduct", "Reshape", "Flatten")]
         if fixed:
             # Reshaping such a net to another input size aborts Caffe (a CHECK in InnerProduct).

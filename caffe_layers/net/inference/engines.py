@@ -12,7 +12,7 @@ run by the chosen engine:
   will tile with) and OpenCV is used only if the largest difference of the probabilities is
   at most :data:`PROBE_TOLERANCE` -- and Caffe otherwise. The check runs once per model and
   process (keyed by the files' paths, sizes and modification times, the probe's shape and the
-  tolerance).
+  tolerance). Without pycaffe, ``auto`` is OpenCV, unchecked, and says so.
 
 Every choice is described by an :class:`EngineChoice` (``segmenter.engine_choice``): reported
 in one line through ``log`` (stderr by default) and recorded as a dict by the tools that write
@@ -33,6 +33,7 @@ from ...model_card import ModelCard
 from ...tiling import DEFAULT_MULTIPLE, DEFAULT_TILE
 from .opencv_engine import OpenCVSegmenter, OpenCVUnsupported
 from .caffe_engine import CaffeSegmenter
+from ..proto import PYCAFFE_IMPORT_ERROR
 
 __all__ = ["DEFAULT_ENGINE", "ENGINES", "PROBE_TOLERANCE", "EngineChoice", "check_engine", "make_segmenter",
            "probe_side", "probe_tile", "report_to_stderr"]
@@ -185,6 +186,11 @@ def make_segmenter(deploy_prototxt, weights, engine=DEFAULT_ENGINE, *, tile=DEFA
 def _auto(deploy, weights, shape, tolerance, threads, deploy_name):
     """The ``auto`` choice: (segmenter, EngineChoice)."""
     started = time.perf_counter()
+    if PYCAFFE_IMPORT_ERROR is not None:  # nothing to check OpenCV against
+        segmenter = OpenCVSegmenter(deploy, weights, threads=threads)
+        return segmenter, EngineChoice("auto", "opencv", "pycaffe is not installed, so not checked against Caffe",
+                                       deploy_name, notes=tuple(segmenter.notes),
+                                       elapsed_s=round(time.perf_counter() - started, 3))
     key = _model_key(deploy, weights, shape, tolerance)
     known = _CHECKED.get(key)
     if known is not None and known.engine == "opencv":

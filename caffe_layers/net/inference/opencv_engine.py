@@ -34,18 +34,18 @@ import ctypes
 import dataclasses
 from pathlib import Path
 
-import caffe
 import cv2
 import numpy as np
-from caffe.proto import caffe_pb2
 
 from ...param_str import ParamError
 from ...patches import MEAN_SUBTRACT_SCHEMA
 from ...schema import load_params
-from ..checks import build_test_net, check_deploy_files, check_net_param, check_weights_fit
+from ..checks import (build_test_net, check_deploy_files, check_net_param, check_weights_fit,
+                      check_weights_fit_prototxt)
 from ..meanfile import read_mean_binaryproto
 from .caffe_engine import resolve_mean_files, prototxt_blobs
 from ..prototxt import layers_in_phase, read_net_prototxt
+from ..proto import caffe, caffe_pb2
 
 __all__ = ["CUSTOM_LAYER_TYPES", "OpenCVPlan", "OpenCVSegmenter", "OpenCVUnsupported", "opencv_has_caffe_importer",
            "plan_opencv_net"]
@@ -209,7 +209,7 @@ def plan_opencv_net(param, where="net"):
     if len(param.layers):
         raise OpenCVUnsupported(f"{where}: a V1-format net ('layers'); the OpenCV engine reads 'layer' nets only")
     layers = []
-    for layer in layers_in_phase(param, caffe.TEST):
+    for layer in layers_in_phase(param, caffe_pb2.TEST):
         copy = caffe_pb2.LayerParameter()
         copy.CopyFrom(layer)
         del copy.include[:]
@@ -329,7 +329,8 @@ class OpenCVSegmenter:
     ----------
     deploy_prototxt, weights : path
         As for CaffeSegmenter. The net and the weights go through the same checks first
-        (the weights against a Caffe net built from the prototxt, which runs no forward).
+        (the weights against a Caffe net built from the prototxt, which runs no forward; without
+        pycaffe, against the blob shapes the prototxt gives).
     threads : int, optional
         ``cv2.setNumThreads`` before each forward (a process-wide setting); None leaves
         OpenCV's own (one thread per core).
@@ -349,7 +350,7 @@ class OpenCVSegmenter:
             raise OpenCVUnsupported(f"OpenCV {cv2.__version__} has no Caffe importer (cv2.dnn.readNetFromCaffe, "
                                     "removed in OpenCV 5); install opencv-python-headless<5")
         param = read_net_prototxt(deploy_prototxt)
-        check_net_param(param, str(deploy_prototxt), caffe.TEST)
+        check_net_param(param, str(deploy_prototxt), caffe_pb2.TEST)
         resolve_mean_files(param, Path(deploy_prototxt).parent)  # a model folder is self-contained
         inputs, tops = prototxt_blobs(param)
         if "data" not in inputs:
@@ -357,8 +358,10 @@ class OpenCVSegmenter:
                              f"(inputs: {sorted(inputs) or 'none'})")
         if "prob" not in tops:
             raise ValueError(f"{deploy_prototxt}: the net has no output blob 'prob'")
-        if check_weights:
+        if check_weights and caffe is not None:
             check_weights_fit(build_test_net(deploy_prototxt, deploy_prototxt), weights)
+        elif check_weights:  # without pycaffe: the shapes the prototxt gives
+            check_weights_fit_prototxt(param, weights)
         self.plan = plan_opencv_net(param, str(deploy_prototxt))
         if self.plan.custom_layers:
             _register_custom_layers()
