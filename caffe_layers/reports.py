@@ -110,8 +110,8 @@ def _thumbnail(array, max_side):
     return np.asarray(array[::step, ::step])
 
 
-def save_comparison_figure(path, panels, title=None, max_side=1024, panel_size=4.0):
-    """Save images side by side in one row (matplotlib, Agg backend).
+def save_comparison_figure(path, panels, title=None, max_side=1024, panel_size=4.0, columns=None):
+    """Save images side by side, in one row or a grid (matplotlib, Agg backend).
 
     Parameters
     ----------
@@ -126,6 +126,9 @@ def save_comparison_figure(path, panels, title=None, max_side=1024, panel_size=4
         Images larger than this are subsampled for display.
     panel_size : float
         Width of one panel, in inches.
+    columns : int, optional
+        Panels per row; more panels wrap onto further rows (a grid stays legible where one
+        row of ten panels would not). Default: all panels in one row.
 
     Returns
     -------
@@ -137,9 +140,13 @@ def save_comparison_figure(path, panels, title=None, max_side=1024, panel_size=4
         raise ValueError("save_comparison_figure needs at least one panel")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Room for two-line panel titles (name + score) and the optional figure title.
-    figure = Figure(figsize=(panel_size * len(panels), panel_size + (1.0 if title else 0.7)))
-    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    columns = len(panels) if columns is None else max(1, min(int(columns), len(panels)))
+    rows = -(-len(panels) // columns)
+    # Room for two-line panel titles (name + score) on every row and the optional figure title.
+    figure = Figure(figsize=(panel_size * columns, (panel_size + 0.7) * rows + (0.3 if title else 0.0)))
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    for ax in axes[len(panels):]:
+        ax.set_axis_off()
     for ax, (panel_title, image) in zip(axes, panels):
         ax.set_title(panel_title, fontsize=9)
         ax.set_axis_off()

@@ -69,6 +69,9 @@ from .settings import AUGMENTED_AND_NORMALISED, BASELINE, INPUT_CONVENTION, MODE
 
 __all__ = ["run_experiment"]
 
+# Panels per row of the figures: ten or more panels in one row are unreadable at page width.
+FIGURE_COLUMNS = 4
+
 
 def _estimate_record(estimate):
     """A ColorRangeEstimate as the summary records it (ratios rounded to 4 decimals)."""
@@ -280,10 +283,10 @@ def _condition_figures(figures, conditions, shift_settings, test_rgb, test_truth
         panels = [(f"input: {condition}", image[crop]), ("ground truth", test_truth[crop])]
         panels += [(f"{m}\nDice {first['results'][m][condition]['dice']:.3f}", first["masks"][m, condition][crop])
                    for m in model_names]
-        save_comparison_figure(figures / f"test_{condition}.png", panels, panel_size=3.0)
+        save_comparison_figure(figures / f"test_{condition}.png", panels, panel_size=3.0, columns=FIGURE_COLUMNS)
     save_comparison_figure(figures / "stain_shifts.png",
                            [(f"{c}\nratios {np.round(shift_settings[c]['mean_ratios_vs_train'], 2).tolist()}",
-                             image[crop]) for c, image in conditions.items()], panel_size=3.0)
+                             image[crop]) for c, image in conditions.items()], panel_size=3.0, columns=FIGURE_COLUMNS)
     save_bar_figure(figures / "dice_by_condition.png", results_by_seed, list(conditions), model_names, seen=seen)
 
 
@@ -299,7 +302,7 @@ def _segment_examples(figures, stained_examples, normalizers, scoring, table_row
             mask = scoring.segment_row(table_rows, model, image, normalised_example)
             tissue_fraction[model] = float(mask.mean())
             panels.append((f"{model}\nnucleus {100 * mask.mean():.1f} %", overlay(image, mask)))
-        save_comparison_figure(figures / f"example_{name}.png", panels, panel_size=3.0)
+        save_comparison_figure(figures / f"example_{name}.png", panels, panel_size=3.0, columns=FIGURE_COLUMNS)
         examples[name] = dict(shape=list(image.shape[:2]),
                               mean_ratios_vs_train=channel_mean_ratios(image, train_rgb, ignore_white=True)
                               .round(4).tolist(),

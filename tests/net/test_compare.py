@@ -167,3 +167,12 @@ def test_a_blank_template_is_a_one_line_warning(two_models, tmp_path, capsys):
     lines = [line for line in capsys.readouterr().err.splitlines() if "engine" not in line]
     assert lines == ["caffe-stain-compare: warning: reference has no tissue pixels (mask empty); "
                      "returning the image unchanged"], lines
+
+
+def test_comparison_figure_wraps_panels_into_a_grid(tmp_path):
+    rgb = np.zeros((50, 50, 3), np.uint8)
+    panels = [(f"panel {i}", rgb) for i in range(10)]
+    row = Image.open(save_comparison_figure(tmp_path / "row.png", panels, panel_size=3.0)).size
+    grid = Image.open(save_comparison_figure(tmp_path / "grid.png", panels, panel_size=3.0, columns=4)).size
+    assert row[0] / row[1] > 5  # one strip
+    assert grid[0] == row[0] * 4 // 10 and grid[1] > 2.5 * row[1]  # 4 columns, 3 rows
