@@ -24,6 +24,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import caffe
@@ -38,6 +39,7 @@ from ..prototxt import layers_in_phase, read_net_prototxt, read_solver_prototxt
 __all__ = [
     "TrainResult",
     "TrainingDiverged",
+    "TrainingDivergingWarning",
     "TrainingInterrupted",
     "check_solverstate_fits",
     "check_weights_fit",
@@ -131,6 +133,21 @@ def _weights_finite(net):
     return all(np.isfinite(blob.data).all() for blobs in net.params.values() for blob in blobs)
 
 
+#: A weight beyond this size means a diverged run (trained weights stay within a few hundred).
+EXPLODED_WEIGHT = 1e6
+
+
+class TrainingDivergingWarning(UserWarning):
+    """The weights grow without bound while the loss stays finite."""
+
+
+def _largest_weight(net):
+    """Largest absolute learned weight (BatchNorm's blobs are running sums, not weights)."""
+    types = dict(zip(net._layer_names, (layer.type for layer in net.layers)))
+    return max((float(np.abs(blob.data).max()) for name, blobs in net.params.items() if types.get(name) != "BatchNorm"
+                for blob in blobs if blob.data.size), default=0.0)
+
+
 def snapshot_paths(param, iteration):
     """``(caffemodel, solverstate)`` paths Caffe writes for a snapshot at ``iteration``."""
     stem = f"{param.snapshot_prefix}_iter_{iteration}"
@@ -140,15 +157,15 @@ def snapshot_paths(param, iteration):
 
 
 def _loss_of(net):
-    """Sum of the net's weighted loss outputs (the value the solver minimises)."""
+    """Sum of the net's weighted loss blobs (the value the solver minimises).
+
+    Every blob with a loss weight counts, not only the net's outputs: a loss layer without a
+    ``top`` (common in V0/V1 nets) writes to an anonymous "(automatic)" blob that Caffe does not
+    list among the outputs.
+    """
     weights = net._blob_loss_weights
-    names = list(net._blob_names)
-    total = 0.0
-    for name in net.outputs:
-        weight = weights[names.index(name)]
-        if weight:
-            total += weight * float(np.sum(net.blobs[name].data))
-    return total
+    blobs = net._blobs
+    return sum(weight * float(np.sum(blobs[index].data)) for index, weight in enumerate(weights) if weight)
 
 
 #: Loss layers whose bottoms are (class scores, labels): where validation finds the blobs to score.
@@ -327,7 +344,9 @@ def train(solver_path, *, weights=None, resume=None, max_iter=None, log_csv=None
         solver, its nets, ``weights``, ``resume``); an existing file only with ``overwrite_log``.
     validate_every : int, optional
         Validate every this many iterations and at the end (default: the solver's
-        ``test_interval`` if it has a test net, else never; 0 disables).
+        ``test_interval`` if it has a test net, else never; 0 disables). An interval longer
+        than ``max_iter`` (``test_interval: 999999999``, FCN's way of saying "never") never
+        validates, not even at the end.
     validate_fn : callable, optional
         ``validate_fn(solver) -> dict`` of metrics; default :func:`validate_segmentation`
         over the solver's ``test_iter`` batches.
@@ -458,6 +477,7 @@ class _Run:
         self.weights, self.resume = weights, resume
         self.losses, self.validation = [], []
         self.last_snapshot = None
+        self.exploded = False
 
     def snapshot(self):
         solver, param = self.solver, self.param
@@ -489,11 +509,13 @@ class _Run:
             iteration = solver.iter
             solver.step(1)
             loss = self._finite_loss(iteration)
+            self._warn_once_weights_explode(iteration)
             self.losses.append((iteration, loss))
             row = {"iter": iteration, "loss": loss, "elapsed_s": round(time.perf_counter() - start, 3)}
             if snapshot_every and solver.iter % snapshot_every == 0:
                 self.snapshot()
-            if validate_every and (solver.iter % validate_every == 0 or solver.iter == target):
+            if validate_every and (solver.iter % validate_every == 0
+                                   or (solver.iter == target and validate_every <= target)):
                 row.update(self._validate(validate_fn))
             if log is not None:
                 log.add(row)
@@ -508,6 +530,18 @@ class _Run:
                 f"stopped without saving the non-finite weights (last snapshot: "
                 f"{self.last_snapshot[0] if self.last_snapshot else 'none'}); lower base_lr or check the data")
         return loss
+
+    def _warn_once_weights_explode(self, iteration):
+        """A diverging run need not reach NaN (a saturated softmax keeps the loss finite while the
+        weights grow without bound): warn, once, naming the iteration."""
+        if self.exploded:
+            return
+        largest = _largest_weight(self.solver.net)
+        if largest > EXPLODED_WEIGHT:
+            self.exploded = True
+            warnings.warn(f"training is diverging: a weight reached {largest:.3g} at iteration {iteration} of "
+                          f"{self.solver_path} (the loss is {self.losses[-1][1] if self.losses else 'finite'} but "
+                          "meaningless); lower base_lr", TrainingDivergingWarning, stacklevel=2)
 
     def _validate(self, validate_fn):
         if not _weights_finite(self.solver.net):
