@@ -11,7 +11,7 @@ import caffe
 
 from .layer_api import layer_param_str
 from .net.meanfile import read_mean_binaryproto
-from .patches import MEAN_SUBTRACT_SCHEMA
+from .patches import MEAN_SUBTRACT_SCHEMA, mean_to_subtract
 from .schema import load_params
 
 
@@ -23,7 +23,9 @@ class MeanSubtractLayer(caffe.Layer):
     directory Caffe runs in.
 
     If the mean's H×W equals the input's, the mean image is subtracted pixel by pixel;
-    otherwise its per-channel mean is. That makes one mean file usable for both the training
+    with ``"crop_centre": true`` a smaller input gets the mean's centre crop (what Caffe's
+    ``transform_param`` subtracts after a TEST-phase ``crop_size``); otherwise its per-channel
+    mean is (:func:`caffe_layers.patches.mean_to_subtract`). That makes one mean file usable for both the training
     patches and whole-image deployment: the mean of randomly placed patches is flat anyway
     (see :func:`caffe_layers.patches.compute_mean_image`), so its per-channel value loses nothing.
     """
@@ -37,7 +39,7 @@ class MeanSubtractLayer(caffe.Layer):
             self.mean = read_mean_binaryproto(params["mean_file"])
         except (OSError, ValueError) as error:
             raise ValueError(f"{where}: {error}") from error
-        self.channel_mean = self.mean.mean(axis=(1, 2))
+        self.crop_centre = params["crop_centre"]
         self._check_shape(bottom[0].data.shape)
 
     def _check_shape(self, shape):
@@ -53,10 +55,7 @@ class MeanSubtractLayer(caffe.Layer):
 
     def forward(self, bottom, top):
         data = bottom[0].data
-        if data.shape[2:] == self.mean.shape[1:]:
-            top[0].data[...] = data - self.mean
-        else:
-            top[0].data[...] = data - self.channel_mean[:, None, None]
+        top[0].data[...] = data - mean_to_subtract(self.mean, data.shape[2:], self.crop_centre)
 
     def backward(self, top, propagate_down, bottom):
         # Subtracting a constant passes gradients through unchanged (normally nothing

@@ -28,6 +28,7 @@ __all__ = [
     "load_pairs",
     "PatchSampler",
     "compute_mean_image",
+    "mean_to_subtract",
     "derived_seed",
 ]
 
@@ -59,7 +60,10 @@ PATCH_DATA_SCHEMA = Schema(
 """Parameters of the patch data layer; ``augment`` (None: no augmentation) uses :data:`AUGMENT_SCHEMA`."""
 
 MEAN_SUBTRACT_SCHEMA = Schema(
-    [Param("mean_file", "str", REQUIRED, doc="Caffe mean file (.binaryproto), 1×C×H×W or C×H×W")],
+    [Param("mean_file", "str", REQUIRED, doc="Caffe mean file (.binaryproto), 1×C×H×W or C×H×W"),
+     Param("crop_centre", "bool", False,
+           doc="an input smaller than the mean image gets the mean's centre crop (Caffe's TEST-phase crop of a "
+               "mean file) instead of its per-channel mean")],
     name="mean subtract",
 )
 """Parameters of :class:`~caffe_layers.mean_subtract.MeanSubtractLayer`."""
@@ -379,6 +383,31 @@ class PatchSampler:
 
 
 # --------------------------------------------------------------------------- mean image
+
+def mean_to_subtract(mean, size, crop_centre=False):
+    """What a mean file subtracts from an input of ``size`` (MeanSubtractLayer's rule).
+
+    Parameters
+    ----------
+    mean : ndarray, shape (C, H, W)
+    size : (int, int)
+        The input's height and width.
+    crop_centre : bool
+        For a smaller input, the mean's centre crop at Caffe's TEST offsets ((H - h) // 2, (W - w) // 2).
+
+    Returns
+    -------
+    ndarray, shape (C, H, W), (C, h, w) or (C, 1, 1)
+        The mean image, its centre crop, or its per-channel mean.
+    """
+    height, width = size
+    if (height, width) == mean.shape[1:]:
+        return mean
+    if crop_centre and height <= mean.shape[1] and width <= mean.shape[2]:
+        top, left = (mean.shape[1] - height) // 2, (mean.shape[2] - width) // 2
+        return mean[:, top:top + height, left:left + width]
+    return mean.mean(axis=(1, 2))[:, None, None]
+
 
 def compute_mean_image(images, patch_size=None, names=None):
     """Mean image of RGB training images, as a Caffe mean blob's 3×H×W array.

@@ -9,10 +9,13 @@ See :mod:`caffe_layers.net.retrofit` for what is rewritten and why.
 import argparse
 import sys
 
-from ..net.retrofit import CENTRINGS, LABEL_KINDS, retrofit_files
-from . import UsageError, run
+from . import UsageError, pycaffe_status, run
 
 __all__ = ["main"]
+
+#: caffe_layers.net.retrofit.CENTRINGS and .LABEL_KINDS, repeated so that --help needs no Caffe.
+CENTRINGS = ("keep", "patchmean")
+LABEL_KINDS = ("auto", "spatial", "scalar")
 
 
 def main(argv=None):
@@ -38,10 +41,17 @@ def main(argv=None):
     parser.add_argument("--deploy-out", metavar="OUT_DEPLOY.prototxt",
                         help="the rewritten deploy net: with --centring patchmean it centres its input itself; with "
                              "keep it is only upgraded to V2")
-    parser.add_argument("--input-range", type=int, choices=(255, 1), default=255,
-                        help="white of the raw data blob: 255 (default; Data/ImageData layers always are) or 1 (e.g. "
+    parser.add_argument("--input-range", type=int, choices=(255, 1), default=None,
+                        help="white of the raw data blob: 255 (Data/ImageData layers always are) or 1 (e.g. "
                              "HDF5 data in 0-1: color_b_*, clip_* and max_value, given in 0-255 grey levels as "
-                             "caffe-stain-estimate prints them, are divided by 255)")
+                             "caffe-stain-estimate prints them, are divided by 255). Default: 255, or 1 when the "
+                             "TRAIN data of a Python/HDF5 data layer, run once, is in 0-1")
+    parser.add_argument("--input-mean", metavar="M[,M,M]",
+                        help="the data layer already delivers (raw - M) * S (raw in 0-255, M per channel in the "
+                             "layer's channel order): the AugmentationLayer is wrapped in layers undoing and redoing "
+                             "that, instead of clipping normalised data (with --input-scale, default 1)")
+    parser.add_argument("--input-scale", metavar="S", type=float, default=None,
+                        help="the scale S of --input-mean (e.g. 0.00392156862745098 for x/255 - 0.5 with M 127.5)")
     parser.add_argument("--label", choices=LABEL_KINDS, default="auto",
                         help="whether the label is a per-pixel map (augmented with the image) or a class label "
                              "(left alone); auto decides from the prototxt and refuses when it cannot (default)")
@@ -53,14 +63,19 @@ def main(argv=None):
                              "instead of refusing")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files (never the inputs)")
     args = parser.parse_args(argv)
+    if pycaffe_status(parser.prog):  # the rewritten net is checked by building it
+        return 2
+    from ..net.retrofit import retrofit_files
 
     def body():
         if (args.deploy is None) != (args.deploy_out is None):
             raise UsageError("--deploy and --deploy-out go together")
+        normalisation = _normalisation(args.input_mean, args.input_scale)
         result = retrofit_files(args.net, args.out, args.param_str, centring=args.centring,
                                 input_range=args.input_range, label=args.label, image_top=args.image_top,
                                 label_top=args.label_top, deploy=args.deploy, deploy_out=args.deploy_out,
-                                overwrite=args.overwrite, drop_unknown_keys=args.drop_unknown_keys)
+                                overwrite=args.overwrite, drop_unknown_keys=args.drop_unknown_keys,
+                                input_normalisation=normalisation)
         print(f"{args.net} -> {args.out}" + (f"; {args.deploy} -> {args.deploy_out}" if args.deploy else ""))
         for line in result.lines:
             print(line)
@@ -68,6 +83,19 @@ def main(argv=None):
               + f"; point your solver's net: at {args.out} (your .caffemodel loads into it as it is)")
 
     return run(parser.prog, body)
+
+
+def _normalisation(mean_text, scale):
+    """(mean tuple, scale) from --input-mean/--input-scale, or None."""
+    if mean_text is None:
+        if scale is not None:
+            raise UsageError("--input-scale goes with --input-mean (give --input-mean 0 for a scale alone)")
+        return None
+    try:
+        mean = tuple(float(part) for part in mean_text.split(","))
+    except ValueError:
+        raise UsageError(f"--input-mean must be 1 or 3 numbers separated by commas; got {mean_text!r}") from None
+    return mean, 1.0 if scale is None else scale
 
 
 if __name__ == "__main__":

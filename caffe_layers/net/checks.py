@@ -77,6 +77,11 @@ def _check_data_source(layer, where):
         marker = "data.mdb" if backend == caffe_pb2.DataParameter.LMDB else "CURRENT"
         if not os.path.isdir(source) or not os.path.exists(os.path.join(source, marker)):
             kind = "LMDB" if backend == caffe_pb2.DataParameter.LMDB else "LevelDB"
+            other, other_marker = ("LevelDB", "CURRENT") if kind == "LMDB" else ("LMDB", "data.mdb")
+            if os.path.exists(os.path.join(source, other_marker)):  # V0/V1 nets default to LevelDB
+                raise ValueError(f"{where}: layer {layer.name!r} reads {source!r} as a {kind} database, but it is "
+                                 f"an {other} (it has {other_marker}); set data_param {{ backend: "
+                                 f"{other.upper()} }} in the net (caffe-stain-retrofit does it)")
             raise FileNotFoundError(f"{where}: layer {layer.name!r} reads the {kind} database {source!r}, "
                                     f"which does not exist (no {marker}; relative to {os.getcwd()!r})")
         if layer.data_param.batch_size < 1:

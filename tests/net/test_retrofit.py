@@ -687,12 +687,11 @@ def test_test_phase_data_equals_the_old_transform_param(caffe, tmp_path, name, c
     done()
     ''')
     got = np.load(tmp_path / "got.npy")
-    if crop_mean == "image":  # crop + a non-flat mean file: the per-channel fallback (and the report says so)
-        np.testing.assert_array_equal(got, cropped - mean.mean(axis=(1, 2))[None, :, None, None])
-        assert not np.allclose(got, expected)
-        assert "falls back to the file's per-channel mean" in "\n".join(result.lines)
-    else:
-        np.testing.assert_array_equal(got, expected)
+    # crop + a non-flat mean file too: the mean's centre crop, as Caffe's TEST phase (and the report says so)
+    np.testing.assert_array_equal(got, expected)
+    if crop_mean == "image":
+        assert not np.allclose(got, cropped - mean.mean(axis=(1, 2))[None, :, None, None])
+        assert "exactly what Caffe subtracts in TEST" in "\n".join(result.lines)
 
 
 V2_DEPLOY = textwrap.dedent('''

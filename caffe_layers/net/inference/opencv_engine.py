@@ -38,7 +38,7 @@ import cv2
 import numpy as np
 
 from ...param_str import ParamError
-from ...patches import MEAN_SUBTRACT_SCHEMA
+from ...patches import MEAN_SUBTRACT_SCHEMA, mean_to_subtract
 from ...schema import load_params
 from ..checks import (build_test_net, check_deploy_files, check_net_param, check_weights_fit,
                       check_weights_fit_prototxt)
@@ -137,15 +137,13 @@ class MeanFile:
             self.mean = read_mean_binaryproto(self.path)
         except (OSError, ParamError, ValueError) as error:
             raise ValueError(f"{where}: {error}") from error
-        self.channel_mean = self.mean.mean(axis=(1, 2))
+        self.crop_centre = params["crop_centre"]
 
     def __call__(self, batch):
         if batch.ndim != 4 or batch.shape[1] != self.mean.shape[0]:
             raise ValueError(f"MeanSubtractLayer: input of shape {batch.shape} does not fit the mean file "
                              f"{self.path} ({self.mean.shape[0]} channels)")
-        if batch.shape[2:] == self.mean.shape[1:]:
-            return batch - self.mean
-        return batch - self.channel_mean[:, None, None]
+        return batch - mean_to_subtract(self.mean, batch.shape[2:], self.crop_centre)
 
 
 # ---------------------------------------------------------------- the rewrite

@@ -40,8 +40,9 @@ def op_layers(ops, blob, taken, phase=None):
     for op in ops:
         kind = op[0]
         if kind == "mean_file":
+            params = {"mean_file": op[1], **({"crop_centre": True} if op[2] else {})}
             layer = python_layer(unique_name(f"{blob}_mean{suffix}", taken), MEAN_SUBTRACT_MODULE,
-                                  MEAN_SUBTRACT_LAYER, literal({"mean_file": op[1]}), [blob])
+                                  MEAN_SUBTRACT_LAYER, literal(params), [blob])
         elif kind == "mean_value" and len(op[1]) == 1:
             layer = caffe_pb2.LayerParameter(name=unique_name(f"{blob}_mean{suffix}", taken), type="Power")
             layer.power_param.shift = -op[1][0]
@@ -75,7 +76,8 @@ def describe_ops(ops):
     parts = []
     for op in ops:
         if op[0] == "mean_file":
-            parts.append(f"subtract mean file {op[1]!r} (MeanSubtractLayer)")
+            parts.append(f"subtract mean file {op[1]!r}" + (" (its centre crop on a cropped input)" if op[2] else "")
+                         + " (MeanSubtractLayer)")
         elif op[0] == "mean_value" and len(op[1]) == 1:
             parts.append(f"subtract {op[1][0]:g} (Power shift)")
         elif op[0] == "mean_value":
@@ -97,7 +99,9 @@ def take_transform(layer, lines, state):
                          "that too")
     ops = []
     if param.HasField("mean_file"):
-        ops.append(("mean_file", param.mean_file))
+        # after a crop the layer gets a smaller input: it subtracts the mean's centre crop, as Caffe does in TEST
+        cropped = bool(param.crop_size or (param.crop_h and param.crop_w))
+        ops.append(("mean_file", param.mean_file, cropped))
     elif param.mean_value:
         ops.append(("mean_value", tuple(param.mean_value)))
     if param.HasField("scale") and param.scale != 1.0:

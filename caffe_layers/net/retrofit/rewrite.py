@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from collections.abc import Mapping
 
 from caffe.proto import caffe_pb2
@@ -39,6 +40,10 @@ class RetrofitResult:
         The augmentation parameters, validated (every key of AUGMENT_SCHEMA).
     param_str : str
         The AugmentationLayer's param_str as written.
+    image_top : str
+        The TRAIN image top the AugmentationLayer works on.
+    image_layer : caffe_pb2.LayerParameter
+        The TRAIN data layer producing it, as rewritten.
     """
 
     net: caffe_pb2.NetParameter
@@ -46,6 +51,8 @@ class RetrofitResult:
     lines: list
     params: dict
     param_str: str
+    image_top: str = ""
+    image_layer: caffe_pb2.LayerParameter | None = None
 
 
 @dataclasses.dataclass
@@ -60,7 +67,8 @@ class _Job:
 
 
 def retrofit(net, param_str=None, *, centring="keep", input_range=255, label="auto", image_top=None,
-             label_top=None, deploy=None, drop_unknown_keys=False, where="net"):
+             label_top=None, deploy=None, drop_unknown_keys=False, input_normalisation=None, where="net",
+             deploy_where="deploy net"):
     """Rewrite a train_val net so that it trains with the AugmentationLayer.
 
     Parameters
@@ -87,8 +95,12 @@ def retrofit(net, param_str=None, *, centring="keep", input_range=255, label="au
     drop_unknown_keys : bool
         Drop (and report) keys of a carried-over param_str that the AugmentationLayer does not
         know, instead of refusing.
-    where : str
-        Name of the net in messages.
+    input_normalisation : (sequence of float, float), optional
+        ``(mean, scale)`` when the data layer already delivers ``(raw - mean) * scale`` (raw in
+        0-255; one mean value or one per channel): the AugmentationLayer is wrapped in layers
+        that undo this and do it again, so it sees raw intensities and its clip corrupts nothing.
+    where, deploy_where : str
+        Names of the nets in messages.
 
     Returns
     -------
@@ -101,6 +113,7 @@ def retrofit(net, param_str=None, *, centring="keep", input_range=255, label="au
         returned half-done.
     """
     _check_options(centring, input_range, label)
+    normalisation = _checked_normalisation(input_normalisation, input_range)
     net, upgrade_notes = upgrade_net(net, where)
     job = _Job(where, NetState(net), list(net.layer), [f"{where}: {note}" for note in upgrade_notes])
     broken_before = {phase: check_flow(job.layers, job.state, phase) for phase in PHASES}
@@ -116,15 +129,17 @@ def retrofit(net, param_str=None, *, centring="keep", input_range=255, label="au
     phase_inputs, ops_by_phase = _move_transforms(job, inputs, centring)
     _note_separate_label_layer(job, inputs, image_layer, kind)
     augment, chains = _new_layers(job, inputs, kind, final_str, params, ops_by_phase, phase_inputs)
-    out, inserted, train_end = _insert_layers(job, net, inputs, phase_inputs, augment, chains)
-    _report_insertions(job, augment, chains, train_end)
+    wrapped = _unnormalising_wrap(job, augment, inputs.image, normalisation, params)
+    out, inserted, train_end = _insert_layers(job, net, inputs, phase_inputs, wrapped, chains)
+    _report_insertions(job, wrapped, augment, chains, train_end)
     _check_rewritten_flow(job, out, inserted, augment.top, broken_before)
     _final_notes(job, broken_before, image_layer, inputs)
     deployed = None
     if deploy is not None:
         test_ops = ops_by_phase.get(TEST, ops_by_phase[TRAIN])[1]
-        deployed = _retrofit_deploy(deploy, inputs.image, centring, test_ops, job.lines)
-    return RetrofitResult(net=out, deploy=deployed, lines=job.lines, params=params, param_str=final_str)
+        deployed = _retrofit_deploy(deploy, inputs.image, centring, test_ops, job.lines, deploy_where)
+    return RetrofitResult(net=out, deploy=deployed, lines=job.lines, params=params, param_str=final_str,
+                          image_top=inputs.image, image_layer=job.layers[inputs.image_layer])
 
 
 def _check_options(centring, input_range, label):
@@ -134,6 +149,42 @@ def _check_options(centring, input_range, label):
         raise ValueError(f"input_range must be 255 or 1; got {input_range!r}")
     if label not in LABEL_KINDS:
         raise ValueError(f"label must be one of {', '.join(LABEL_KINDS)}; got {label!r}")
+
+
+def _checked_normalisation(normalisation, input_range):
+    """``(mean tuple, scale)`` checked, or None."""
+    if normalisation is None:
+        return None
+    mean, scale = normalisation
+    mean = tuple(float(value) for value in mean)
+    if len(mean) not in (1, 3) or not all(math.isfinite(value) for value in mean):
+        raise ValueError(f"input mean must be 1 or 3 finite values (raw 0-255 grey levels); got {mean!r}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"input scale must be a finite number > 0; got {scale!r}")
+    if input_range != 255:
+        raise ValueError("an input mean/scale describes 0-255 raw data; it does not go with input range 1")
+    return mean, float(scale)
+
+
+def _unnormalising_wrap(job, augment, image, normalisation, params):
+    """``[augment]``, or the layers taking ``(raw - mean) * scale`` back to raw, ``augment``, and
+    the layers normalising again (in the augmentation's phases)."""
+    if normalisation is None:
+        return [augment]
+    mean, scale = normalisation
+    taken = {layer.name for layer in job.layers} | {augment.name}
+    phase = None if params["test_augment"] else TRAIN
+    undo = ([("scale", 1.0 / scale)] if scale != 1 else []) + [("mean_value", tuple(-m for m in mean))]
+    redo = [("mean_value", mean)] + ([("scale", scale)] if scale != 1 else [])
+    before = op_layers(undo, image, taken, phase)
+    after = op_layers(redo, image, taken, phase)
+    for layers, word in ((before, "raw"), (after, "renormalise")):
+        for layer in layers:  # named for what they do, not for the mean they add or subtract
+            layer.name = unique_name(f"{image}_{word}", taken)
+    job.lines.append(f"  input normalised by the data layer ((raw - mean) * scale, mean "
+                     f"{', '.join(f'{m:g}' for m in mean)}, scale {scale:g}): undone before the AugmentationLayer "
+                     "and done again after it, so it sees 0-255 intensities")
+    return before + [augment] + after
 
 
 def _remove_augmentation_layers(job):
@@ -400,11 +451,11 @@ def _take_transform_of(job, index, centring):
     had_mean_file = param.HasField("mean_file")
     ops = take_transform(producer, job.lines, job.state)
     if had_mean_file and crop and centring == "keep":
-        job.lines.append(f"  note: {describe(producer, job.state)} crops to {crop}, so its mean file (full image "
-                         "size) can no longer be subtracted pixel by pixel after the crop: MeanSubtractLayer "
-                         "falls back to the file's per-channel mean when the sizes differ (the output differs "
-                         "from the old one by the mean image's deviation from its channel means over the "
-                         "crop; not at all if the mean image is flat)")
+        job.lines.append(f"  note: {describe(producer, job.state)} crops to {crop} before its mean file is subtracted "
+                         "now: MeanSubtractLayer subtracts the mean image's centre crop, which is exactly what Caffe "
+                         "subtracts in TEST (centre crop: TEST output unchanged); a TRAIN crop at a random offset is "
+                         "centred on the mean's centre crop instead of its own window (a difference of the mean "
+                         "image's variation across the crop positions; none if the mean image is flat)")
     return ops
 
 
@@ -448,7 +499,7 @@ def _new_layers(job, inputs, kind, final_str, params, ops_by_phase, phase_inputs
     return augment, chains
 
 
-def _insert_layers(job, net, inputs, phase_inputs, augment, chains):
+def _insert_layers(job, net, inputs, phase_inputs, wrapped, chains):
     """The output net: the augmentation after the TRAIN data layers, the chains after all of them.
 
     Returns
@@ -465,8 +516,8 @@ def _insert_layers(job, net, inputs, phase_inputs, augment, chains):
     for index, layer in enumerate(job.layers):
         new_layers.append(layer)
         if index == train_end:
-            inserted.add(len(new_layers))
-            new_layers.append(augment)
+            inserted.update(range(len(new_layers), len(new_layers) + len(wrapped)))
+            new_layers.extend(wrapped)
         if index == all_end:
             for _, _, chain in chains:
                 inserted.update(range(len(new_layers), len(new_layers) + len(chain)))
@@ -478,8 +529,11 @@ def _insert_layers(job, net, inputs, phase_inputs, augment, chains):
     return out, inserted, train_end
 
 
-def _report_insertions(job, augment, chains, train_end):
+def _report_insertions(job, wrapped, augment, chains, train_end):
     state = job.state
+    for layer in wrapped:
+        if layer is not augment:
+            job.lines.append(f"  + {describe(layer, state)}, in place on {layer.bottom[0]!r}")
     job.lines.append(f"  + {describe(augment, state)}, in place on "
                      f"{' and '.join(map(repr, augment.bottom))}, after {describe(job.layers[train_end], state)}: "
                      f"param_str {augment.python_param.param_str}")
@@ -523,12 +577,16 @@ def _final_notes(job, broken_before, image_layer, inputs):
                          "would be changed anew by every pass)")
 
 
-def _retrofit_deploy(deploy, image, centring, ops, lines):
+def _retrofit_deploy(deploy, image, centring, ops, lines, where):
+    if not deploy.layer and not deploy.layers and not deploy.input:
+        raise ValueError(f"{where}: the deploy net has no layers and no input (an empty file?)")
     deploy, notes = upgrade_net(deploy, "deploy net")
     lines.extend(f"deploy net: {note}" for note in notes)
+    removed = _remove_deploy_augmentation(deploy, lines)
     if centring != "patchmean":
-        lines.append("deploy net: unchanged (upgraded to the V2 format if it was older); the TEST-phase output of the "
-                     "train net is unchanged, so keep preparing the deploy input as before")
+        lines.append(f"deploy net: {'otherwise ' if removed else ''}unchanged (upgraded to the V2 format if it was "
+                     "older); the TEST-phase output of the train net is unchanged, so keep preparing the deploy "
+                     "input as before")
         return deploy
     state = NetState(deploy)
     inputs = [(index, top) for index, layer in enumerate(deploy.layer) if layer.type == "Input"
@@ -555,3 +613,24 @@ def _retrofit_deploy(deploy, image, centring, ops, lines):
                  "delivers it: do not subtract a mean before calling it"
                  + (f", and do not multiply by {scale[0]:g} either (the net does)" if scale else ""))
     return deploy
+
+
+def _remove_deploy_augmentation(deploy, lines):
+    """Take the augmentation layers out of a deploy net (inference must neither need their module nor
+    rotate and recolour); their tops become their bottoms again. Returns how many were removed."""
+    layers = list(deploy.layer)
+    found = [i for i, layer in enumerate(layers) if is_augmentation(layer)]
+    for i in reversed(found):
+        layer = layers[i]
+        if len(layer.top) != len(layer.bottom):
+            raise ValueError(f"deploy net: augmentation {describe(layer)} has {len(layer.bottom)} bottoms and "
+                             f"{len(layer.top)} tops; expected as many tops as bottoms")
+        for bottom, top in zip(layer.bottom, layer.top):
+            if bottom != top:
+                rename_after(layers, i + 1, top, bottom)
+        del layers[i]
+        lines.append(f"deploy net: removed {describe(layer)}: augmentation has no place at inference")
+    if found:
+        deploy.ClearField("layer")
+        deploy.layer.extend(layers)
+    return len(found)
