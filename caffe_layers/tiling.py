@@ -9,7 +9,9 @@ defaults of every tool that tiles (:data:`DEFAULT_TILE`, :data:`DEFAULT_OVERLAP`
 Overlap and receptive field: a tile's output is exact (equal to one pass over the whole image)
 wherever the net's receptive field stays inside the tile. Each tile keeps only its centre, at
 least ``overlap // 2`` pixels from any side facing another tile, so tiling is seam-free when
-the receptive-field radius is at most ``overlap // 2``. The U-Net templates of
+the receptive-field radius is at most ``overlap // 2``. The commands take the radius from the
+prototxt (:func:`caffe_layers.net.inference.receptive_field.receptive_radius`) and overlap by
+twice it unless told otherwise; :data:`DEFAULT_OVERLAP` is for nets it cannot follow. The U-Net templates of
 :mod:`caffe_layers.net.training.templates` (depth 2, 3×3 convolutions, mean-file centring) have a radius of 23
 pixels (26 with ``upsample_kernel=4``; measured: an input pixel changes outputs at most that
 far away), i.e. a field about 47 pixels wide, so they need ``overlap >= 46`` (52); the default
@@ -146,7 +148,7 @@ def _read_tile(image, y0, y1, x0, x1):
 
 
 def segment_tiled(predict, rgb, tile=DEFAULT_TILE, overlap=DEFAULT_OVERLAP, multiple=DEFAULT_MULTIPLE,
-                  progress=False, out=None, batch_size=1, skip=None, stats=None):
+                  progress=False, out=None, batch_size=1, skip=None, stats=None, pad_batches=False):
     """Nucleus probability map of an image, predicted tile by tile.
 
     Tiles are streamed: each one is read from ``rgb``, predicted and written into the output
@@ -186,7 +188,13 @@ def segment_tiled(predict, rgb, tile=DEFAULT_TILE, overlap=DEFAULT_OVERLAP, mult
         0 without running the net (e.g. glass of a whole slide).
     stats : dict, optional
         Filled with ``tiles`` (tiles that write something), ``skipped`` (how many of them
-        ``skip`` spared) and ``skipped_pixels`` (pixels written as 0 by skipped tiles).
+        ``skip`` spared), ``skipped_pixels`` (pixels written as 0 by skipped tiles) and
+        ``net_pixels`` (input pixels the net was run on, padding tiles included).
+    pad_batches : bool
+        Fill a last, partial batch up to ``batch_size`` with copies of its last tile, so that
+        ``predict`` always sees one input shape: an engine reallocates its buffers when the
+        shape changes (tens of milliseconds on the CPU), which costs more than a few extra
+        tiles when many small images or slide blocks are segmented one after the other.
 
     Returns
     -------
@@ -244,15 +252,19 @@ def segment_tiled(predict, rgb, tile=DEFAULT_TILE, overlap=DEFAULT_OVERLAP, mult
         useful = run
     elif stats is not None:
         stats.update(tiles=len(useful), skipped=0, skipped_pixels=0)
+    net_pixels = 0
     try:
         for start in range(0, len(useful), batch_size):
             group = useful[start:start + batch_size]
             batch = np.concatenate([_read_tile(rgb, y, y + tile_h, x, x + tile_w) for y, x in group])
+            if pad_batches and len(group) < batch_size:
+                batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - len(group), axis=0)])
+            net_pixels += batch.shape[0] * batch.shape[2] * batch.shape[3]
             prob = np.asarray(predict(batch))
-            if prob.ndim != 4 or prob.shape[0] != len(group) or prob.shape[1] < 2 \
+            if prob.ndim != 4 or prob.shape[0] != len(batch) or prob.shape[1] < 2 \
                     or prob.shape[2:] != batch.shape[2:]:
                 raise ValueError(f"predict returned shape {prob.shape} for input "
-                                 f"{batch.shape}; expected ({len(group)}, 2, {tile_h}, {tile_w})")
+                                 f"{batch.shape}; expected ({len(batch)}, 2, {tile_h}, {tile_w})")
             for index, (y, x) in enumerate(group):
                 (ky0, ky1), (kx0, kx1) = keep_y[y], keep_x[x]
                 out[ky0:ky1, kx0:kx1] = prob[index, 1, ky0 - y:ky1 - y, kx0 - x:kx1 - x]
@@ -261,6 +273,8 @@ def segment_tiled(predict, rgb, tile=DEFAULT_TILE, overlap=DEFAULT_OVERLAP, mult
     finally:
         if bar is not None:
             bar.close()
+    if stats is not None:
+        stats["net_pixels"] = net_pixels
     return out
 
 

@@ -34,6 +34,8 @@ from pathlib import Path
 os.environ.setdefault("GLOG_minloglevel", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+ENGINES = ("auto", "caffe", "opencv")
+
 
 def _image(size=None):
     import numpy as np
@@ -58,6 +60,25 @@ def _segmenter(engine, model, weights, threads, tile):
     return make_segmenter(model, weights, engine, tile=tile, threads=threads, log=None)
 
 
+def _forward_seconds(segmenter, shapes, rounds=2):
+    """Seconds of the engine's forwards alone over the batch shapes ``segment_tiled`` fed it (best of ``rounds``).
+
+    Same engine, same shapes, same number of calls, on a tile of the image: what the in-memory
+    segmentation would cost if reading tiles, padding and writing the map were free.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    inputs = {shape: rng.uniform(0, 255, shape).astype(np.float32) for shape in set(shapes)}
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for shape in shapes:
+            segmenter(inputs[shape])
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def _timed(engine, model, weights, tile, overlap, batch, threads, size=None, prob_path=None):
     """Segment one image; return the measurement as a dict (runs in a child process)."""
     import numpy as np
@@ -69,17 +90,26 @@ def _timed(engine, model, weights, tile, overlap, batch, threads, size=None, pro
     side = min(tile, image.shape[0])
     warm = np.repeat(image[None, :side, :side].transpose(0, 3, 1, 2).astype(np.float32), batch, axis=0)
     segmenter(warm)  # allocation at this shape (both engines), OpenCV's layer set-up
+    shapes = []
+
+    def recorded(tiles):
+        shapes.append(tiles.shape)
+        return segmenter(tiles)
+
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    prob = segment_tiled(segmenter, image, tile=tile, overlap=overlap, multiple=4, batch=batch)
+    prob = segment_tiled(recorded, image, tile=tile, overlap=overlap, multiple=4, batch_size=batch)
     elapsed = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    forward = _forward_seconds(segmenter, shapes)
+    net_pixels = sum(n * h * w for n, _, h, w in shapes)
     if prob_path:
         np.save(prob_path, prob)
     megapixels = image.shape[0] * image.shape[1] / 1e6
     return dict(engine=segmenter.engine_choice.engine, seconds=elapsed, s_per_mpx=elapsed / megapixels,
+                forward_s=forward, net_pixels=net_pixels, forward_s_per_net_mpx=forward / net_pixels * 1e6,
                 size=list(image.shape[:2]), peak_rss_mb=peak / 1024, rss_before_mb=before / 1024,
-                image_mb=image.nbytes / 2**20, prob_mb=prob.nbytes / 2**20)
+                image_mb=image.nbytes / 2**20, prob_mb=prob.nbytes / 2**20, reason=segmenter.engine_choice.reason)
 
 
 def _child(args, **overrides):
@@ -95,8 +125,8 @@ def _child(args, **overrides):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _template_models(folder):
-    """The experiment's two centrings (depth 2, width 16) with seeded random He weights."""
+def _template_models(folder, centrings=("meanfile", "patchmean")):
+    """The experiment's centrings (depth 2, width 16) with seeded random He weights."""
     import caffe
     import numpy as np
 
@@ -106,7 +136,7 @@ def _template_models(folder):
     caffe.set_mode_cpu()
     rgb = _image()
     models = []
-    for centring in ("meanfile", "patchmean"):
+    for centring in centrings:
         mean_file = None
         if centring == "meanfile":
             # Flat, as caffe-stain-prepare writes it for random patches: the slide's channel means.
@@ -147,34 +177,57 @@ def compare_engines(args):
     import cv2
     import numpy as np
 
+    engines = args.engines
+    reference = engines[0]
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         models = _models(args, folder)
-        print(f"hgsc_nest H&E {args.image_size}×{args.image_size}, overlap {args.overlap}, OpenCV {cv2.__version__} "
-              f"(batch {args.batch}, threads {args.threads or 'default'}), Caffe CPU; "
-              f"best of {args.rounds} round(s), each engine in its own process, alternating")
-        print(f"{'model':<28} {'tile':>5} {'Caffe s/MP':>11} {'OpenCV s/MP':>12} {'ratio':>7} {'max |Δp|':>9}")
+        print(f"hgsc_nest H&E {args.image_size}×{args.image_size}, overlap {args.overlap}, batch {args.batch}, "
+              f"threads {args.threads or 'default'} (OpenCV {cv2.__version__}); best of {args.rounds} round(s), "
+              f"each engine in its own process, alternating")
+        print("s/MP: segment_tiled over the image; fwd: the engine's forwards alone over the same tiles; "
+              f"×{reference}: speed-up over {reference}; |Δp|: largest difference from {reference}")
+        header = f"{'model':<26} {'tile':>5}" + "".join(
+            f" {engine + ' s/MP':>15} {'fwd':>6} {'/fwd':>5}" + ("" if engine == reference else
+                                                              f" {'×' + reference:>8} {'|Δp|':>8}")
+            for engine in engines)
+        print(header)
         rows = []
         for name, deploy, weights in models:
             for tile in args.tiles:
                 best = {}
                 for round_index in range(args.rounds):
-                    order = ("caffe", "opencv") if round_index % 2 == 0 else ("opencv", "caffe")
+                    order = engines if round_index % 2 == 0 else engines[::-1]
                     for engine in order:
                         path = folder / f"{engine}.npy"
                         row = _child(args, engine=engine, model=str(deploy), weights=str(weights), tile=tile,
                                      prob_path=str(path))
                         if engine not in best or row["s_per_mpx"] < best[engine]["s_per_mpx"]:
                             best[engine] = row
-                diff = float(np.abs(np.load(folder / "caffe.npy") - np.load(folder / "opencv.npy")).max())
-                caffe_s, opencv_s = best["caffe"]["s_per_mpx"], best["opencv"]["s_per_mpx"]
-                rows.append(dict(model=name, tile=tile, caffe_s_per_mpx=caffe_s, opencv_s_per_mpx=opencv_s,
-                                 ratio=caffe_s / opencv_s, max_abs_diff=diff))
-                print(f"{name:<28} {tile:>5} {caffe_s:11.2f} {opencv_s:12.3f} {caffe_s / opencv_s:6.1f}× "
-                      f"{diff:9.1e}", flush=True)
-        ratios = [row["ratio"] for row in rows]
-        print(f"OpenCV / Caffe speed-up: {min(ratios):.1f}–{max(ratios):.1f}× (goal >= 6×); "
-              f"max |Δp| {max(row['max_abs_diff'] for row in rows):.1e} (engines' tolerance 1e-4)")
+                expected = np.load(folder / f"{reference}.npy")
+                line = f"{name:<26} {tile:>5}"
+                for engine in engines:
+                    measured = best[engine]
+                    mp = measured["size"][0] * measured["size"][1] / 1e6
+                    fwd_per_mp = measured["forward_s"] / mp
+                    row = dict(model=name, tile=tile, engine=engine, s_per_mpx=measured["s_per_mpx"],
+                               forward_s_per_mpx=fwd_per_mp, over_forward=measured["seconds"] / measured["forward_s"],
+                               forward_s_per_net_mpx=measured["forward_s_per_net_mpx"])
+                    line += f" {measured['s_per_mpx']:15.3f} {fwd_per_mp:6.3f} {row['over_forward']:5.2f}"
+                    if engine != reference:
+                        row["speedup"] = best[reference]["s_per_mpx"] / measured["s_per_mpx"]
+                        row["max_abs_diff"] = float(np.abs(np.load(folder / f"{engine}.npy") - expected).max())
+                        line += f" {row['speedup']:7.2f}× {row['max_abs_diff']:8.1e}"
+                    rows.append(row)
+                print(line, flush=True)
+        for engine in engines[1:]:
+            mine = [row for row in rows if row["engine"] == engine]
+            print(f"{engine} / {reference} speed-up: {min(r['speedup'] for r in mine):.2f}–"
+                  f"{max(r['speedup'] for r in mine):.2f}×; max |Δp| {max(r['max_abs_diff'] for r in mine):.1e} "
+                  f"(engines' tolerance 1e-4)")
+        for engine in engines:
+            over = [row["over_forward"] for row in rows if row["engine"] == engine]
+            print(f"{engine}: segment_tiled / forwards alone {min(over):.2f}–{max(over):.2f}× (goal ≤ 1.3×)")
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))
 
@@ -227,9 +280,16 @@ def main(argv=None):
     parser.add_argument("--tune-threads", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--tune-batches", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--sizes", type=int, nargs="+")
-    parser.add_argument("--engine", choices=("auto", "caffe", "opencv"), default="auto", help="engine of --sizes")
+    parser.add_argument("--engine", choices=ENGINES, default="auto", help="engine of --sizes")
+    parser.add_argument("--engines", nargs="+", choices=ENGINES[1:], default=["caffe", "opencv"],
+                        help="engines compared side by side; the first is the reference (default caffe opencv)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a tiny run for the test suite: 160-pixel crop, 96-pixel tiles, overlap 32, one round")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.image_size, args.tiles, args.tile, args.overlap, args.rounds = 160, [96], 96, 32, 1
+        args.tune_threads, args.tune_batches = [1], [1, 2]
     args.cwd = os.getcwd()  # mean files in exported deploy nets are relative to it
     if args.child:
         print(json.dumps(_timed(**json.loads(args.child))))

@@ -17,8 +17,12 @@ worker (the in-process figure includes the ``auto`` engine check, which runs Caf
 and whether the masks are identical; then the speed-up of 2 workers over 1 and the saving of
 skipping glass. The engine is ``--engine`` (default ``auto``: OpenCV after its check against
 Caffe). The model is ``--model-dir`` (deploy.prototxt, weights.caffemodel, model_card.yaml),
-e.g. ``results/models/patchmean_aug`` of an experiment run.
+e.g. ``results/models/patchmean_aug`` of an experiment run; without it, the experiment's
+patch-mean U-Net (depth 2, width 16) with seeded random weights (``--save-model DIR`` keeps
+that folder, e.g. to run an older checkout's script on the same model). ``--smoke`` is a tiny
+run for the test suite (an 800-pixel slide, in-process and one worker).
 
+    .venv/bin/python scripts/benchmark_slides.py --size 4000 --configs workers=1 workers=2
     .venv/bin/python scripts/benchmark_slides.py --model-dir results/models/patchmean_aug
     .venv/bin/python scripts/benchmark_slides.py --model-dir results/models/patchmean_aug --size 8000
 """
@@ -136,9 +140,29 @@ def run_one(config):
     print(json.dumps(record))
 
 
+def template_model_dir(folder):
+    """The experiment's patch-mean U-Net with seeded random weights as a model folder (deploy, weights, card)."""
+    import shutil
+
+    from benchmark_segment import _template_models
+
+    from caffe_layers.model_card import write_model_card
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (name, deploy, weights), = _template_models(folder, centrings=("patchmean",))
+    shutil.move(deploy, folder / "deploy.prototxt")
+    shutil.move(weights, folder / "weights.caffemodel")
+    write_model_card(folder / "model_card.yaml", {"size_multiple": 4}, overwrite=True, comment=name)
+    return folder
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-dir", required=True, help="folder with deploy.prototxt, weights.caffemodel, model_card.yaml")
+    parser.add_argument("--model-dir", help="folder with deploy.prototxt, weights.caffemodel, model_card.yaml "
+                                            "(default: the patch-mean U-Net template with random weights)")
+    parser.add_argument("--save-model", help="with no --model-dir: keep the template model folder here")
+    parser.add_argument("--smoke", action="store_true", help="tiny run for the test suite")
     parser.add_argument("--size", type=int, default=20000, help="slide side in pixels (default 20000)")
     parser.add_argument("--glass", type=float, default=0.4, help="fraction of glass (default 0.4)")
     parser.add_argument("--block", type=int, default=1024)
@@ -148,10 +172,14 @@ def main():
     args = parser.parse_args()
     if args.run_one:
         return run_one(json.loads(args.run_one))
+    if args.smoke:
+        args.size, args.configs = 800, ["process", "workers=1"]
     import numpy as np
     import tifffile
 
     with tempfile.TemporaryDirectory(prefix="benchmark-slides-") as folder:
+        if args.model_dir is None:
+            args.model_dir = str(template_model_dir(args.save_model or Path(folder) / "model"))
         slide = Path(folder) / "slide.tif"
         started = time.perf_counter()
         glass = build_slide(slide, args.size, args.glass)

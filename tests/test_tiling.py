@@ -137,3 +137,17 @@ def test_overlay():
     assert np.array_equal(overlay(rgb, np.zeros((9, 9))), rgb)
     with pytest.raises(ValueError, match="mask shape"):
         overlay(rgb, np.zeros((3, 3)))
+
+
+def test_padded_batches_keep_one_input_shape_and_the_result():
+    rgb = np.random.default_rng(1).integers(0, 256, (70, 120, 3), dtype=np.uint8)
+    calls = []
+    stats = {}
+    padded = segment_tiled(box_predict(calls=calls), rgb, tile=32, overlap=8, multiple=4, batch_size=4,
+                           pad_batches=True, stats=stats)
+    plain = segment_tiled(box_predict(), rgb, tile=32, overlap=8, multiple=4, batch_size=4)
+    np.testing.assert_array_equal(padded, plain)
+    tiles = len(tile_grid(72, 120, 32, 8, 4))
+    assert tiles % 4 != 0  # the last batch is partial ...
+    assert set(calls) == {(4, 3, 32, 32)}  # ... and still reaches predict as 4 tiles
+    assert stats["net_pixels"] == len(calls) * 4 * 32 * 32

@@ -78,10 +78,10 @@ def run(prog, body, interrupted=None):
 def add_tiling_arguments(parser):
     """The tiling options shared by segment and compare (defaults from :mod:`caffe_layers.tiling`)."""
     parser.add_argument("--tile", type=int, default=DEFAULT_TILE, help=f"tile side in pixels (default {DEFAULT_TILE})")
-    parser.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP,
-                        help="overlap of neighbouring tiles in pixels, at least twice the net's "
-                             f"receptive-field radius (default {DEFAULT_OVERLAP}; widened to the context a "
-                             "valid-convolution, strided or patch-classifier net needs)")
+    parser.add_argument("--overlap", type=int, default=None,
+                        help="overlap of neighbouring tiles in pixels (default: twice the net's receptive-field "
+                             f"radius computed from the prototxt, or {DEFAULT_OVERLAP} when it has none; always "
+                             "widened to the context a valid-convolution, strided or patch-classifier net needs)")
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                         help=f"probability above which a pixel is nucleus, in [0, 1) (default {DEFAULT_THRESHOLD})")
     parser.add_argument("--batch-tiles", type=int, default=4, help="tiles per forward pass (default 4)")
@@ -93,7 +93,7 @@ def check_tiling_arguments(args):
     """Refuse tiling values no net can use, before Caffe is involved."""
     if not 1 <= args.tile <= 16384:
         raise UsageError(f"--tile must be in [1, 16384]; got {args.tile}")
-    if not 0 <= args.overlap < args.tile:
+    if args.overlap is not None and not 0 <= args.overlap < args.tile:
         raise UsageError(f"--overlap must be in [0, --tile); got {args.overlap} with --tile {args.tile}")
     try:
         check_threshold(args.threshold)
@@ -156,7 +156,17 @@ def model_card_from_args(args):
 
 
 def effective_overlap(args, predictor, prog):
-    """``--overlap``, widened (with a note on stderr) to twice the context the net needs."""
+    """``--overlap``, widened (with a note on stderr) to twice the context the net needs.
+
+    Without ``--overlap``: twice the receptive-field radius the engine computed from the
+    prototxt (``predictor.receptive_radius``), rounded up to an even number; tiles then
+    overlap just enough to equal one pass. :data:`DEFAULT_OVERLAP` when the net has no
+    finite field (or the radius does not fit the tile).
+    """
+    if args.overlap is None:
+        radius = getattr(predictor, "receptive_radius", None)
+        args.overlap = 2 * radius if radius is not None and 2 * radius < args.tile else \
+            min(DEFAULT_OVERLAP, args.tile - 1)
     context = getattr(predictor, "context", None)
     if context is None or args.overlap >= 2 * context:
         return args.overlap

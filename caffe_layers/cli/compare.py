@@ -6,6 +6,7 @@ from pathlib import Path
 from ..image_io import read_mask, read_rgb
 from ..net.inference.compare import ModelSpec, compare_models
 from ..model_card import load_model_card
+from ..tiling import DEFAULT_OVERLAP
 from . import (UsageError, add_engine_argument, add_tiling_arguments, check_output_folder, check_tiling_arguments,
                engine_log, run)
 
@@ -69,7 +70,8 @@ def main(argv=None):
             images.append((Path(image_path).stem, rgb, truth))
         template = None if args.template is None else read_rgb(args.template)
         summary = compare_models(models, images, args.out, template_rgb=template,
-                                 tile=args.tile, overlap=args.overlap, threshold=args.threshold,
+                                 tile=args.tile, overlap=DEFAULT_OVERLAP if args.overlap is None else args.overlap,
+                                 threshold=args.threshold,
                                  figures=not args.no_figures, tta=args.tta, batch_size=args.batch_tiles,
                                  engine=args.engine, engine_log=engine_log(parser.prog),
                                  overwrite=args.overwrite,

@@ -6,7 +6,7 @@ from pathlib import Path
 from ..image_io import image_shape, same_file
 from ..net.inference.engines import make_segmenter, probe_side
 from ..net.inference.image_files import segment_files
-from ..tiling import dihedral_tta
+from ..tiling import DEFAULT_OVERLAP, dihedral_tta
 from ..wsi.pipeline import DEFAULT_BLOCK, SlideSettings, find_slides, slide_name, slide_outputs
 from ..wsi.reader import is_slide, open_slide
 from . import (UsageError, add_engine_argument, add_model_card_arguments, add_tiling_arguments,
@@ -45,7 +45,7 @@ def _probe_side(args, images, slides):
         except (OSError, ValueError):  # reported, naming the file, when it is segmented
             sides.append(args.tile)
     if slides:
-        sides.append(args.block + 2 * args.overlap)
+        sides.append(args.block + 2 * (DEFAULT_OVERLAP if args.overlap is None else args.overlap))
     return probe_side(args.tile, sides)
 
 

@@ -217,3 +217,24 @@ def test_a_slide_output_never_replaces_an_input_image(caffe, tmp_path, capsys):
     assert segment_main(argv) == 2
     assert "the output of slide" in capsys.readouterr().err and image.read_bytes() == before
     assert not (tmp_path / "case_slide.json").exists()
+
+
+def _start_environment():
+    """The environment this process was started with (what glibc's allocator read)."""
+    with open("/proc/self/environ", "rb") as handle:
+        return dict(entry.split(b"=", 1) for entry in handle.read().split(b"\0") if b"=" in entry)
+
+
+def test_workers_keep_the_allocator_of_a_plain_process(client):
+    import os
+
+    import dask
+
+    # dask's nanny would set it (its pre-spawn-environ); slide_client takes it out again.
+    assert "MALLOC_TRIM_THRESHOLD_" in dask.config.get("distributed.nanny.pre-spawn-environ")
+    if "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        pytest.skip("MALLOC_TRIM_THRESHOLD_ is exported here: the workers inherit it, as they should")
+    environments = client.run(_start_environment).values()
+    assert len(environments) == 2
+    for environment in environments:
+        assert b"MALLOC_TRIM_THRESHOLD_" not in environment and environment[b"OMP_NUM_THREADS"] == b"1"

@@ -33,6 +33,7 @@ from ...model_card import ModelCard
 from ...tiling import DEFAULT_MULTIPLE, DEFAULT_TILE
 from .opencv_engine import OpenCVSegmenter, OpenCVUnsupported
 from .caffe_engine import CaffeSegmenter
+from .receptive_field import net_receptive_radius
 from ..proto import PYCAFFE_IMPORT_ERROR
 
 __all__ = ["DEFAULT_ENGINE", "ENGINES", "PROBE_TOLERANCE", "EngineChoice", "check_engine", "make_segmenter",
@@ -178,6 +179,7 @@ def make_segmenter(deploy_prototxt, weights, engine=DEFAULT_ENGINE, *, tile=DEFA
         segmenter, choice = _auto(deploy_prototxt, weights, _probe_shape(tile, multiple, batch), tolerance,
                                   threads, deploy_name)
     segmenter.engine_choice = choice
+    segmenter.receptive_radius = net_receptive_radius(deploy_prototxt, card)  # the tools' default overlap
     if log is not None:
         log(choice.message())
     return segmenter
