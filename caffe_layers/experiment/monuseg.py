@@ -280,7 +280,7 @@ def _train_seeds(data, settings, recipes, seed_list, work, jobs, log):
         specs.update(_training_specs(data, settings, recipes, seed, work))
     jobs = jobs or max(1, min(len(os.sched_getaffinity(0)), len(specs)))
     log(f"{len(specs)} trainings for seed(s) {', '.join(map(str, seed_list))} on {jobs} worker process(es)")
-    return train_all(log, specs, jobs)
+    return train_all(log, specs, jobs, reuse=True)  # a run stopped after training resumes there
 
 
 def _normalised_test_tiles(data, settings):

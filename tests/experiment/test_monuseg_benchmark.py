@@ -57,7 +57,7 @@ def test_split_by_site_holds_out_whole_sites(monuseg_root):
         monuseg_data.split_by_site(tiles, ("ZZ",))
 
 
-def test_tiny_benchmark_runs_and_seeds_combine(caffe, monuseg_root, tmp_path):
+def test_tiny_benchmark_runs_and_seeds_combine(caffe, monuseg_root, tmp_path, capfd):
     from caffe_layers.cli.experiment import main
 
     out = tmp_path / "monuseg"
@@ -81,3 +81,9 @@ def test_tiny_benchmark_runs_and_seeds_combine(caffe, monuseg_root, tmp_path):
     # A third run with the same seeds does no work: both seeds are on record.
     assert main(args + ["--seed", "0", "--seeds", "2"]) == 0
     assert json.loads((out / "summary.json").read_text())["seeds"] == [0, 1]
+    # A seed stopped after its trainings (its record missing) is scored again from its weights.
+    first = (out / "seeds" / "seed_1.json").read_text()
+    (out / "seeds" / "seed_1.json").unlink()
+    assert main(args + ["--seed", "1"]) == 0
+    assert "reusing the completed training of patchmean (seed 1)" in capfd.readouterr().err
+    assert json.loads((out / "seeds" / "seed_1.json").read_text())["test"] == json.loads(first)["test"]
