@@ -28,7 +28,8 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 
-__all__ = ["imagescope_regions", "read_imagescope_xml", "read_instance_image", "xml_microns_per_pixel"]
+__all__ = ["imagescope_regions", "read_ground_truth", "read_imagescope_xml", "read_instance_image",
+           "write_instance_image", "xml_microns_per_pixel"]
 
 # ImageScope writes vertices at pixel corners; the pixel grid used here has pixel centres at
 # integer positions, so every vertex moves by this much in both axes.
@@ -209,3 +210,67 @@ def read_instance_image(path, shape=None):
         raise ValueError(f"instance label image {path!r} is {array.shape[0]}×{array.shape[1]} (H×W), "
                          f"which does not match the image's {tuple(shape)[0]}×{tuple(shape)[1]}")
     return array.astype(np.int32)
+
+
+def write_instance_image(path, labels, *, overwrite=False):
+    """Write instance labels as a 16-bit single-channel PNG (atomically), as
+    :func:`read_instance_image` reads them back.
+
+    Parameters
+    ----------
+    path : path
+        A ``.png`` file.
+    labels : (H, W) integer array
+        0 background, 1..65535 objects.
+    overwrite : bool
+        Replace an existing file (default: refuse).
+
+    Returns
+    -------
+    Path
+    """
+    from pathlib import Path
+
+    from PIL import Image
+
+    from .image_io import write_atomic
+
+    path, labels = Path(path), np.asarray(labels)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"{path}: instance labels are written as .png (16-bit)")
+    if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{path}: instance labels must be an (H, W) integer array, got {labels.shape} {labels.dtype}")
+    if labels.size and (labels.min() < 0 or labels.max() > 65535):
+        raise ValueError(f"{path}: labels {labels.min()}..{labels.max()} do not fit a 16-bit PNG (0..65535)")
+    image = Image.fromarray(np.ascontiguousarray(labels, dtype=np.uint16))
+    return write_atomic(path, lambda tmp: image.save(tmp, format="PNG"), overwrite=overwrite)
+
+
+def read_ground_truth(path, shape):
+    """Ground truth of an image: nucleus instances where the file holds them, else a mask.
+
+    Parameters
+    ----------
+    path : str or path-like
+        An Aperio ImageScope ``.xml`` (instances), or an image: a single-channel label image
+        whose foreground holds several values (16- or 8-bit) gives instances; a binary mask
+        (one foreground value, or an RGB file with identical channels) gives a mask.
+    shape : (int, int)
+        The image's ``(H, W)``; a file of another shape is an error naming it.
+
+    Returns
+    -------
+    (H, W) int32 instance labels (0 background) or (H, W) bool mask
+    """
+    from .image_io import read_mask
+
+    if os.fspath(path).lower().endswith(".xml"):
+        return read_imagescope_xml(path, shape)
+    try:
+        labels = read_instance_image(path, shape)
+    except ValueError:  # colour channels, floats, ...: read_mask says what it accepts
+        return read_mask(path, shape)
+    foreground = labels[labels > 0]
+    if foreground.size and foreground.min() != foreground.max():
+        return labels
+    return labels > 0

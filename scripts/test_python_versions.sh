@@ -8,10 +8,9 @@
 #
 # The tests run from the unpacked sdist against the installed wheel, so a module or template
 # missing from either fails them; Caffe and the data packages are absent, and the tests that
-# need them skip. Each console script's --help runs from the venv's bin/: the two that need no
-# Caffe everywhere; the six that drive Caffe import pycaffe first, so they must stop at exactly
-# `import caffe` without it, and work on the Python of the pycaffe build of
-# scripts/install_caffe.sh (.venv/), with only that build on PYTHONPATH.
+# need them skip. Each console script's --help runs from the venv's bin/ and must work without
+# pycaffe, and on the Python of the pycaffe build of scripts/install_caffe.sh (.venv/) also with
+# only that build on PYTHONPATH.
 #
 #   bash scripts/test_python_versions.sh               # all of 3.8 ... 3.13 found under pyenv
 #   bash scripts/test_python_versions.sh 3.8 3.13      # some of them
@@ -159,20 +158,17 @@ test_one() {
       | grep -iE '^(numpy|scipy|pyyaml|scikit-image|opencv-python-headless|pillow|tifffile|matplotlib|tqdm|imagecodecs|protobuf|pytest|hypothesis|vermin) '
     # The installed package, not the source tree, is what the tests import.
     (cd "$DIST" && "$venv/bin/python" -c 'import caffe_layers, sys; p = caffe_layers.template_dir(); assert "site-packages" in str(p), p; print("templates:", p)')
-    # Each command's --help; the commands that drive Caffe import pycaffe first, so without it
-    # they may only stop at `import caffe`. With the pycaffe build (for its Python) all must work.
-    local pycaffe="" without=() help=$DIST/help-$version.txt
+    # Each command's --help, without pycaffe (docs/without-caffe.md) and, on the Python of the
+    # pycaffe build, with it.
+    local pycaffe="" help=$DIST/help-$version.txt
     [ "$version" = "$PYCAFFE_VERSION" ] && pycaffe=$PYCAFFE_DIR
     for command in $COMMANDS; do
-      if env ${pycaffe:+PYTHONPATH="$pycaffe"} GLOG_minloglevel=2 "$venv/bin/caffe-stain-$command" --help >"$help" 2>&1; then
-        continue
-      elif [ -z "$pycaffe" ] && tail -n 1 "$help" | grep -q "No module named 'caffe'"; then
-        without+=("$command")
-      else
-        cat "$help"; echo "caffe-stain-$command --help failed"; return 1
-      fi
+      for path in "" $pycaffe; do
+        env ${path:+PYTHONPATH="$path"} GLOG_minloglevel=2 "$venv/bin/caffe-stain-$command" --help >"$help" 2>&1 \
+          || { cat "$help"; echo "caffe-stain-$command --help failed${path:+ (pycaffe: $path)}"; return 1; }
+      done
     done
-    echo "console scripts: --help works for $(($(echo $COMMANDS | wc -w) - ${#without[@]})) commands${pycaffe:+ (pycaffe: $pycaffe)}${without[*]:+; these stop at 'import caffe' without pycaffe: ${without[*]}}"
+    echo "console scripts: --help works for every command without pycaffe${pycaffe:+ and with $pycaffe}"
     (cd "$SRC" && env -u CAFFE_STAIN_REQUIRE_CAFFE -u CAFFE_STAIN_REQUIRE_DATA -u CAFFE_TOOL -u PYTHONPATH \
        GLOG_minloglevel=2 "$venv/bin/pytest" tests -q -p no:cacheprovider "${pytest_args[@]}")
   } >"$log" 2>&1

@@ -13,6 +13,11 @@ Warnings (a blank image left unchanged, ...) are one line each too:
 ``caffe-stain-<name>: warning: <message>``.
 
 Library modules never import argparse; only this package does.
+
+Every command answers ``--help`` without pycaffe: a module imports Caffe tooling
+(``caffe_layers.net``, ``caffe_layers.experiment``) only once its arguments are parsed. The
+commands whose work is Caffe's (train, experiment, prepare, retrofit, lmdb) first call
+:func:`pycaffe_status` and stop in one line with the install pointer when pycaffe is missing.
 """
 import logging
 import os
@@ -23,7 +28,8 @@ from ..sample_data import DataPackageMissing
 from ..tiling import DEFAULT_OVERLAP, DEFAULT_THRESHOLD, DEFAULT_TILE, check_threshold
 
 __all__ = ["CARD_FLAGS", "USER_ERRORS", "UsageError", "add_model_card_arguments", "add_tiling_arguments",
-           "check_output_folder", "check_tiling_arguments", "check_white_threshold", "effective_overlap", "model_card_from_args", "run"]
+           "check_output_folder", "check_tiling_arguments", "check_white_threshold", "effective_overlap", "model_card_from_args",
+           "add_instance_arguments", "instance_options", "pycaffe_status", "run"]
 
 # Before anything imports caffe: keep Caffe's log to warnings and errors unless asked.
 os.environ.setdefault("GLOG_minloglevel", "1")
@@ -75,6 +81,17 @@ def run(prog, body, interrupted=None):
         return 130
 
 
+def pycaffe_status(prog):
+    """0 if pycaffe imports, else 2 after the one-line error with the install pointer: called by
+    the commands whose work is Caffe's, right after parsing their arguments, before any work."""
+    def require():
+        from ..net.proto import require_pycaffe
+
+        require_pycaffe(prog)
+
+    return run(prog, require)
+
+
 def add_tiling_arguments(parser):
     """The tiling options shared by segment and compare (defaults from :mod:`caffe_layers.tiling`)."""
     parser.add_argument("--tile", type=int, default=DEFAULT_TILE, help=f"tile side in pixels (default {DEFAULT_TILE})")
@@ -116,6 +133,50 @@ def check_output_folder(path, option="--out"):
     """An output folder option names a folder or nothing yet, not a file (checked before any work)."""
     if os.path.lexists(path) and not os.path.isdir(path):
         raise UsageError(f"{option} {path}: exists and is not a folder; name a folder for the outputs")
+
+
+def _instance_defaults():
+    import inspect
+
+    from ..instances import instances_from_probability
+
+    parameters = inspect.signature(instances_from_probability).parameters
+    return {name: parameters[name].default for name in ("min_distance", "min_size", "sigma", "h", "fill_holes")}
+
+
+def add_instance_arguments(parser, what):
+    """``--instances`` and the parameters of :func:`caffe_layers.instances.instances_from_probability`
+    (the documented step from probability to nuclei), with the library's defaults."""
+    defaults = _instance_defaults()
+    group = parser.add_argument_group("nucleus instances (threshold, distance watershed, size filter; "
+                                      "docs/nuclei.md)")
+    group.add_argument("--instances", action="store_true", help=what)
+    group.add_argument("--min-distance", type=int, default=defaults["min_distance"],
+                       help=f"markers: maxima of a (2·N+1)² window of the smoothed distance (default "
+                            f"{defaults['min_distance']})")
+    group.add_argument("--min-size", type=int, default=defaults["min_size"],
+                       help=f"objects of fewer pixels are dropped (default {defaults['min_size']})")
+    group.add_argument("--sigma", type=float, default=defaults["sigma"],
+                       help=f"Gaussian smoothing of the distance, in pixels (default {defaults['sigma']:g})")
+    group.add_argument("--h", type=float, default=defaults["h"],
+                       help=f"peaks joined by a saddle less than this deep (pixels of distance) share a marker "
+                            f"(default {defaults['h']:g})")
+    group.add_argument("--no-fill-holes", dest="fill_holes", action="store_false", default=defaults["fill_holes"],
+                       help="keep holes inside objects (default: filled)")
+
+
+def instance_options(args):
+    """The keyword arguments of instances_from_probability from ``args``, checked (whether or not
+    ``--instances`` asks for the labels to be written)."""
+    if args.min_distance < 1:
+        raise UsageError(f"--min-distance must be >= 1; got {args.min_distance}")
+    if args.min_size < 0:
+        raise UsageError(f"--min-size must be >= 0; got {args.min_size}")
+    for flag, value in (("--sigma", args.sigma), ("--h", args.h)):
+        if not value >= 0 or value == float("inf"):  # NaN fails too
+            raise UsageError(f"{flag} must be a finite number >= 0; got {value}")
+    return dict(min_distance=args.min_distance, min_size=args.min_size, sigma=args.sigma, h=args.h,
+                fill_holes=args.fill_holes)
 
 
 #: Model-card keys that are also flags (``--input-blob`` ...), with their argparse options.
@@ -188,7 +249,8 @@ def add_engine_argument(parser):
     """``--engine caffe|opencv|auto`` (see :mod:`caffe_layers.net.inference.engines`)."""
     parser.add_argument("--engine", choices=ENGINE_CHOICES, default="auto",
                         help="inference engine: caffe, opencv (OpenCV's DNN module, several times faster) or auto "
-                             "(OpenCV if it matches Caffe on a probe tile, checked once per model; default)")
+                             "(OpenCV if it matches Caffe on a probe tile, checked once per model; OpenCV unchecked "
+                             "without pycaffe; default)")
 
 
 def engine_log(prog):

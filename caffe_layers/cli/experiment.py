@@ -4,8 +4,7 @@ import argparse
 import dataclasses
 import sys
 
-from ..experiment import PRESETS, run_experiment
-from . import add_engine_argument, run
+from . import add_engine_argument, pycaffe_status, run
 
 __all__ = ["main"]
 
@@ -43,6 +42,10 @@ def main(argv=None):
     add_engine_argument(parser)
     parser.set_defaults(preset=None)
     args = parser.parse_args(argv)
+    if pycaffe_status(parser.prog):
+        return 2
+    from ..experiment import PRESETS, run_experiment
+
     if args.dataset == "monuseg":
         return _monuseg(parser, args)
     if args.data is not None:

@@ -11,14 +11,15 @@ import re
 import sys
 from pathlib import Path
 
-from ..net.training.datum_lmdb import (CHANNEL_ORDERS, check_output, class_folder_items, read_label_list,
-                                 write_classification_lmdb, write_segmentation_lmdbs)
 from ..patches import read_pair_list
-from . import UsageError, run
+from . import UsageError, pycaffe_status, run
 
 __all__ = ["main"]
 
 PROG = "caffe-stain-lmdb"
+
+#: caffe_layers.net.training.datum_lmdb.CHANNEL_ORDERS, repeated so that --help needs no Caffe.
+CHANNEL_ORDERS = ("BGR", "RGB")
 
 
 def _size(text):
@@ -71,6 +72,10 @@ def main(argv=None):
                                        "paths relative to the list file's folder)")
     _common(cls)
     args = parser.parse_args(argv)
+    if pycaffe_status(PROG):  # caffe_layers.net.training loads the training loop
+        return 2
+    from ..net.training.datum_lmdb import (check_output, class_folder_items, read_label_list,
+                                           write_classification_lmdb, write_segmentation_lmdbs)
 
     def body():
         if args.seed is not None and not args.shuffle:

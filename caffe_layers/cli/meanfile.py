@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 from ..image_io import read_rgb, same_file
-from ..net.meanfile import write_mean_binaryproto
 from ..patches import compute_mean_image, read_pair_list
 from . import UsageError, run
 
@@ -34,12 +33,17 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     def body():
+        from ..net.meanfile import write_mean_binaryproto  # protobuf only: no Caffe needed
+
         output = Path(args.output)
         if output.suffix.lower() != ".binaryproto":
             raise UsageError(f"{output}: the output must be a .binaryproto file")
         if args.patch_size is not None and not 1 <= args.patch_size <= 8192:
             raise UsageError(f"--patch-size must be in [1, 8192]; got {args.patch_size}")
         if args.lmdb is not None:
+            from ..net.proto import require_pycaffe
+
+            require_pycaffe("caffe-stain-meanfile --lmdb")  # caffe_layers.net.training loads the training loop
             from ..net.training.datum_lmdb import iter_datums
 
             database = Path(args.lmdb)

@@ -4,8 +4,7 @@ import sys
 from pathlib import Path
 
 from .. import sample_data
-from ..experiment.regions import prepare_data
-from . import UsageError, run
+from . import UsageError, pycaffe_status, run
 
 __all__ = ["main"]
 
@@ -21,6 +20,9 @@ def main(argv=None):
     parser.add_argument("--gap", type=int, default=16, help="rows left out between bands (default 16)")
     parser.add_argument("--overwrite", action="store_true", help="replace files of an earlier run")
     args = parser.parse_args(argv)
+    if pycaffe_status(parser.prog):  # its files are the Caffe templates' training data
+        return 2
+    from ..experiment.regions import prepare_data
 
     def body():
         if not 1 <= args.patch_size <= 1024:

@@ -1,17 +1,20 @@
-"""``caffe-stain-segment``: segment nuclei in RGB images and whole slides with a Caffe deploy net, tile by tile."""
+"""``caffe-stain-segment``: segment nuclei in RGB images and whole slides with a Caffe deploy net, tile by tile.
+
+The net runs in pycaffe or, without it, in OpenCV (``--engine``); the engines are imported once
+the arguments are parsed, so ``--help`` needs neither.
+"""
 import argparse
+import math
 import sys
 from pathlib import Path
 
 from ..image_io import image_shape, same_file
-from ..net.inference.engines import make_segmenter, probe_side
-from ..net.inference.image_files import segment_files
 from ..tiling import DEFAULT_OVERLAP, dihedral_tta
 from ..wsi.pipeline import DEFAULT_BLOCK, SlideSettings, find_slides, slide_name, slide_outputs
 from ..wsi.reader import is_slide, open_slide
-from . import (UsageError, add_engine_argument, add_model_card_arguments, add_tiling_arguments,
-               check_output_folder, check_tiling_arguments, check_white_threshold, effective_overlap,
-               engine_log, model_card_from_args, run)
+from . import (UsageError, add_engine_argument, add_instance_arguments, add_model_card_arguments,
+               add_tiling_arguments, check_output_folder, check_tiling_arguments, check_white_threshold,
+               effective_overlap, engine_log, instance_options, model_card_from_args, run)
 
 __all__ = ["main"]
 
@@ -34,6 +37,11 @@ def _split_inputs(entries):
     return images, slides
 
 
+def _check_image_mpp(value):
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise UsageError(f"--image-mpp must be a positive number of micrometres per pixel; got {value}")
+
+
 def _probe_side(args, images, slides):
     """The largest tile side the run will feed the net: ``--tile``, but no larger than the largest
     image (a tile is cut to the image) or a slide's block and its margins, so that the engine's
@@ -46,6 +54,8 @@ def _probe_side(args, images, slides):
             sides.append(args.tile)
     if slides:
         sides.append(args.block + 2 * (DEFAULT_OVERLAP if args.overlap is None else args.overlap))
+    from ..net.inference.engines import probe_side
+
     return probe_side(args.tile, sides)
 
 
@@ -68,6 +78,12 @@ def main(argv=None):
     add_engine_argument(parser)
     parser.add_argument("--prob-format", choices=("png", "npy"), default="png",
                         help="images: nucleus probability as a uint8 PNG or as a float32 .npy of the image's size")
+    parser.add_argument("--image-mpp", type=float, default=None, metavar="MPP",
+                        help="images: their micrometres per pixel, instead of what their files record (TIFF "
+                             "resolution tags, PNG pHYs). With an mpp in the model card (or --mpp) each image is "
+                             "resampled to it, segmented, and its outputs written at the image's own size")
+    add_instance_arguments(parser, "images: also write <name>_instances.png, nucleus instances as 16-bit labels "
+                                   "(0 background, 1..N); slides always write <name>_nuclei.geojson")
     parser.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
     parser.add_argument("--no-progress", action="store_true")
     slides = parser.add_argument_group("whole slides")
@@ -99,10 +115,16 @@ def main(argv=None):
         if not 16 <= args.block <= 16384:
             raise UsageError(f"--block must be in [16, 16384]; got {args.block}")
         check_white_threshold(args)
+        _check_image_mpp(args.image_mpp)
+        parameters = instance_options(args)  # checked with or without --instances
+        instances = parameters if args.instances else None
         images, slides = _split_inputs(args.images)
         state["slides"] = slides
         if not slides and (args.workers is not None or args.scheduler is not None or args.prob_tiff):
             raise UsageError("--workers, --scheduler and --prob-tiff apply to whole slides; no input is one")
+        if not images and (instances is not None or args.image_mpp is not None):
+            raise UsageError("--instances and --image-mpp apply to plain images; no input is one (slides: "
+                             "<name>_nuclei.geojson, at the pyramid level nearest to the model's mpp)")
         for slide in slides:  # a corrupt slide or an existing output is refused before any net is loaded
             open_slide(slide).close()
             for output in slide_outputs(args.out, slide_name(slide), args.prob_tiff).values():
@@ -113,6 +135,8 @@ def main(argv=None):
                 if output.exists() and not args.overwrite:
                     raise FileExistsError(f"{output}: already exists (use --overwrite to replace it)")
         card = model_card_from_args(args)
+        from ..net.inference.engines import make_segmenter
+
         segmenter = make_segmenter(args.model, args.weights, args.engine, tile=_probe_side(args, images, slides),
                                    multiple=card.size_multiple, batch=args.batch_tiles, log=engine_log(parser.prog),
                                    card=card)
@@ -122,11 +146,14 @@ def main(argv=None):
                   "slide that takes hours; patch_stride: 8 in the card (or --patch-stride 8) classifies every 8th "
                   "pixel's patch per row and column and interpolates, 64× fewer passes", file=sys.stderr)
         if images:
+            from ..net.inference.image_files import segment_files
+
             predict = dihedral_tta(segmenter) if args.tta else segmenter
             written = segment_files(predict, images, args.out, tile=args.tile, overlap=overlap,
                                     threshold=args.threshold, multiple=card.size_multiple,
                                     prob_format=args.prob_format, progress=not args.no_progress,
-                                    overwrite=args.overwrite, batch_size=args.batch_tiles)
+                                    overwrite=args.overwrite, batch_size=args.batch_tiles, model_mpp=card.mpp,
+                                    image_mpp=args.image_mpp, instances=instances, log=engine_log(parser.prog))
             for files in written:
                 print(f"{files['name']}: {files['mask']}")
         if slides:

@@ -2,8 +2,7 @@
 import argparse
 import sys
 
-from ..net.training import train
-from . import UsageError, run
+from . import UsageError, pycaffe_status, run
 
 __all__ = ["main"]
 
@@ -28,6 +27,9 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, help="override the solver's random_seed")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    if pycaffe_status(parser.prog):
+        return 2
+    from ..net.training import train
 
     def body():
         if args.iters is not None and not 1 <= args.iters < 2 ** 31:

@@ -20,6 +20,7 @@ from ..image_io import write_atomic, write_image
 from ..monuseg import find_tiles
 from ..net.meanfile import write_mean_binaryproto
 from ..patches import compute_mean_image
+from ..resolution import resample_probability, resample_rgb  # noqa: F401 - also this module's names
 
 __all__ = ["MonusegData", "ScaledTile", "prepare_monuseg", "resample_rgb", "resample_probability",
            "separate_touching", "split_by_site"]
@@ -78,31 +79,12 @@ def split_by_site(tiles, val_sites):
     return train, val, test
 
 
-def _scaled_shape(shape, scale):
-    return max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale))
-
-
-def resample_rgb(rgb, scale):
-    """(H, W, 3) uint8 -> (round(H·scale), round(W·scale), 3), area averaging when shrinking."""
-    if scale == 1:
-        return rgb
-    h, w = _scaled_shape(rgb.shape, scale)
-    return cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-
-
 def resample_labels(labels, shape):
     """Instance labels to ``shape`` by nearest neighbour (ids are not averaged)."""
     if labels.shape == tuple(shape):
         return labels
     return cv2.resize(labels.astype(np.int32).astype(np.float32), (shape[1], shape[0]),
                       interpolation=cv2.INTER_NEAREST).astype(np.int32)
-
-
-def resample_probability(prob, shape):
-    """A probability map back to ``shape`` (bilinear), float32."""
-    if prob.shape == tuple(shape):
-        return prob.astype(np.float32, copy=False)
-    return cv2.resize(prob.astype(np.float32), (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
 
 
 def separate_touching(labels):
