@@ -314,10 +314,14 @@ class CaffeSegmenter:
         step = self.stride
         windows = windows[:, :, ::step, ::step]  # the patches centred on pixels 0, step, 2·step, ...
         rows, cols = windows.shape[2:4]
-        windows = windows.transpose(0, 2, 3, 1, 4, 5).reshape(n * rows * cols, 3, ph, pw)
-        fg = np.empty(len(windows), np.float32)
-        for start in range(0, len(windows), PATCH_BATCH):
-            chunk = np.ascontiguousarray(windows[start:start + PATCH_BATCH])
+        # A view (N, rows, cols, 3, ph, pw): only PATCH_BATCH windows at a time are copied out, so
+        # memory stays bounded (all windows of a 256² tile with a 65×65 patch are 3.3 GB).
+        windows = windows.transpose(0, 2, 3, 1, 4, 5)
+        count = n * rows * cols
+        fg = np.empty(count, np.float32)
+        for start in range(0, count, PATCH_BATCH):
+            index = np.unravel_index(np.arange(start, min(start + PATCH_BATCH, count)), (n, rows, cols))
+            chunk = np.ascontiguousarray(windows[index])
             fg[start:start + len(chunk)] = self._forward(preprocess(chunk, self.card, self.mean)).reshape(len(chunk))
         fg = fg.reshape(n, rows, cols)
         return fg if step == 1 else self._upsample(fg, height, width)

@@ -169,7 +169,7 @@ def make_segmenter(deploy_prototxt, weights, engine=DEFAULT_ENGINE, *, tile=DEFA
         segmenter = CaffeSegmenter(deploy_prototxt, weights, card)
         choice = EngineChoice(engine, "caffe", f"the conventions of {card.source} are run by Caffe", deploy_name)
     elif engine == "caffe":
-        segmenter = CaffeSegmenter(deploy_prototxt, weights)
+        segmenter = CaffeSegmenter(deploy_prototxt, weights, card)  # its size_multiple sets the geometry probe
         choice = EngineChoice("caffe", "caffe", "requested", deploy_name)
     elif engine == "opencv":
         segmenter = OpenCVSegmenter(deploy_prototxt, weights, threads=threads)
@@ -177,7 +177,7 @@ def make_segmenter(deploy_prototxt, weights, engine=DEFAULT_ENGINE, *, tile=DEFA
                               notes=tuple(segmenter.notes))
     else:
         segmenter, choice = _auto(deploy_prototxt, weights, _probe_shape(tile, multiple, batch), tolerance,
-                                  threads, deploy_name)
+                                  threads, deploy_name, card)
     segmenter.engine_choice = choice
     segmenter.receptive_radius = net_receptive_radius(deploy_prototxt, card)  # the tools' default overlap
     if log is not None:
@@ -185,7 +185,7 @@ def make_segmenter(deploy_prototxt, weights, engine=DEFAULT_ENGINE, *, tile=DEFA
     return segmenter
 
 
-def _auto(deploy, weights, shape, tolerance, threads, deploy_name):
+def _auto(deploy, weights, shape, tolerance, threads, deploy_name, card=None):
     """The ``auto`` choice: (segmenter, EngineChoice)."""
     started = time.perf_counter()
     if PYCAFFE_IMPORT_ERROR is not None:  # nothing to check OpenCV against
@@ -197,7 +197,7 @@ def _auto(deploy, weights, shape, tolerance, threads, deploy_name):
     known = _CHECKED.get(key)
     if known is not None and known.engine == "opencv":
         return OpenCVSegmenter(deploy, weights, threads=threads, check_weights=False), known
-    caffe_segmenter = CaffeSegmenter(deploy, weights)  # the reference; refuses bad files first
+    caffe_segmenter = CaffeSegmenter(deploy, weights, card)  # the reference; refuses bad files first
     if known is not None:
         return caffe_segmenter, known
 
