@@ -108,6 +108,7 @@ def test_a_stated_normalisation_is_undone_around_the_augmentation(caffe, net_fol
     assert retrofit_cli.main(args + (["--input-scale", scale] if scale else [])) == 0
     printed = capsys.readouterr().out
     assert "undone before the AugmentationLayer" in printed and "measured on one batch" in printed
+    assert "assumed to be in 0-255" not in printed
     before = train_data_range(caffe, net_folder, net)
     after = train_data_range(caffe, net_folder, out)
     # flips move pixels but change no value: the range is the data's own, not clipped to 0-255
@@ -131,3 +132,14 @@ def test_zero_one_python_data_becomes_input_range_one(caffe, net_folder):
     assert any("input range 1" in line for line in result.lines)
     with pytest.raises(ValueError, match="looks like 0-1 data"):
         rf.retrofit_files(net, net_folder / "out2.prototxt", FLIP, input_range=255)
+
+
+def test_a_python_layer_with_a_mean_that_cannot_run_is_refused_unless_stated(caffe, tmp_path, capsys):
+    """FCN's VOC layer without its dataset: the range cannot be measured, and its param_str names a mean."""
+    net = tmp_path / "fcn.prototxt"
+    net.write_text(NET.replace("norm_data", "absent_voc_layers").replace("{'how': '%s'}", "{'mean': (104.0, 116.7, 122.7)}"))
+    out = tmp_path / "out.prototxt"
+    assert retrofit_cli.main([str(net), "--param-str", FLIP, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "could not be measured" in err and "'mean'" in err and not out.exists()
+    assert retrofit_cli.main([str(net), "--param-str", FLIP, "--out", str(out), "--input-range", "255"]) == 0

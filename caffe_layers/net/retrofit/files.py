@@ -10,8 +10,9 @@ from ...image_io import same_file, write_atomic
 from ...transforms.schema import AUGMENT_SCHEMA
 from ..prototxt import net_to_text, parse_net, read_text_file
 from .augment_params import read_param_str_source
+from .inputs import tokens
 from .data_range import describe_source, measure_range, needs_measuring, range_verdict
-from .rewrite import retrofit
+from .rewrite import ASSUMED_RANGE, retrofit
 
 
 def retrofit_files(source, out, param_str=None, *, centring="keep", input_range=None, label="auto",
@@ -94,11 +95,17 @@ def _range_is_one(result, source, input_range, normalisation):
     measured = measure_range(result.net, image_top, str(source), Path(source).resolve().parent)
     what = f"{source}: the data of {describe_source(result.net, image_top)}"
     if isinstance(measured, str):
+        if normalisation is None and input_range is None and "mean" in tokens(producer.python_param.param_str):
+            raise ValueError(f"{what} could not be measured ({measured}), and its param_str has a 'mean': if "
+                             "it subtracts one, the AugmentationLayer would clip the centred data; say how it "
+                             "normalises (--input-mean M[,M,M] [--input-scale S]) or that it does not "
+                             "(--input-range 255)")
         if normalisation is None and input_range is None:
             result.lines.append(f"  note: could not run the TRAIN data layers to measure the range of the data "
                                 f"({measured}); the AugmentationLayer assumes 0-255 (clip 0-255): check it")
         return False
     low, high = measured
+    result.lines[:] = [line for line in result.lines if ASSUMED_RANGE not in line]  # measured instead
     verdict, why = range_verdict(low, high, input_range, normalisation)
     if verdict == "refuse":
         raise ValueError(f"{what}, [{low:.6g}, {high:.6g}] on one TRAIN batch, {why}; say how it was normalised "

@@ -20,6 +20,8 @@ from .layers import (AUGMENTATION_LAYER, AUGMENTATION_MODULE, MEAN_SUBTRACT_MODU
 
 CENTRINGS = ("keep", "patchmean")
 INPUT_RANGES = (255, 1)
+#: Said of data whose range the prototxt cannot tell (retrofit_files drops it once the range is measured).
+ASSUMED_RANGE = "is assumed to be in 0-255 (clip_max 255)"
 
 TRAIN, TEST = caffe_pb2.TRAIN, caffe_pb2.TEST
 
@@ -335,8 +337,8 @@ def _written_param_str(job, image_layer, raw, given, bases, input_range):
     if input_range == 1:
         _scale_intensities_to_one(job, raw, params, written)
     elif not bgr_source and not any(key in raw for key in INTENSITY_KEYS) and not _is_patch_data(image_layer):
-        lines.append(f"  note: the data of {describe(image_layer)} is assumed to be in 0-255 (clip_max 255); for "
-                     "0-1 data use input range 1 (--input-range 1)")
+        lines.append(f"  note: the data of {describe(image_layer)} {ASSUMED_RANGE}; for 0-1 data use input range 1 "
+                     "(--input-range 1)")
     ordered = {key: written[key] for key in AUGMENT_SCHEMA.keys if key in written}
     final_str = literal(ordered)
     params = AUGMENT_SCHEMA.validate(parse_param_str(final_str, "the written param_str"), "the written param_str")
