@@ -464,6 +464,28 @@ class Schema:
 
         lines = [line(header), "  ".join("-" * width for width in widths) + "  " + "-" * 11]
         lines.extend(line(row) for row in rows[1:])
+        lines.extend(self._notes())
+        return "\n".join(line_.rstrip() for line_ in lines)
+
+    def describe_markdown(self) -> str:
+        """The table of :meth:`describe` as a Markdown table (the generated docs pages use it)."""
+        def cell(text):  # Markdown-inert: no table breaks, emphasis or HTML from key text
+            for char in "\\|*_":
+                text = text.replace(char, "\\" + char)
+            return text.replace("<", "&lt;")
+
+        lines = ["| key | type | default | allowed | description |", "|---|---|---|---|---|"]
+        lines.extend(f"| `{key}` | {cell(kind)} | `{default.replace('|', '/')}` | {cell(allowed)} | {cell(doc)} |"
+                     for key, kind, default, allowed, doc in self._rows())
+        notes = self._notes()
+        if notes:
+            lines.append("")
+            lines.extend(f"- {note}" for note in notes)
+        return "\n".join(lines)
+
+    def _notes(self) -> list[str]:
+        """The constraints between keys and the number limits, one line each."""
+        lines = []
         pairs = [f"{low} <= {high}" for low, high in self.ordered_pairs]
         pairs += [f"{' * '.join(map(str, factors))} <= {limit} ({what})" for factors, limit, what in self.size_limits]
         for nested_name, schema in self.nested.items():
@@ -479,7 +501,7 @@ class Schema:
                 limits.append(f"float magnitudes are at most {FLOAT32_MAX:.8g}, and at least "
                               f"{FLOAT32_TINY:.8g} where 0 is not allowed (float32)")
             lines.append("number limits: " + "; ".join(limits))
-        return "\n".join(line_.rstrip() for line_ in lines)
+        return lines
 
     def _all_params(self) -> list[Param]:
         params = list(self.params.values())
