@@ -22,7 +22,7 @@ setup(
         "console_scripts": [
             f"caffe-stain-{command} = caffe_layers.cli.{command}:main"
             for command in ("experiment", "prepare", "train", "segment", "compare", "meanfile", "normalize",
-                            "estimate", "lmdb", "retrofit")
+                            "estimate", "lmdb", "retrofit", "export")
         ],
     },
 )

@@ -34,7 +34,7 @@ from pathlib import Path
 os.environ.setdefault("GLOG_minloglevel", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-ENGINES = ("auto", "caffe", "opencv")
+ENGINES = ("auto", "caffe", "opencv", "onnxruntime")
 
 
 def _image(size=None):

@@ -115,12 +115,14 @@ def run_one(config):
     model = Path(config["model_dir"])
     card = load_model_card(model / "model_card.yaml")
     deploy, weights = model / "deploy.prototxt", model / "weights.caffemodel"
-    segmenter = make_segmenter(deploy, weights, config["engine"], tile=256, multiple=card.size_multiple, batch=4,
-                               log=None, card=card)
-    settings = SlideSettings(multiple=card.size_multiple, batch_size=4, block=config["block"], mpp=0.5,
-                             white_threshold=255.0 if config["no_skip"] else 200.0)
+    segmenter = make_segmenter(deploy, weights, config["engine"], tile=256, multiple=card.size_multiple,
+                               batch=config.get("batch", 4), log=None, card=card)
+    radius = getattr(segmenter, "receptive_radius", None)  # the overlap caffe-stain-segment takes by default
+    overlap = config["overlap"] if config.get("overlap") is not None else 2 * radius if radius is not None else 64
+    settings = SlideSettings(multiple=card.size_multiple, batch_size=config.get("batch", 4), block=config["block"],
+                             mpp=0.5, overlap=overlap, white_threshold=255.0 if config["no_skip"] else 200.0)
     common = dict(deploy=deploy, weights=weights, card=card, progress=False, log=lambda message: None)
-    record = {"engine": segmenter.engine_choice.engine}
+    record = {"engine": segmenter.engine_choice.engine, "overlap": overlap}
     started = time.perf_counter()
     if config["workers"]:
         from caffe_layers.wsi.cluster import slide_client
@@ -135,8 +137,8 @@ def run_one(config):
         summary, = segment_slides(segmenter, [config["slide"]], config["out"], settings, **common)
         record["seconds"] = time.perf_counter() - started
     record["peak_mb_process"] = peak_mb()  # with --workers: the client (engine check, outputs)
-    record.update({key: summary[key] for key in ("tissue_fraction", "glass_skipped_fraction", "nuclei",
-                                                 "net_tiles_run", "level_shape")})
+    record.update({key: summary.get(key) for key in ("tissue_fraction", "glass_skipped_fraction", "nuclei",
+                                                     "net_tiles_run", "level_shape", "net_pixels_per_tissue_pixel")})
     print(json.dumps(record))
 
 
@@ -166,7 +168,10 @@ def main():
     parser.add_argument("--size", type=int, default=20000, help="slide side in pixels (default 20000)")
     parser.add_argument("--glass", type=float, default=0.4, help="fraction of glass (default 0.4)")
     parser.add_argument("--block", type=int, default=1024)
-    parser.add_argument("--engine", default="auto", choices=("auto", "caffe", "opencv"))
+    parser.add_argument("--engine", default="auto", choices=("auto", "caffe", "opencv", "onnxruntime"))
+    parser.add_argument("--batch", type=int, default=4, help="tiles per forward (default 4)")
+    parser.add_argument("--overlap", type=int, default=None,
+                        help="tile overlap (default: twice the net's receptive-field radius, as caffe-stain-segment)")
     parser.add_argument("--configs", nargs="+", default=["process", "workers=1", "workers=2", "no-skip"])
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -191,6 +196,7 @@ def main():
             out = Path(folder) / name.replace("=", "")
             config = {"model_dir": str(Path(args.model_dir).resolve()), "slide": str(slide), "out": str(out),
                       "engine": args.engine, "block": args.block, "no_skip": name == "no-skip",
+                      "batch": args.batch, "overlap": args.overlap,
                       "workers": int(name.split("=")[1]) if name.startswith("workers=") else 0}
             env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
             result = subprocess.run([sys.executable, __file__, "--model-dir", args.model_dir,
@@ -210,7 +216,8 @@ def main():
             print(f"{name:>10}: {record['seconds']:7.1f} s, {record['s_per_tissue_mp']:.2f} s per tissue MP "
                   f"(tissue {record['tissue_fraction']:.1%}, {tissue_mp:.0f} MP; glass skipped "
                   f"{record['glass_skipped_fraction']:.1%}), {record['nuclei']} nuclei, {record['net_tiles_run']} net "
-                  f"tiles, engine {record['engine']}, peak memory {memory} MB"
+                  f"tiles ({record.get('net_pixels_per_tissue_pixel')} net px per tissue px, overlap "
+                  f"{record.get('overlap')}), engine {record['engine']}, peak memory {memory} MB"
                   + (" per worker" if "peak_mb_per_worker" in record else ""), flush=True)
             for path in out.glob("slide_*"):
                 path.unlink()

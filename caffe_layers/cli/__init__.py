@@ -242,14 +242,16 @@ def effective_overlap(args, predictor, prog):
 
 #: The inference engines (caffe_layers.net.inference.engines.ENGINES, repeated here so that the commands'
 #: options need no Caffe to be listed).
-ENGINE_CHOICES = ("auto", "caffe", "opencv")
+ENGINE_CHOICES = ("auto", "caffe", "opencv", "onnxruntime")
 
 
 def add_engine_argument(parser):
     """``--engine caffe|opencv|auto`` (see :mod:`caffe_layers.net.inference.engines`)."""
     parser.add_argument("--engine", choices=ENGINE_CHOICES, default="auto",
-                        help="inference engine: caffe, opencv (OpenCV's DNN module, several times faster) or auto "
-                             "(OpenCV if it matches Caffe on a probe tile, checked once per model; OpenCV unchecked "
+                        help="inference engine: caffe, opencv (OpenCV's DNN module, several times faster), onnxruntime "
+                             "(the net converted to ONNX, pip install 'caffe-stain-augment[onnx]') or auto (the "
+                             "fastest of OpenCV and ONNX Runtime that matches Caffe on a probe tile, checked once per "
+                             "model; OpenCV unchecked "
                              "without pycaffe; default)")
 
 

@@ -217,6 +217,7 @@ def test_plan_keeps_test_phase_layers_and_renames_the_input(caffe):
 # ---------------------------------------------------------------- the choice
 
 def test_auto_uses_opencv_after_checking_it_once_per_model(caffe, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(engines, "FAST_ENGINES", ("opencv",))  # auto's OpenCV path (ONNX Runtime: test_onnx_engine)
     deploy, weights = build_template(caffe, tmp_path, "patchmean")
     segmenter = engines.make_segmenter(deploy, weights, tile=126, multiple=4)  # probe: rounded to 128
     choice = segmenter.engine_choice
@@ -329,8 +330,10 @@ def test_segment_command_engines_agree(caffe, tmp_path, he, capsys):
     assert stop.value.code == 2
 
 
-def test_compare_records_the_engine_of_each_model(caffe, tmp_path, he):
+def test_compare_records_the_engine_of_each_model(caffe, tmp_path, he, monkeypatch):
     from caffe_layers.net.inference.compare import ModelSpec, compare_models
+
+    monkeypatch.setattr(engines, "FAST_ENGINES", ("opencv",))
 
     models = [ModelSpec(centring, *build_template(caffe, tmp_path / centring, centring))
               for centring in ("patchmean",)]
@@ -366,4 +369,3 @@ def test_opencv_is_pinned_below_5_which_has_no_caffe_importer():
     assert opencv.endswith(",<5"), opencv
     assert int(cv2.__version__.split(".")[0]) == 4, f"OpenCV {cv2.__version__} installed; pyproject.toml pins <5"
     assert opencv_net.opencv_has_caffe_importer()
-

@@ -7,10 +7,15 @@ run by the chosen engine:
 * ``"opencv"``: :class:`~caffe_layers.net.inference.opencv_engine.OpenCVSegmenter`, the same net through
   ``cv2.dnn.readNetFromCaffe`` (several times faster on the CPU), with the layers OpenCV
   cannot run done by the engine (see :mod:`caffe_layers.net.inference.opencv_engine`);
-* ``"auto"`` (the default): OpenCV when it can run the net *and* gives Caffe's result on a
-  probe tile -- both engines forward the same tile (:func:`probe_tile`, the size the caller
-  will tile with) and OpenCV is used only if the largest difference of the probabilities is
-  at most :data:`PROBE_TOLERANCE` -- and Caffe otherwise. The check runs once per model and
+* ``"onnxruntime"``: :class:`~caffe_layers.net.inference.onnx_engine.OnnxSegmenter`, the net
+  converted to ONNX by the project's converter and run by ONNX Runtime (the optional extra
+  ``[onnx]``); with ``onnx_model`` a model ``caffe-stain-export`` wrote (e.g. int8);
+* ``"auto"`` (the default): the fastest of OpenCV and ONNX Runtime among those that can run
+  the net *and* give Caffe's result on a probe tile -- every engine forwards the same tile
+  (:func:`probe_tile`, the size the caller will tile with), an engine qualifies only if the
+  largest difference of the probabilities is at most :data:`PROBE_TOLERANCE`, and the
+  qualified ones are timed on the probe (best of two forwards after the first) -- and Caffe
+  otherwise. An int8 model is never chosen by ``auto``: it is run only when asked for. The check runs once per model and
   process (keyed by the files' paths, sizes and modification times, the probe's shape and the
   tolerance). Without pycaffe, ``auto`` is OpenCV, unchecked, and says so.
 
@@ -33,13 +38,14 @@ from ...model_card import ModelCard
 from ...tiling import DEFAULT_MULTIPLE, DEFAULT_TILE
 from .opencv_engine import OpenCVSegmenter, OpenCVUnsupported
 from .caffe_engine import CaffeSegmenter
+from .onnx_engine import OnnxSegmenter, OnnxUnsupported, onnxruntime_version
 from .receptive_field import net_receptive_radius
 from ..proto import PYCAFFE_IMPORT_ERROR
 
 __all__ = ["DEFAULT_ENGINE", "ENGINES", "PROBE_TOLERANCE", "EngineChoice", "check_engine", "make_segmenter",
            "probe_side", "probe_tile", "report_to_stderr"]
 
-ENGINES = ("auto", "caffe", "opencv")
+ENGINES = ("auto", "caffe", "opencv", "onnxruntime")
 DEFAULT_ENGINE = "auto"
 PROBE_TOLERANCE = 1e-4
 """Largest |Δp| between OpenCV's and Caffe's probabilities on the probe for ``auto`` to pick OpenCV."""
@@ -56,21 +62,25 @@ class EngineChoice:
     reason: str
     deploy: str
     opencv_version: str = cv2.__version__
+    onnxruntime_version: str | None = dataclasses.field(default_factory=onnxruntime_version)
     max_abs_diff: float | None = None  # |Δp| between the engines on the probe (auto only)
     tolerance: float | None = None
     probe_shape: tuple | None = None
     notes: tuple = ()  # what the OpenCV engine does besides OpenCV (pre-steps, registered layers)
-    elapsed_s: float | None = None  # building both engines and the probe forward passes
+    elapsed_s: float | None = None  # building the engines and the probe forward passes
+    candidates: tuple = ()  # auto: each engine tried, its |Δp|, probe seconds and verdict
 
     def as_dict(self):
         record = dataclasses.asdict(self)
         record["probe_shape"] = None if self.probe_shape is None else list(self.probe_shape)
         record["notes"] = list(self.notes)
+        record["candidates"] = [dict(candidate) for candidate in self.candidates]
         return record
 
     def message(self):
         """The one-line report."""
-        name = {"caffe": "Caffe", "opencv": f"OpenCV {self.opencv_version}"}[self.engine]
+        name = {"caffe": "Caffe", "opencv": f"OpenCV {self.opencv_version}",
+                "onnxruntime": f"ONNX Runtime {self.onnxruntime_version}"}[self.engine]
         return f"engine {self.requested}: {name} for {self.deploy} ({self.reason})"
 
 
@@ -128,7 +138,7 @@ def probe_side(tile, sides):
 
 def make_segmenter(deploy_prototxt, weights, engine=DEFAULT_ENGINE, *, tile=DEFAULT_TILE,
                    multiple=DEFAULT_MULTIPLE, batch=1, tolerance=PROBE_TOLERANCE, threads=None, log=report_to_stderr,
-                   card=None):
+                   card=None, onnx_model=None):
     """A ``predict`` callable for a deploy net, run by the chosen engine.
 
     Parameters
@@ -149,8 +159,12 @@ def make_segmenter(deploy_prototxt, weights, engine=DEFAULT_ENGINE, *, tile=DEFA
     log : callable or None
         Receives the one-line report of the choice (default: stderr); None is silent.
     card : ModelCard, optional
-        The net's conventions. The OpenCV engine runs the project's own convention only; a
-        card that says otherwise (apart from ``size_multiple`` and ``mpp``) is run by Caffe.
+        The net's conventions. The OpenCV and ONNX Runtime engines run the project's own
+        convention only; a card that says otherwise (apart from ``size_multiple`` and ``mpp``)
+        is run by Caffe.
+    onnx_model : path, optional
+        With ``engine="onnxruntime"``: run this model (``caffe-stain-export``'s, e.g. int8)
+        instead of converting the net; not checked against Caffe.
 
     Returns
     -------
@@ -163,8 +177,8 @@ def make_segmenter(deploy_prototxt, weights, engine=DEFAULT_ENGINE, *, tile=DEFA
     own_convention = card is None or card.as_dict() == dataclasses.replace(
         ModelCard(), size_multiple=card.size_multiple, mpp=card.mpp).as_dict()
     if not own_convention:
-        if engine == "opencv":
-            raise ValueError(f"{deploy_name}: the OpenCV engine runs nets in the project's own convention "
+        if engine in ("opencv", "onnxruntime"):
+            raise ValueError(f"{deploy_name}: the {engine} engine runs nets in the project's own convention "
                              f"only, and {card.source} describes another; use --engine caffe or auto")
         segmenter = CaffeSegmenter(deploy_prototxt, weights, card)
         choice = EngineChoice(engine, "caffe", f"the conventions of {card.source} are run by Caffe", deploy_name)
@@ -174,6 +188,10 @@ def make_segmenter(deploy_prototxt, weights, engine=DEFAULT_ENGINE, *, tile=DEFA
     elif engine == "opencv":
         segmenter = OpenCVSegmenter(deploy_prototxt, weights, threads=threads)
         choice = EngineChoice("opencv", "opencv", "requested; not checked against Caffe", deploy_name,
+                              notes=tuple(segmenter.notes))
+    elif engine == "onnxruntime":
+        segmenter = OnnxSegmenter(deploy_prototxt, weights, threads=threads, onnx_model=onnx_model)
+        choice = EngineChoice("onnxruntime", "onnxruntime", "requested; not checked against Caffe", deploy_name,
                               notes=tuple(segmenter.notes))
     else:
         segmenter, choice = _auto(deploy_prototxt, weights, _probe_shape(tile, multiple, batch), tolerance,
@@ -195,45 +213,86 @@ def _auto(deploy, weights, shape, tolerance, threads, deploy_name, card=None):
                                        elapsed_s=round(time.perf_counter() - started, 3))
     key = _model_key(deploy, weights, shape, tolerance)
     known = _CHECKED.get(key)
-    if known is not None and known.engine == "opencv":
-        return OpenCVSegmenter(deploy, weights, threads=threads, check_weights=False), known
-    caffe_segmenter = CaffeSegmenter(deploy, weights, card)  # the reference; refuses bad files first
+    if known is not None and known.engine != "caffe":
+        return _build(known.engine, deploy, weights, threads, check_weights=False), known
+    caffe_segmenter = CaffeSegmenter(deploy, weights)  # the reference; refuses bad files first
     if known is not None:
         return caffe_segmenter, known
-
-    def fall_back(reason, **fields):
-        reason = reason.replace(f"{deploy_name}: ", "")  # the report names the net already
-        choice = EngineChoice("auto", "caffe", reason, deploy_name, tolerance=tolerance, probe_shape=shape,
-                              elapsed_s=round(time.perf_counter() - started, 3), **fields)
-        _CHECKED[key] = choice
-        return caffe_segmenter, choice
-
-    try:
-        opencv_segmenter = OpenCVSegmenter(deploy, weights, threads=threads, check_weights=False)
-    except OpenCVUnsupported as error:
-        return fall_back(f"OpenCV cannot run it: {error}")
     # Refuses a probe whose blobs would not fit in memory, before the probe itself is made.
     caffe_segmenter.check_input_shape(shape)
     probe = probe_tile(shape[2], shape[3], batch=shape[0])
     expected = caffe_segmenter(probe)
-    try:
-        got = opencv_segmenter(probe)
-    except OpenCVUnsupported as error:
-        return fall_back(f"OpenCV cannot run it: {error}", notes=tuple(opencv_segmenter.notes))
     size = "×".join(map(str, shape))
-    if got.shape != expected.shape:
-        return fall_back(f"OpenCV's output has shape {got.shape}, Caffe's {expected.shape}, on a {size} probe",
-                         notes=tuple(opencv_segmenter.notes))
-    difference = np.abs(got.astype(np.float64) - expected)
-    max_diff = float(difference.max()) if np.isfinite(difference).all() else float("inf")
-    notes = tuple(opencv_segmenter.notes)
-    if not max_diff <= tolerance:
-        return fall_back(f"OpenCV differs from Caffe on a {size} probe tile: max |Δp| {max_diff:.1e} > "
-                         f"{tolerance:.0e}", max_abs_diff=max_diff, notes=notes)
-    reason = f"matches Caffe on a {size} probe tile: max |Δp| {max_diff:.1e} ≤ {tolerance:.0e}"
+    trials = [_trial(engine, deploy, weights, threads, probe, expected, tolerance, size) for engine in FAST_ENGINES]
+    passed = [trial for trial in trials if trial["segmenter"] is not None]
+    verdicts = "; ".join(trial["verdict"] for trial in trials)
+    if not passed:
+        choice = EngineChoice("auto", "caffe", f"no faster engine matches Caffe: {verdicts}", deploy_name,
+                              tolerance=tolerance, probe_shape=shape, candidates=tuple(t["record"] for t in trials),
+                              elapsed_s=round(time.perf_counter() - started, 3),
+                              max_abs_diff=min((t["max_abs_diff"] for t in trials
+                                                if t["max_abs_diff"] is not None), default=None))
+        _CHECKED[key] = choice
+        return caffe_segmenter, choice
+    best = min(passed, key=lambda trial: trial["seconds"])
+    notes = tuple(best["segmenter"].notes)
+    reason = f"fastest of the engines that match Caffe on a {size} probe tile (|Δp| ≤ {tolerance:.0e}): {verdicts}"
     if notes:
         reason += "; " + "; ".join(notes)
-    choice = EngineChoice("auto", "opencv", reason, deploy_name, max_abs_diff=max_diff, tolerance=tolerance,
-                          probe_shape=shape, notes=notes, elapsed_s=round(time.perf_counter() - started, 3))
+    choice = EngineChoice("auto", best["engine"], reason, deploy_name, max_abs_diff=best["max_abs_diff"],
+                          tolerance=tolerance, probe_shape=shape, notes=notes,
+                          candidates=tuple(t["record"] for t in trials),
+                          elapsed_s=round(time.perf_counter() - started, 3))
     _CHECKED[key] = choice
-    return opencv_segmenter, choice
+    return best["segmenter"], choice
+
+
+FAST_ENGINES = ("opencv", "onnxruntime")
+"""The engines ``auto`` tries against Caffe; it takes the fastest that matches (never int8)."""
+_ENGINE_NAMES = {"caffe": "Caffe", "opencv": "OpenCV", "onnxruntime": "ONNX Runtime"}
+_UNSUPPORTED = (OpenCVUnsupported, OnnxUnsupported)
+
+
+def _build(engine, deploy, weights, threads, check_weights=True, onnx_model=None):
+    if engine == "opencv":
+        return OpenCVSegmenter(deploy, weights, threads=threads, check_weights=check_weights)
+    if engine == "onnxruntime":
+        return OnnxSegmenter(deploy, weights, threads=threads, onnx_model=onnx_model)
+    return CaffeSegmenter(deploy, weights)
+
+
+def _probe_seconds(segmenter, probe, repeats=2):
+    """Best of ``repeats`` timed forwards of the probe, after the one that allocated its buffers."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        segmenter(probe)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _trial(engine, deploy, weights, threads, probe, expected, tolerance, size):
+    """One engine against Caffe's probe output: the segmenter if it matches, its |Δp|, time and verdict."""
+    name = _ENGINE_NAMES[engine]
+    result = dict(engine=engine, segmenter=None, max_abs_diff=None, seconds=None)
+    try:
+        segmenter = _build(engine, deploy, weights, threads, check_weights=False)
+        got = segmenter(probe)
+    except _UNSUPPORTED as error:
+        result["verdict"] = f"{name} cannot run it: {str(error).replace(f'{deploy}: ', '')}"
+    else:
+        if got.shape != expected.shape:
+            result["verdict"] = f"{name}'s output has shape {got.shape}, Caffe's {expected.shape}"
+        else:
+            difference = np.abs(got.astype(np.float64) - expected)
+            max_diff = float(difference.max()) if np.isfinite(difference).all() else float("inf")
+            result["max_abs_diff"] = max_diff
+            if max_diff <= tolerance:
+                result.update(segmenter=segmenter, seconds=_probe_seconds(segmenter, probe))
+                result["verdict"] = f"{name} |Δp| {max_diff:.1e}, {result['seconds'] * 1e3:.0f} ms per probe"
+            else:
+                result["verdict"] = f"{name} differs: |Δp| {max_diff:.1e} > {tolerance:.0e}"
+    result["record"] = {"engine": engine, "max_abs_diff": result["max_abs_diff"],
+                        "probe_seconds": None if result["seconds"] is None else round(result["seconds"], 4),
+                        "verdict": result["verdict"]}
+    return result
