@@ -23,6 +23,7 @@ sessions combine into one table (:mod:`~caffe_layers.experiment.monuseg_report`)
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import os
@@ -44,7 +45,7 @@ from ..stain.statistics import fit_stain_statistics
 from ..tiling import segment_tiled
 from .monuseg_data import prepare_monuseg, resample_labels
 from .monuseg_report import seed_file, write_report
-from .trainings import ProgressLog, export_model, relative_to, train_all
+from .trainings import ProgressLog, export_model, finished_training, relative_to, train_all
 
 __all__ = ["MONUSEG_MODELS", "MONUSEG_PRESETS", "MonusegSettings", "run_monuseg"]
 
@@ -234,6 +235,13 @@ class _Scorer:
         return labels, metrics.instance_scores(labels, truth)
 
 
+def _logged_seconds(result):
+    """Wall time of one training, from its CSV log (also for a reused training)."""
+    with open(result.log_csv, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return float(rows[-1]["elapsed_s"]) if rows else None
+
+
 def _export_all(trained, seed, data, settings, folder):
     return {name: export_model(name, centring, trained[seed, name][0], data.mean_file, settings, folder,
                                mpp=settings.mpp)
@@ -269,18 +277,21 @@ def _score_seed(seed, data, settings, trained, normalised, out_dir, work, log):
                 exported={name: [relative_to(p, out_dir) if p else None for p in paths]
                           for name, paths in exported.items()},
                 training={name: dict(first_loss=trained[seed, name][1].first_loss,
-                                     last_loss=trained[seed, name][1].last_loss)
+                                     last_loss=trained[seed, name][1].last_loss,
+                                     seconds=_logged_seconds(trained[seed, name][1]))
                           for name in [f"{c}_base" for c in ("meanfile", "patchmean")]
                           + [m for m, _, _ in MONUSEG_MODELS]}), masks, exported
 
 
 def _train_seeds(data, settings, recipes, seed_list, work, jobs, log):
+    """Every training of the seeds; returns (key -> (weights, TrainResult), number reused)."""
     specs = {}
     for seed in seed_list:
         specs.update(_training_specs(data, settings, recipes, seed, work))
     jobs = jobs or max(1, min(len(os.sched_getaffinity(0)), len(specs)))
     log(f"{len(specs)} trainings for seed(s) {', '.join(map(str, seed_list))} on {jobs} worker process(es)")
-    return train_all(log, specs, jobs, reuse=True)  # a run stopped after training resumes there
+    reused = sum(finished_training(spec["task"]) is not None for spec in specs.values())
+    return train_all(log, specs, jobs, reuse=True), reused  # a run stopped after training resumes there
 
 
 def _normalised_test_tiles(data, settings):
@@ -335,7 +346,7 @@ def run_monuseg(data_root, out_dir="results/monuseg", settings=MonusegSettings()
     for name, same in aliases.items():
         log(f"{name} trains with the keys of {same}: trained once, scored as both")
     with timer("training_s"):
-        trained = _train_seeds(data, settings, recipes, seed_list, work, jobs, log)
+        trained, reused = _train_seeds(data, settings, recipes, seed_list, work, jobs, log)
         for seed in seed_list:
             trained.update({(seed, name): trained[seed, same] for name, same in aliases.items()})
     with timer("normalising_s"):
@@ -344,7 +355,7 @@ def run_monuseg(data_root, out_dir="results/monuseg", settings=MonusegSettings()
         with timer(f"scoring_seed_{seed}_s"):
             record, masks, exported = _score_seed(seed, data, settings, trained, normalised, out_dir, work, log)
         record.update(settings=dataclasses.asdict(dataclasses.replace(settings, seed=seed)), preset=preset,
-                      recipes=recipes, aliases=aliases, timings=timer.rounded(), elapsed_s=round(time.perf_counter() - started, 1),
+                      recipes=recipes, aliases=aliases, reused_trainings=reused, timings=timer.rounded(), elapsed_s=round(time.perf_counter() - started, 1),
                       tiles=_tile_record(data))
         path = _write_seed_record(out_dir, record)
         write_report(out_dir, data, masks, exported, log=log)

@@ -104,8 +104,18 @@ def _table_text(records):
               for name, same in first.get("aliases", {}).items()]
     parts.append("\n## Time (seconds, per seed run)\n\n")
     parts += [f"- seed {r['seed']}: " + ", ".join(f"{k[:-2]} {v}" for k, v in r["timings"].items())
-              + f"; total {r['elapsed_s']}\n" for r in records]
+              + f"; total {r['elapsed_s']}" + _reused_note(r) + "\n" for r in records]
     return "".join(parts)
+
+
+def _reused_note(record):
+    reused = record.get("reused_trainings", 0)
+    if not reused:
+        return ""
+    seconds = ", ".join(f"{name} {t['seconds']:.0f}" for name, t in record["training"].items()
+                        if t.get("seconds") is not None)
+    return (f" ({reused} trainings were reused from an earlier run of this seed, stopped after them; each "
+            f"training's own time, from its log: {seconds})")
 
 
 def _metrics_csv(records):
