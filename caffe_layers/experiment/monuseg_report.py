@@ -164,7 +164,7 @@ def _overlay_tiles(record):
 
 
 def _save_overlays(figures, data, masks, record):
-    rows = [r for r in ("patchmean", "patchmean+aug", "patchmean+macenko") if r in record["test"]]
+    rows = [r for r in ("patchmean", "patchmean+stainstats", "patchmean+macenko") if r in record["test"]]
     for name in _overlay_tiles(record):
         tile = data.test[name]
         shape = tile.rgb.shape[:2]
