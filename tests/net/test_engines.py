@@ -369,3 +369,21 @@ def test_opencv_is_pinned_below_5_which_has_no_caffe_importer():
     assert opencv.endswith(",<5"), opencv
     assert int(cv2.__version__.split(".")[0]) == 4, f"OpenCV {cv2.__version__} installed; pyproject.toml pins <5"
     assert opencv_net.opencv_has_caffe_importer()
+
+
+
+def test_a_model_folder_with_a_relative_mean_file_runs_from_any_working_directory(caffe, tmp_path, he, monkeypatch):
+    """An exported model folder names its mean file relative to itself (``mean.binaryproto``):
+    both engines find it there whatever the working directory, and agree."""
+    from caffe_layers.net.inference.caffe_engine import CaffeSegmenter
+
+    folder = tmp_path / "model"
+    deploy, weights = build_template(caffe, folder, "meanfile")
+    deploy.write_text(deploy.read_text().replace(str(folder / "mean.binaryproto"), "mean.binaryproto"))
+    assert '\\"mean.binaryproto\\"' in deploy.read_text()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    expected = CaffeSegmenter(deploy, weights)(as_batch(he[:96, :96]))
+    got = opencv_net.OpenCVSegmenter(deploy, weights)(as_batch(he[:96, :96]))
+    assert np.abs(got - expected).max() <= TOLERANCE

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from pathlib import Path
 
 import numpy as np
 from google.protobuf import text_format
@@ -35,7 +36,7 @@ from ..meanfile import read_mean_binaryproto
 from ..prototxt import layers_in_phase, read_net_prototxt
 from ..proto import caffe, caffe_pb2, require_pycaffe
 
-__all__ = ["CaffeSegmenter", "prototxt_blobs", "resolve_mean_files", "use_cpu"]
+__all__ = ["CaffeSegmenter", "build_self_contained_test_net", "prototxt_blobs", "resolve_mean_files", "use_cpu"]
 
 #: Patches per forward pass of a patch classifier.
 PATCH_BATCH = 256
@@ -75,6 +76,25 @@ def resolve_mean_files(param, folder):
             layer.python_param.param_str = json.dumps(values)
             changed = True
     return changed
+
+
+def _has_mean_file_layer(param):
+    return any(getattr(layer, "type", None) == "Python" and layer.python_param.module == "caffe_layers.mean_subtract"
+               for layer in layers_in_phase(param, caffe_pb2.TEST))
+
+
+def build_self_contained_test_net(param, path):
+    """The TEST net of the deploy ``param`` read from ``path``, its mean files found beside it
+    (:func:`resolve_mean_files`) whatever the working directory."""
+    path = Path(path)
+    if not resolve_mean_files(param, path.parent) and not _has_mean_file_layer(param):
+        return build_test_net(path, path)
+    with tempfile.NamedTemporaryFile("w", suffix=".prototxt", delete=False) as handle:
+        handle.write(text_format.MessageToString(param))
+    try:
+        return build_test_net(handle.name, path)
+    finally:
+        os.unlink(handle.name)
 
 
 # Layers that keep positions where they are (the output pixel sits on the input pixel).
@@ -195,14 +215,7 @@ class CaffeSegmenter:
         self._probe(tuple(self._in.data.shape))
 
     def _build(self, param, path):
-        if not resolve_mean_files(param, path.parent):
-            return build_test_net(path, path)
-        with tempfile.NamedTemporaryFile("w", suffix=".prototxt", delete=False) as handle:
-            handle.write(text_format.MessageToString(param))
-        try:
-            return build_test_net(handle.name, path)
-        finally:
-            os.unlink(handle.name)
+        return build_self_contained_test_net(param, path)
 
     def check_input_shape(self, shape):
         """Refuse (ValueError) an ``(N, 3, H, W)`` input Caffe would abort on or memory could not hold."""

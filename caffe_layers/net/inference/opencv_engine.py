@@ -40,10 +40,10 @@ import numpy as np
 from ...param_str import ParamError
 from ...patches import MEAN_SUBTRACT_SCHEMA, mean_to_subtract
 from ...schema import load_params
-from ..checks import (build_test_net, check_deploy_files, check_net_param, check_weights_fit,
+from ..checks import (check_deploy_files, check_net_param, check_weights_fit,
                       check_weights_fit_prototxt)
 from ..meanfile import read_mean_binaryproto
-from .caffe_engine import resolve_mean_files, prototxt_blobs
+from .caffe_engine import build_self_contained_test_net, resolve_mean_files, prototxt_blobs
 from ..prototxt import layers_in_phase, read_net_prototxt
 from ..proto import caffe, caffe_pb2
 
@@ -357,7 +357,7 @@ class OpenCVSegmenter:
         if "prob" not in tops:
             raise ValueError(f"{deploy_prototxt}: the net has no output blob 'prob'")
         if check_weights and caffe is not None:
-            check_weights_fit(build_test_net(deploy_prototxt, deploy_prototxt), weights)
+            check_weights_fit(build_self_contained_test_net(param, deploy_prototxt), weights)
         elif check_weights:  # without pycaffe: the shapes the prototxt gives
             check_weights_fit_prototxt(param, weights)
         self.plan = plan_opencv_net(param, str(deploy_prototxt))
