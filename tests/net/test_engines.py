@@ -25,6 +25,13 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 TOLERANCE = 1e-4
 
 
+@pytest.fixture(autouse=True)
+def auto_tries_opencv_only(monkeypatch):
+    """These tests are about OpenCV against Caffe: ``auto`` tries OpenCV alone here (its choice
+    among OpenCV and ONNX Runtime is tested in test_onnx_export.py)."""
+    monkeypatch.setattr(engines, "FAST_ENGINES", ("opencv",))
+
+
 @pytest.fixture(scope="module")
 def he():
     rgb, _ = sample_data.load_hgsc_nest()
@@ -217,7 +224,6 @@ def test_plan_keeps_test_phase_layers_and_renames_the_input(caffe):
 # ---------------------------------------------------------------- the choice
 
 def test_auto_uses_opencv_after_checking_it_once_per_model(caffe, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(engines, "FAST_ENGINES", ("opencv",))  # auto's OpenCV path (ONNX Runtime: test_onnx_engine)
     deploy, weights = build_template(caffe, tmp_path, "patchmean")
     segmenter = engines.make_segmenter(deploy, weights, tile=126, multiple=4)  # probe: rounded to 128
     choice = segmenter.engine_choice
@@ -330,10 +336,8 @@ def test_segment_command_engines_agree(caffe, tmp_path, he, capsys):
     assert stop.value.code == 2
 
 
-def test_compare_records_the_engine_of_each_model(caffe, tmp_path, he, monkeypatch):
+def test_compare_records_the_engine_of_each_model(caffe, tmp_path, he):
     from caffe_layers.net.inference.compare import ModelSpec, compare_models
-
-    monkeypatch.setattr(engines, "FAST_ENGINES", ("opencv",))
 
     models = [ModelSpec(centring, *build_template(caffe, tmp_path / centring, centring))
               for centring in ("patchmean",)]

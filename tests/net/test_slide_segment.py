@@ -90,7 +90,8 @@ def test_failed_blocks_are_retried_on_the_cluster(unet, case, one_process, clien
     cloudpickle = pytest.importorskip("cloudpickle")
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
     deploy, weights = unet
-    model = SlideModel(str(deploy), str(weights), "opencv", ModelCard(size_multiple=4), SETTINGS.tile, 4, 4)
+    engine = one_process[1]["model"]["engine"]  # the engine auto chose for the in-process run
+    model = SlideModel(str(deploy), str(weights), engine, ModelCard(size_multiple=4), SETTINGS.tile, 4, 4)
     job = plan_slide(case, tmp_path / "out", SETTINGS, model={"test": "retry"})
     markers = tmp_path / "markers"
     markers.mkdir()
