@@ -153,7 +153,9 @@ def test_segment_files_npy_is_written_through_a_memmap(tmp_path, monkeypatch):
         segment_files(box_predict(), [tmp_path / "img.png"], out_dir, prob_format="tif")
 
 
-def test_default_overlap_is_64_everywhere(tmp_path, monkeypatch):
+def test_default_overlap_is_64_in_the_library_and_compare(tmp_path, monkeypatch):
+    """The library functions and ``compare`` default to 64 px; ``segment`` defaults to twice the
+    net's receptive field radius (tests/net/test_receptive_field.py)."""
     assert DEFAULT_OVERLAP == 64
     for function in (segment_tiled, segment_files, caffe_layers.net.inference.compare.compare_models):
         assert inspect.signature(function).parameters["overlap"].default == 64, function
@@ -164,15 +166,11 @@ def test_default_overlap_is_64_everywhere(tmp_path, monkeypatch):
         seen[len(seen)] = kwargs["overlap"]
         raise ValueError("stop here")
 
-    monkeypatch.setattr(caffe_layers.cli.segment, "make_segmenter", lambda *args, **kwargs: None)
-    monkeypatch.setattr(caffe_layers.cli.segment, "segment_files", stop)
-    monkeypatch.setattr(caffe_layers.cli.compare, "compare_models", stop)
+    monkeypatch.setattr(caffe_layers.net.inference.compare, "compare_models", stop)  # the command imports it late
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "img.png")
-    common = ["--out", str(tmp_path / "out")]
-    assert segment_main(["--model", "m", "--weights", "w", *common, str(tmp_path / "img.png")]) == 2
     assert caffe_layers.cli.compare.main(["--model", "m", "d", "w", "--image",
-                                          str(tmp_path / "img.png"), *common]) == 2
-    assert seen == {0: 64, 1: 64}
+                                          str(tmp_path / "img.png"), "--out", str(tmp_path / "out")]) == 2
+    assert seen == {0: 64}
 
 
 # ------------------------------------------- real U-Net templates, tiled vs one pass

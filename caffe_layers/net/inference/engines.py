@@ -215,7 +215,7 @@ def _auto(deploy, weights, shape, tolerance, threads, deploy_name, card=None):
     known = _CHECKED.get(key)
     if known is not None and known.engine != "caffe":
         return _build(known.engine, deploy, weights, threads, check_weights=False), known
-    caffe_segmenter = CaffeSegmenter(deploy, weights)  # the reference; refuses bad files first
+    caffe_segmenter = CaffeSegmenter(deploy, weights, card)  # the reference; refuses bad files first
     if known is not None:
         return caffe_segmenter, known
     # Refuses a probe whose blobs would not fit in memory, before the probe itself is made.
@@ -280,6 +280,8 @@ def _trial(engine, deploy, weights, threads, probe, expected, tolerance, size):
         got = segmenter(probe)
     except _UNSUPPORTED as error:
         result["verdict"] = f"{name} cannot run it: {str(error).replace(f'{deploy}: ', '')}"
+    except Exception as error:  # noqa: BLE001 - a fast engine that fails is not chosen; Caffe stays the answer
+        result["verdict"] = f"{name} failed on it: {type(error).__name__}: {' '.join(str(error).split())[:200]}"
     else:
         if got.shape != expected.shape:
             result["verdict"] = f"{name}'s output has shape {got.shape}, Caffe's {expected.shape}"
