@@ -174,14 +174,16 @@ def test_v1_classifier_gets_augmentation_and_mean_after_it():
     assert augment.python_param.module == "caffe_layers.augmentation"
     mean = named(net, "data_mean", TEST)
     assert mean.python_param.module == "caffe_layers.mean_subtract" and not mean.include
-    assert json.loads(mean.python_param.param_str) == {"mean_file": "mean.binaryproto"}
+    # Written in the field's Python-literal form; the mean image is cropped at the centre, as Caffe's
+    # crop_size does in TEST.
+    assert parse_param_str(mean.python_param.param_str) == {"mean_file": "mean.binaryproto", "crop_centre": True}
     # learnable layers untouched
     old = upgraded("digits_v1_classifier")
     for layer in old.layer:
         if layer.type in ("Convolution", "InnerProduct"):
             assert named(net, layer.name) == layer
     text = "\n".join(result.lines)
-    assert "class label: left alone" in text and "per-channel mean" in text  # the crop note
+    assert "class label: left alone" in text and "its centre crop on a cropped input" in text  # the crop note
     assert "removed mean_file" in text
 
 
