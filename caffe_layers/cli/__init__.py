@@ -250,7 +250,7 @@ def add_engine_argument(parser):
     parser.add_argument("--engine", choices=ENGINE_CHOICES, default="auto",
                         help="inference engine: caffe, opencv (OpenCV's DNN module, several times faster), onnxruntime "
                              "(the net converted to ONNX, pip install 'caffe-stain-augment[onnx]') or auto (the "
-                             "fastest of OpenCV and ONNX Runtime that matches Caffe on a probe tile, checked once per "
+                             "first of ONNX Runtime and OpenCV that matches Caffe on a probe tile, checked once per "
                              "model; OpenCV unchecked "
                              "without pycaffe; default)")
 

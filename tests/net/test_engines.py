@@ -235,8 +235,8 @@ def test_auto_uses_opencv_after_checking_it_once_per_model(caffe, tmp_path, monk
     assert record["engine"] == "opencv" and record["opencv_version"] == cv2.__version__
     assert any("numpy pre-step" in note for note in record["notes"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"engine auto: OpenCV {cv2.__version__} for {deploy} (fastest of the "
-                                                "engines that match Caffe")
+    assert len(err) == 1 and err[0].startswith(f"engine auto: OpenCV {cv2.__version__} for {deploy} (preferred of "
+                                                "the engines that match Caffe")
     assert "OpenCV |Δp|" in err[0]
 
     # Checked once: the same model again builds no Caffe net and runs no probe.

@@ -234,9 +234,12 @@ def _auto(deploy, weights, shape, tolerance, threads, deploy_name, card=None):
                                                 if t["max_abs_diff"] is not None), default=None))
         _CHECKED[key] = choice
         return caffe_segmenter, choice
-    best = min(passed, key=lambda trial: trial["seconds"])
+    # The first that matches in FAST_ENGINES' order, not the one timed fastest on this probe: a
+    # choice that follows a timing race would change a run's masks from one run to the next.
+    best = passed[0]
     notes = tuple(best["segmenter"].notes)
-    reason = f"fastest of the engines that match Caffe on a {size} probe tile (|Δp| ≤ {tolerance:.0e}): {verdicts}"
+    reason = (f"preferred of the engines that match Caffe on a {size} probe tile (|Δp| ≤ {tolerance:.0e}; "
+              f"preference: {', '.join(_ENGINE_NAMES[e] for e in FAST_ENGINES)}): {verdicts}")
     if notes:
         reason += "; " + "; ".join(notes)
     choice = EngineChoice("auto", best["engine"], reason, deploy_name, max_abs_diff=best["max_abs_diff"],
@@ -247,8 +250,9 @@ def _auto(deploy, weights, shape, tolerance, threads, deploy_name, card=None):
     return best["segmenter"], choice
 
 
-FAST_ENGINES = ("opencv", "onnxruntime")
-"""The engines ``auto`` tries against Caffe; it takes the fastest that matches (never int8)."""
+FAST_ENGINES = ("onnxruntime", "opencv")
+"""The engines ``auto`` tries against Caffe, in order of preference: it takes the first that
+matches (never int8). ONNX Runtime first: 1.1-2.3× OpenCV on the templates (docs/speed.md)."""
 _ENGINE_NAMES = {"caffe": "Caffe", "opencv": "OpenCV", "onnxruntime": "ONNX Runtime"}
 _UNSUPPORTED = (OpenCVUnsupported, OnnxUnsupported)
 
