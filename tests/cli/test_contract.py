@@ -88,13 +88,17 @@ def test_ctrl_c_in_train_says_which_snapshot_was_saved(caffe, tmp_path):
                                               'solver_mode: CPU\nsnapshot_prefix: "snap/run"\n')
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), GLOG_minloglevel="2")
     process = subprocess.Popen([sys.executable, "-m", "caffe_layers.cli.train", "--solver", "solver.prototxt",
-                                "--no-progress"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                "--no-progress", "--log", "log.csv"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "log.csv"
+
+    def iterations_logged():
+        return len(log.read_text().splitlines()) - 1 if log.is_file() else 0
+
     try:
         deadline = time.monotonic() + 180  # importing Caffe alone can take a minute on a loaded machine
-        while not (tmp_path / "snap").is_dir() and time.monotonic() < deadline:  # made before training
+        while iterations_logged() < 3 and time.monotonic() < deadline:  # interrupt the training itself
             time.sleep(0.2)
-        time.sleep(1.5)  # a few iterations
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=180)
     finally:
