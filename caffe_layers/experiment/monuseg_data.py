@@ -17,17 +17,13 @@ import numpy as np
 from scipy import ndimage
 
 from ..image_io import write_atomic, write_image
-from ..monuseg import find_tiles
+from ..monuseg import DEFAULT_MPP, find_tiles
 from ..net.meanfile import write_mean_binaryproto
 from ..patches import compute_mean_image
 from ..resolution import resample_probability, resample_rgb  # noqa: F401 - also this module's names
 
 __all__ = ["MonusegData", "ScaledTile", "prepare_monuseg", "resample_rgb", "resample_probability",
            "separate_touching", "split_by_site"]
-
-#: MoNuSeg's scan resolution where a tile does not record one (40× Aperio).
-NATIVE_MPP = 0.25
-
 
 @dataclasses.dataclass(frozen=True)
 class ScaledTile:
@@ -102,7 +98,7 @@ def separate_touching(labels):
 
 def _scaled_tile(tile, mpp):
     rgb, truth = tile.load()
-    scale = (tile.mpp or NATIVE_MPP) / mpp
+    scale = (tile.mpp or DEFAULT_MPP) / mpp
     return ScaledTile(name=tile.name, organ=tile.organ, site=tile.site, rgb=resample_rgb(rgb, scale),
                       truth=truth.astype(np.int32))
 

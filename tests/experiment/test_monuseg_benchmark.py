@@ -2,26 +2,17 @@
 tiles with real Caffe (two tiles per split, a few iterations) whose seeds combine into one table."""
 import csv
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from caffe_layers.experiment import monuseg_data
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-MONUSEG = Path(os.environ.get("CAFFE_STAIN_MONUSEG", REPO_ROOT.parent / "shared" / "data" / "monuseg"))
+from monuseg_model import monuseg_root as find_monuseg_root
 
 
 @pytest.fixture(scope="module")
 def monuseg_root():
-    if not (MONUSEG / "MoNuSegTestData").is_dir():
-        message = f"the MoNuSeg copy is not at {MONUSEG} (set CAFFE_STAIN_MONUSEG)"
-        if os.environ.get("CAFFE_STAIN_REQUIRE_DATA"):
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-    return MONUSEG
+    return find_monuseg_root()  # the shared copy, or a skip/failure naming where it was looked for
 
 
 def test_separate_touching_cuts_a_line_between_touching_nuclei_only():
